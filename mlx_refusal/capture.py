@@ -1,0 +1,259 @@
+"""Capture the residual stream at chosen prompt positions, with our own layer hooks.
+
+Sites: row l < L is resid_pre of layer l (the input of block l); row L is the final residual
+before the last norm. Only the captured positions are kept, and means are summed in float64,
+so memory is O(layers x hidden) whatever the number of prompts (unless `keep_all`).
+
+Batching. Every chat-templated prompt starts with the same tokens (system prompt, role
+header). Those are run once and their KV cache is shared by every batch. The remaining
+suffixes are right-padded: with a causal mask a real token never attends to a pad that
+comes after it, so the captured positions are exact and need no padding mask, and their
+RoPE positions are simply prefix_len + i. Batches are formed from prompts of similar
+length so little is spent on padding. Blocks after the last needed site and the LM head
+are never run: the hook stops the forward pass by raising once it has what it needs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from . import arch
+from .errors import UserError
+from .template import Encoded, encode_prompts, shared_prefix_len
+
+CACHE_FORMAT = 1
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Capture:
+    """Captured residuals for one prompt set. Rows: resid_pre of layers 0..L-1, then final."""
+
+    mean: np.ndarray  # [L+1, hidden] float64
+    mean_norm: np.ndarray  # [L+1] mean L2 norm of a captured activation
+    count: int
+    acts: np.ndarray | None = None  # [n, L+1, hidden] float32, prompt order, if keep_all
+    stats: dict = field(default_factory=dict)  # tokens, padded tokens, prefix length
+
+
+class _Recorder:
+    """Stands in for a decoder block (or the final norm) and hands its input to `sink` first."""
+
+    def __init__(self, inner, site: int, sink: Callable[[int, mx.array], None]):
+        self.inner, self.site, self.sink = inner, site, sink
+
+    def __call__(self, x, *args, **kwargs):
+        self.sink(self.site, x)
+        return self.inner(x, *args, **kwargs)
+
+    def __getattr__(self, name):  # models read block attributes (e.g. llama's `use_sliding`)
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def record_residuals(model, sink: Callable[[int, mx.array], None]):
+    """Wrap every decoder block and the final norm so `sink(site, residual)` sees each input.
+
+    The sink may raise to stop the forward pass early. The model is restored on exit, even on error.
+    """
+    arch.check_supported(model)
+    dec = arch.decoder(model)
+    blocks = list(dec.layers)
+    norm = dec.norm
+    try:
+        for i, block in enumerate(blocks):
+            dec.layers[i] = _Recorder(block, i, sink)
+        dec.norm = _Recorder(norm, len(blocks), sink)
+        yield
+    finally:
+        for i, block in enumerate(blocks):
+            dec.layers[i] = block
+        dec.norm = norm
+
+
+def _prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]] | None:
+    if not prefix:
+        return None
+    caches = [KVCache() for _ in arch.layers(model)]
+    arch.decoder(model)(mx.array([prefix]), cache=caches)
+    kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in caches]
+    mx.eval(kv)
+    return kv
+
+
+def _batch_cache(prefix_kv, batch: int) -> list[KVCache] | None:
+    if prefix_kv is None:
+        return None
+    out = []
+    for k, v in prefix_kv:
+        c = KVCache()
+        c.keys = mx.repeat(k, batch, axis=0)
+        c.values = mx.repeat(v, batch, axis=0)
+        c.offset = k.shape[2]
+        out.append(c)
+    return out
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def capture_encoded(
+    model,
+    encoded: list[Encoded],
+    batch_size: int = 16,
+    keep_all: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Capture:
+    """Run the prompts and accumulate the residuals at their last `num_positions` tokens
+    (averaged over those positions within a prompt, then over prompts)."""
+    if not encoded:
+        raise UserError("no prompts to capture")
+    n_layers, hidden = arch.num_layers(model), arch.hidden_size(model)
+    n_sites = n_layers + 1
+    P = shared_prefix_len(encoded)
+    prefix_kv = _prefix_cache(model, encoded[0].ids[:P])
+
+    total = np.zeros((n_sites, hidden), np.float64)
+    norm_total = np.zeros(n_sites, np.float64)
+    acts = np.zeros((len(encoded), n_sites, hidden), np.float32) if keep_all else None
+    tokens = padded = 0
+
+    suffixes = [e.ids[P:] for e in encoded]
+    for batch in _length_batches([len(s) for s in suffixes], batch_size):
+        width = max(len(suffixes[i]) for i in batch)
+        ids = np.zeros((len(batch), width), np.int32)
+        for r, i in enumerate(batch):
+            ids[r, : len(suffixes[i])] = suffixes[i]
+        # [B, npos] index of each captured token inside the right-padded suffix
+        npos = encoded[batch[0]].num_positions
+        gather = np.stack([len(suffixes[i]) - npos + np.arange(npos) for i in batch])
+        gather_mx = mx.array(gather[..., None].astype(np.int32))  # [B, npos, 1]
+        got: list[mx.array] = [None] * n_sites
+
+        def sink(site: int, x: mx.array):
+            picked = mx.take_along_axis(x, gather_mx, axis=1)  # [B, npos, H]
+            got[site] = picked.astype(mx.float32).mean(axis=1)
+            if site == n_layers:
+                raise _StopForward
+
+        with record_residuals(model, sink):
+            try:
+                arch.decoder(model)(mx.array(ids), cache=_batch_cache(prefix_kv, len(batch)))
+            except _StopForward:
+                pass
+        stacked = mx.stack(got, axis=1)  # [B, sites, H]
+        mx.eval(stacked)
+        block = np.array(stacked, copy=False)
+        total += block.astype(np.float64).sum(axis=0)
+        norm_total += np.linalg.norm(block.astype(np.float64), axis=-1).sum(axis=0)
+        if acts is not None:
+            acts[batch] = block
+        tokens += sum(len(suffixes[i]) for i in batch)
+        padded += ids.size
+        if progress:
+            progress(len(batch), sum(len(suffixes[i]) for i in batch))
+
+    n = len(encoded)
+    stats = {"prompts": n, "prefix_tokens": P, "suffix_tokens": tokens, "padded_tokens": padded,
+             "tokens": tokens + P * n}
+    return Capture(total / n, norm_total / n, n, acts, stats)
+
+
+def capture_residuals(
+    model,
+    tokenizer,
+    prompts: list[str],
+    positions: str = "last",
+    system: str | None = None,
+    batch_size: int = 16,
+    keep_all: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Capture:
+    """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
+    "post-instruction"), one row per layer input plus the final residual."""
+    encoded = encode_prompts(tokenizer, prompts, positions, system)
+    return capture_encoded(model, encoded, batch_size, keep_all, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk cache of captured means, keyed by everything that determines them.
+
+
+def capture_key(fingerprint: str, prompts: list[str], chat_template: str | None, system: str | None,
+                positions: str, dtype: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "template": chat_template,
+                         "system": system, "positions": positions, "dtype": dtype}, sort_keys=True).encode())
+    for p in prompts:
+        h.update(hashlib.sha256(p.encode()).digest())
+    return h.hexdigest()
+
+
+def load_cached(cache_dir: Path, key: str) -> Capture | None:
+    path = Path(cache_dir) / f"{key}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            acts = z["acts"] if "acts" in z.files else None
+            stats = json.loads(str(z["stats"]))
+            return Capture(z["mean"], z["mean_norm"], int(z["count"]), acts, stats)
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged entry is recomputed, not trusted
+
+
+def store_cached(cache_dir: Path, key: str, cap: Capture) -> None:
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npz"
+    arrays = {"mean": cap.mean, "mean_norm": cap.mean_norm, "count": np.array(cap.count),
+              "stats": np.array(json.dumps(cap.stats))}
+    if cap.acts is not None:
+        arrays["acts"] = cap.acts
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache_dir / f"{key}.npz")
+
+
+def cached_capture(
+    model,
+    tokenizer,
+    prompts: list[str],
+    fingerprint: str,
+    positions: str = "last",
+    system: str | None = None,
+    batch_size: int = 16,
+    keep_all: bool = False,
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Capture, bool]:
+    """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit)."""
+    from .paths import cache_dir
+
+    key = capture_key(fingerprint, prompts, getattr(tokenizer, "chat_template", None), system, positions,
+                      str(arch.decoder(model).embed_tokens.weight.dtype))
+    root = cache_dir("activations")
+    if use_cache:
+        hit = load_cached(root, key)
+        if hit is not None and (hit.acts is not None or not keep_all):
+            if not keep_all:
+                hit.acts = None
+            return hit, True
+    cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
+    if use_cache:
+        store_cached(root, key, cap)
+    return cap, False

@@ -1,0 +1,75 @@
+"""Chat-template rendering and the token positions we read activations at.
+
+Positions are derived from the model's own template, never hard-coded per model: the
+post-instruction tokens are whatever the template puts after the user's text (for ChatML,
+`<|im_end|>\\n<|im_start|>assistant\\n`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+POSITIONS = ("last", "post-instruction")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    num_positions: int  # the last `num_positions` tokens are the ones captured
+
+
+def render(tokenizer, instruction: str, system: str | None = None) -> str:
+    """The prompt string the model sees: chat template, user turn, generation prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": instruction})
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("the model's tokenizer has no chat template; use a chat (instruct) model")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    # The template already holds every special token; adding a BOS again would double it.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def post_instruction_count(tokenizer, system: str | None = None) -> int:
+    """How many tokens the template places after the user's text (same for every prompt)."""
+    probe = "Name three colours of the rainbow."
+    text = render(tokenizer, probe, system)
+    cut = text.rfind(probe)
+    if cut < 0:
+        raise UserError("the chat template does not contain the user's text verbatim; use --positions last")
+    full = encode_text(tokenizer, text)
+    head = encode_text(tokenizer, text[: cut + len(probe)])
+    n = len(full) - _common_prefix_len(head, full)
+    if n <= 0:
+        raise UserError("the chat template adds nothing after the user's text; use --positions last")
+    return n
+
+
+def encode_prompts(tokenizer, instructions: list[str], positions: str = "last", system: str | None = None) -> list[Encoded]:
+    if positions not in POSITIONS:
+        raise UserError(f"unknown positions '{positions}'; choose one of: {', '.join(POSITIONS)}")
+    npos = 1 if positions == "last" else post_instruction_count(tokenizer, system)
+    return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)), npos) for p in instructions]
+
+
+def shared_prefix_len(encoded: list[Encoded]) -> int:
+    """Tokens every prompt starts with (system prompt, role header), minus any that are captured."""
+    if not encoded:
+        return 0
+    first = encoded[0].ids
+    n = len(first)
+    for e in encoded[1:]:
+        n = min(n, _common_prefix_len(first, e.ids))
+    return max(0, min([n] + [len(e.ids) - e.num_positions for e in encoded]))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv on first use (and refresh it when setup.cfg changes); on Linux make sure a fast
+# OpenBLAS is present for MLX's CPU build. Safe to run repeatedly: a stamp skips done work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+
+stamp=".venv/.mlx-refusal-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing mlx-refusal and its dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  .venv/bin/python -m pip install -q -e '.[dev]' >&2
+  rm -f .venv/.mlx-refusal-*
+  touch "$stamp"
+fi
+
+if [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 \
+     /usr/lib/*-linux-gnu/libopenblas.so.0 /usr/lib64/libopenblas*.so.0 >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's OpenBLAS (libopenblas0-pthread)" >&2
+    apt-get update -qq >&2 && apt-get install -y -qq libopenblas0-pthread >&2
+  else
+    echo "setup: no OpenBLAS found; MLX will run ~100x slower on this CPU. Fix: sudo apt-get install libopenblas0-pthread (Debian/Ubuntu) or sudo dnf install openblas-threads (Fedora)" >&2
+  fi
+fi
