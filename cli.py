@@ -43,6 +43,58 @@ model_option = click.option(
 )
 
 
+def _progress(message: str) -> None:
+    click.echo(f"  {message}", err=True)
+
+
+@main.command()
+@model_option
+def info(model_spec):
+    """Show a model's architecture, size, dtype, and where and how fast it will run."""
+    import time
+
+    from mlx_refusal.loading import load
+
+    start = time.perf_counter()
+    _, _, info = load(model_spec, progress=_progress)
+    seconds = time.perf_counter() - start
+    quant = info.quantization
+    rows = [
+        ("model", info.spec),
+        ("path", str(info.path)),
+        ("architecture", info.model_type),
+        ("layers", str(info.num_layers)),
+        ("hidden size", str(info.hidden_size)),
+        ("parameters", f"{info.num_params / 1e6:,.1f}M ({info.num_params:,})"),
+        ("dtype", f"{info.dtype} on disk, computing in {info.compute_dtype}"),
+        ("quantization", f"{quant.get('bits')}-bit, group size {quant.get('group_size')}" if quant else "none"),
+        ("device", info.device),
+        ("fast BLAS", info.blas),
+        ("fingerprint", info.fingerprint),
+        ("chat template", f"yes ({len(info.chat_template)} chars)" if info.chat_template else "none"),
+        ("loaded in", f"{seconds:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@main.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the mlx_lm model to (must not exist unless --force).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Dtype the dequantized weights are stored in.")
+def import_gguf(gguf_file, out_dir, force, dtype):
+    """Convert a llama.cpp GGUF file into an mlx_lm folder that stock `mlx_lm.load` opens."""
+    from mlx_refusal.gguf import convert
+
+    click.echo(f"converting {gguf_file} -> {out_dir}", err=True)
+    convert(gguf_file, out_dir, dtype=dtype, force=force, progress=_progress)
+    click.echo(f"wrote {out_dir}")
+
+
 
 harmful_option = click.option(
     "--harmful", default="harmful", show_default=True,
@@ -88,8 +140,10 @@ def _directions_for(model, tok, info, harmful, harmless, split, positions, syste
     d, run = compute_directions(model, tok, info, hset, lset, positions, system, batch_size,
                                 use_cache=not no_cache, progress=progress_bar)
     if d.degenerate:
-        click.secho(f"warning: zero or non-finite direction at rows {d.degenerate}; they are never selected",
-                    fg="yellow", err=True)
+        why = (" (with --positions last, row 0 is the embedding of the same template token in every prompt)"
+               if d.degenerate == [0] else "")
+        click.secho(f"note: the directions at rows {d.degenerate} are zero or not finite{why}; "
+                    "they are never selected", fg="yellow", err=True)
     return d, run
 
 
@@ -129,6 +183,354 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     click.echo(table(["layer", "heuristic", "|diff|", "|diff|/norm"], rows, title="Top layers (FailSpy heuristic)"))
     click.echo(f"wrote {path}, {jpath}, {ppath} in {time.perf_counter() - t0:.1f} s"
                + (" (activations from cache)" if all(run["cache_hits"].values()) else ""))
+
+
+@main.command()
+@click.argument("webdir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; the default keeps the page reachable from this machine only.")
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port (0 picks a free one).")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
+def serve(webdir, host, port, quiet):
+    """Serve the web page with an exported bundle (WEBDIR, from `export-onnx --out`) and the
+    page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need."""
+    from mlx_refusal.serve import is_loopback, serve as serve_page
+
+    if not is_loopback(host):
+        click.secho(f"warning: binding {host} makes the page reachable from other machines", fg="yellow", err=True)
+
+    def ready(url):
+        click.echo(f"serving {webdir} at {url} (Ctrl-C to stop)")
+
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    try:
+        serve_page(webdir, host=host, port=port, log=log, on_ready=ready)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+
+
+def _spread(pset, limit: int | None):
+    """At most `limit` prompts, evenly spaced through the set so every category stays represented."""
+    import dataclasses
+
+    n = len(pset)
+    if not limit or limit >= n:
+        return pset
+    keep = [round(i * n / limit) for i in range(limit)]
+    return dataclasses.replace(pset, prompts=tuple(pset.prompts[i] for i in keep))
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@main.command("eval")
+@model_option
+@click.option("--base", "base_spec", default=None,
+              help="Unedited model to compare with: adds first-token KL(base || model) on harmless prompts.")
+@harmful_option
+@harmless_option
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="Which split of the prompt sets to evaluate on.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="New tokens per answer (greedy).")
+@click.option("--limit", default=None, type=click.IntRange(1), help="At most N prompts per set (evenly spread).")
+@system_option
+@batch_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
+              help="Write the report (tables and every answer) as Markdown.")
+@click.option("--examples", default=3, show_default=True, help="Answers per set to print.")
+def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit, system, batch_size,
+             json_out, md_out, examples):
+    """Generate greedy answers to harmful and harmless prompts and report refusal rates (per set
+    and per category), coherence and, with --base, the first-token KL against the unedited model."""
+    import json
+    import time
+
+    from mlx_refusal.console import progress_bar, table
+    from mlx_refusal.evaluate import evaluate, report_json, report_markdown
+
+    t0 = time.perf_counter()
+    model, tok, info = _load_model(model_spec)
+    base = None
+    if base_spec:
+        base_model, base_tok, base_info = _load_model(base_spec)
+        base = (base_model, base_tok)
+    hset, lset = _prompt_sets(harmful, harmless, split)
+    hset, lset = _spread(hset, limit), _spread(lset, limit)
+    if len(hset) == 0 or len(lset) == 0:
+        raise UserError("a prompt set is empty after the split; use --split all or a larger prompt file")
+
+    total = len(hset) + len(lset) + (2 * len(lset) if base else 0)
+    with progress_bar("eval", total) as update:
+        seen = {"done": 0}
+
+        def progress(done, _total):
+            update(done - seen["done"])
+            seen["done"] = done
+
+        report = evaluate(model, tok, hset, lset, base=base, max_tokens=max_tokens, batch_size=batch_size,
+                          progress=progress, system=system)
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), round(s.mean_distinct3, 3)]
+            for key, s in (("harmful", report.harmful), ("harmless", report.harmless))]
+    click.echo(table(["set", "prompts", "refused", "coherent", "distinct-3"], rows, title=f"Evaluation of {info.spec}"))
+    click.echo()
+    rows = [[key, cat, c.n, pct(c.refusal_rate), pct(c.coherence_rate)]
+            for key, s in (("harmful", report.harmful), ("harmless", report.harmless))
+            for cat, c in s.categories.items()]
+    click.echo(table(["set", "category", "prompts", "refused", "coherent"], rows, title="By category"))
+    if report.kl_mean is not None:
+        click.echo(f"\nfirst-token KL(base || model) on harmless prompts: mean {report.kl_mean:.4f}, "
+                   f"max {report.kl_max:.4f} nats (base: {base_info.spec})")
+    for key in ("harmful", "harmless"):
+        recs = [r for r in report.records if r.set == key][:examples]
+        if recs:
+            click.echo(click.style(f"\n{key} examples", bold=True))
+        for r in recs:
+            answer = " ".join(r.answer.split())
+            verdict = "refused" if r.refused else "answered"
+            click.echo(f"  > {r.prompt[:100]}\n    [{verdict}] {answer[:200]}")
+
+    doc = report_json(report)
+    doc["model"] = {"spec": str(info.spec), "fingerprint": info.fingerprint, "model_type": info.model_type}
+    doc["base"] = None if not base_spec else {"spec": str(base_info.spec), "fingerprint": base_info.fingerprint}
+    doc["prompts"] = {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
+                      for k, p in (("harmful", hset), ("harmless", lset))}
+    if json_out:
+        _write_text(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        click.echo(f"wrote {json_out}")
+    if md_out:
+        _write_text(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
+        click.echo(f"wrote {md_out}")
+    click.echo(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits: steer, ablate, project.
+
+edit_out_option = click.option("--out", type=click.Path(path_type=Path), default=None,
+                               help="Output model folder [default: runs/<model>/<command>].")
+force_option = click.option("--force", is_flag=True, help="Replace --out if it already exists.")
+seed_option = click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance).")
+eval_limit_option = click.option("--eval-limit", default=None, type=click.IntRange(0),
+                                 help="Prompts per set for the before/after report (default: the whole test "
+                                      "split; 0 skips the report).")
+max_tokens_option = click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
+                                 help="New tokens per answer in the before/after report.")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import mlx.core as mx
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_logprobs=None, desc="eval"):
+    from mlx_refusal.console import progress_bar
+    from mlx_refusal.evaluate import evaluate
+
+    total = len(hset) + len(lset) + (len(lset) if base_logprobs is not None else 0)
+    with progress_bar(desc, total) as update:
+        seen = {"done": 0}
+
+        def progress(done, _total):
+            update(done - seen["done"])
+            seen["done"] = done
+
+        return evaluate(model, tok, hset, lset, base=base_logprobs, max_tokens=max_tokens,
+                        batch_size=batch_size, progress=progress, system=system)
+
+
+def _before_after(before, after, examples: int = 3) -> str:
+    from mlx_refusal.console import table
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    rows = [
+        ["harmful refused", pct(before.harmful.refusal_rate), pct(after.harmful.refusal_rate)],
+        ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
+        ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
+        ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
+        ["harmless distinct-3", f"{before.harmless.mean_distinct3:.3f}", f"{after.harmless.mean_distinct3:.3f}"],
+    ]
+    if after.kl_mean is not None:
+        rows.append(["first-token KL (harmless)", "0", f"{after.kl_mean:.4f}"])
+    lines = [table(["metric", "before", "after"], rows,
+                   title=f"Before / after on the test split ({before.harmful.n} harmful, {before.harmless.n} harmless)")]
+    for key in ("harmful", "harmless"):
+        pairs = [(b, a) for b, a in zip(before.records, after.records) if b.set == key][:examples]
+        for b, a in pairs:
+            lines.append(click.style(f"\n[{key}] {b.prompt[:100]}", bold=True))
+            lines.append(f"  before: {' '.join(b.answer.split())[:160]}")
+            lines.append(f"  after:  {' '.join(a.answer.split())[:160]}")
+    return "\n".join(lines)
+
+
+def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
+    import json
+
+    from mlx_refusal.evaluate import report_json, report_markdown
+
+    doc = {"before": report_json(before) if before else None, "after": report_json(after), **extra}
+    _write_text(report_dir / "report.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+    md = report_markdown(after, title="After the edit")
+    if before:
+        md = report_markdown(before, title="Before the edit") + "\n\n" + md
+    _write_text(report_dir / "report.md", md)
+
+
+@main.command()
+@model_option
+@harmful_option
+@harmless_option
+@click.option("--layer", default=None, type=int,
+              help="Steer at resid_pre of this layer (default: chosen by --select and alpha calibration).")
+@click.option("--alpha", default=None, type=float, help="Absolute steering strength (skips calibration).")
+@click.option("--alpha-multiple", default=None, type=float,
+              help="Steering strength as a multiple of the mean residual norm at the layer (skips calibration).")
+@click.option("--select", type=click.Choice(["evaluate", "heuristic"]), default="evaluate", show_default=True,
+              help="How candidate layers are ranked before calibration: 'evaluate' = Arditi et al.'s induce "
+                   "score (first-token refusal log-odds with the direction added), 'heuristic' = FailSpy's.")
+@click.option("--candidates", default=3, show_default=True, type=click.IntRange(1, 64),
+              help="Top-ranked layers at which alpha is calibrated; the best calibrated one is kept.")
+@click.option("--target", default=0.95, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Fraction of harmless validation prompts that must be refused, coherently.")
+@click.option("--calibration-prompts", default=32, show_default=True, type=click.IntRange(4),
+              help="Harmless validation prompts generated per calibration trial.")
+@positions_option
+@system_option
+@batch_option
+@cache_option
+@edit_out_option
+@force_option
+@seed_option
+@eval_limit_option
+@max_tokens_option
+def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target,
+          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+    """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
+    refuses every request, coherently. With no options: default model, cached directions, the
+    layer and alpha calibrated on the validation split, a before/after report on the test split."""
+    import time
+
+    import numpy as np
+
+    from mlx_refusal.console import progress_bar, table
+    from mlx_refusal.edit import add_steering_bias
+    from mlx_refusal.evaluate import first_token_logprobs
+    from mlx_refusal.save import save_model
+    from mlx_refusal.select import candidate_layers, plot_sweep
+    from mlx_refusal.workflow import choose_steering
+
+    if alpha is not None and alpha_multiple is not None:
+        raise UserError("give --alpha or --alpha-multiple, not both")
+    t0 = time.perf_counter()
+    _seed(seed)
+    model, tok, info = _load_model(model_spec)
+    out = out or _default_out(info, "steer")
+    _check_out(out, force)
+    if layer is not None and not 0 <= layer < info.num_layers:
+        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    hval, lval = _prompt_sets(harmful, harmless, "val")
+
+    trials_seen = []
+
+    def on_trial(t):
+        trials_seen.append(t)
+        from tqdm import tqdm
+
+        tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  refused "
+                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  | {t.example[:60]!r}",
+                   file=sys.stderr)
+
+    n_candidates = len(candidate_layers(d.num_layers))
+    need_scores = layer is None and select == "evaluate"
+    with progress_bar("score layers", n_candidates if need_scores else 0, unit="layer") as update:
+        choice = choose_steering(model, tok, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
+                                 multiple=alpha_multiple, select=select, candidates=candidates, target=target,
+                                 calibration_prompts=calibration_prompts, batch_size=batch_size, system=system,
+                                 on_layers=update, on_trial=on_trial)
+    if choice.layer_evals:
+        rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
+        click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
+    if choice.trials:
+        rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%", f"{100 * t.coherence_rate:.1f}%",
+                 round(t.mean_distinct3, 3)] for t in choice.trials]
+        click.echo(table(["layer", "x norm", "alpha", "refused", "coherent", "distinct-3"], rows,
+                         title="Alpha sweep (harmless validation prompts)"))
+    click.secho(f"steering at layer {choice.layer} with alpha {choice.alpha:.3f} "
+                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})", bold=True)
+
+    hset, lset = _prompt_sets(harmful, harmless, "test")
+    hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
+    do_eval = eval_limit != 0
+    before = base_lp = None
+    if do_eval:
+        base_lp = first_token_logprobs(model, tok, lset.texts, batch_size, system)
+        before = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, desc="eval before")
+
+    direction = np.asarray(d.directions[choice.layer], np.float32)
+    vector = choice.alpha * direction
+    site = add_steering_bias(model, choice.layer, vector)
+    after = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_lp, "eval after") \
+        if do_eval else None
+
+    record = {
+        "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
+        "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
+        "seed": seed, "positions": positions, "system": system,
+        "model": d.metadata["model"], "prompts": d.metadata["prompts"],
+        "direction_sha256": d.sha256(choice.layer),
+        "metrics": None if after is None else {
+            "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
+            "harmless_coherence": after.harmless.coherence_rate, "harmful_coherence": after.harmful.coherence_rate,
+            "before": {"harmful_refusal": before.harmful.refusal_rate,
+                       "harmless_refusal": before.harmless.refusal_rate}},
+    }
+    click.echo(f"saving {out} ...", err=True)
+    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
+    report_dir = out / "report"
+    if choice.trials:
+        plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
+    if after is not None:
+        _write_reports(report_dir, before, after, {"choice": {
+            "layer": choice.layer, "alpha": choice.alpha, "multiple": choice.multiple, "how": choice.how,
+            "candidates": choice.candidates,
+            "trials": [t.__dict__ for t in choice.trials],
+            "layer_evals": [e.__dict__ for e in choice.layer_evals]}})
+        click.echo(_before_after(before, after))
+    click.secho(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s; try: mlx_lm.generate --model {out} "
+                f"--prompt 'What is the capital of France?'", fg="green")
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def _fmt(v) -> str:
 
 
 @contextmanager
-def progress_bar(total: int, desc: str, unit: str = "prompt"):
+def progress_bar(desc: str, total: int, unit: str = "prompt"):
     """A tqdm bar that also shows tokens/s; yields `update(n_items, n_tokens)`."""
     from tqdm import tqdm
 

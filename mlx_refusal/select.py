@@ -74,3 +74,188 @@ def plot_ranking(scores: list[LayerScore], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Arditi et al.: scores from forward passes, not generations.
+
+# Openings of refusals; their *first tokens* (derived from the tokenizer, never hard-coded ids)
+# form the refusal token set whose probability mass the scores measure.
+REFUSAL_OPENINGS = ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI",
+                    "Unfortunately", "I apologize", "I must")
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    from .template import encode_text
+
+    ids = {encode_text(tokenizer, o)[0] for o in REFUSAL_OPENINGS if encode_text(tokenizer, o)}
+    return sorted(ids)
+
+
+def refusal_scores(logprobs, token_ids: list[int]) -> np.ndarray:
+    """Per prompt: log-odds of the first answer token being a refusal token."""
+    import mlx.core as mx
+
+    lp = mx.logsumexp(logprobs[:, mx.array(token_ids)], axis=-1)
+    lp = np.array(lp.astype(mx.float32), dtype=np.float64)
+    p = np.clip(np.exp(lp), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass(frozen=True)
+class LayerEval:
+    layer: int
+    bypass: float | None  # mean refusal score on harmful prompts with the direction ablated (lower = better)
+    induce: float | None  # mean refusal score on harmless prompts with the direction added (higher = better)
+    kl: float | None  # mean first-token KL(base || ablated) on harmless prompts
+    kept: bool  # passes the filters (KL <= max_kl, not in the last 20% of layers)
+
+
+def candidate_layers(num_layers: int, skip_last: float = 0.2, skip_first: float = 0.0) -> list[int]:
+    lo = int(num_layers * skip_first)
+    hi = int(round(num_layers * (1 - skip_last)))
+    return list(range(max(lo, 1), hi))
+
+
+def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str],
+                    layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
+                    max_kl: float = 0.1, system: str | None = None, progress=None) -> list[LayerEval]:
+    """Arditi et al.'s selection scores for each candidate layer's direction.
+
+    induce: the mean-difference vector (its own norm, as in the paper) added at resid_pre of the
+    layer. bypass and KL: the unit direction projected out of the residual stream at every site.
+    Each score costs one batched forward pass per prompt set (first-token log-probs).
+    """
+    from .evaluate import first_token_logprobs, kl_divergence
+    from .interventions import adding_at, projecting_out
+
+    layers = candidate_layers(d.num_layers) if layers is None else layers
+    tok_ids = refusal_token_ids(tokenizer)
+    base_lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system) if "kl" in scores else None
+    out = []
+    for i, layer in enumerate(layers):
+        if layer in d.degenerate:
+            continue
+        direction = d.directions[layer]
+        bypass = induce = kl = None
+        if "bypass" in scores or "kl" in scores:
+            with projecting_out(model, direction):
+                if "bypass" in scores:
+                    bypass = float(refusal_scores(first_token_logprobs(model, tokenizer, harmful, batch_size, system),
+                                                  tok_ids).mean())
+                if "kl" in scores:
+                    lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system)
+                    kl = float(np.array(kl_divergence(base_lp, lp)).mean())
+        if "induce" in scores:
+            vec = d.harmful_mean[layer].astype(np.float32) - d.harmless_mean[layer].astype(np.float32)
+            with adding_at(model, layer, vec):
+                induce = float(refusal_scores(first_token_logprobs(model, tokenizer, harmless, batch_size, system),
+                                              tok_ids).mean())
+        kept = (kl is None or kl <= max_kl) and layer < int(round(d.num_layers * 0.8))
+        out.append(LayerEval(layer, bypass, induce, kl, kept))
+        if progress:
+            progress(1, 0)
+    return out
+
+
+def rank_evaluated(evals: list[LayerEval], by: str) -> list[LayerEval]:
+    """Kept layers best first: by 'induce' (steer: highest first) or 'bypass' (ablate: lowest first)."""
+    kept = [e for e in evals if e.kept and getattr(e, by) is not None]
+    return sorted(kept, key=lambda e: -e.induce if by == "induce" else e.bypass)
+
+
+# ---------------------------------------------------------------------------------------------
+# alpha calibration: the smallest steering strength that refuses and stays coherent.
+
+
+@dataclass(frozen=True)
+class AlphaTrial:
+    layer: int
+    multiple: float  # alpha / mean residual norm at the layer
+    alpha: float
+    refusal_rate: float
+    coherence_rate: float
+    mean_distinct3: float
+    example: str
+
+    def passed(self, target: float) -> bool:
+        return self.refusal_rate >= target and self.coherence_rate >= target
+
+
+def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
+                   prompts: list[str], max_tokens: int = 32, batch_size: int = 16,
+                   system: str | None = None) -> AlphaTrial:
+    from .evaluate import generate
+    from .interventions import adding_at
+    from .judge import coherence, is_refusal
+
+    alpha = float(multiple * mean_norm)
+    with adding_at(model, layer, alpha * np.asarray(direction, np.float32)):
+        answers = generate(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size, system=system)
+    coh = [coherence(a) for a in answers]
+    n = len(answers)
+    return AlphaTrial(layer, float(multiple), alpha, sum(map(is_refusal, answers)) / n,
+                      sum(c.coherent for c in coh) / n, float(np.mean([c.distinct3 for c in coh])), answers[0])
+
+
+def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
+                    target: float = 0.95, multiples=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0), bisect_steps: int = 3,
+                    max_tokens: int = 32, batch_size: int = 16, system: str | None = None,
+                    on_trial=None) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+    """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
+    prompts are refused *and* coherent, then bisect between the last failing and the first passing
+    multiple. Returns (smallest passing trial or None, all trials in order)."""
+    trials: list[AlphaTrial] = []
+
+    def run(m: float) -> AlphaTrial:
+        t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system)
+        trials.append(t)
+        if on_trial:
+            on_trial(t)
+        return t
+
+    lo, best = 0.0, None
+    for m in multiples:
+        t = run(m)
+        if t.passed(target):
+            best = t
+            break
+        if t.refusal_rate >= target:  # refuses but no longer coherent: more alpha only gets worse
+            return None, trials
+        lo = m
+    if best is None:
+        return None, trials
+    hi = best.multiple
+    for _ in range(bisect_steps):
+        mid = round((lo + hi) / 2, 4)
+        t = run(mid)
+        if t.passed(target):
+            best, hi = t, mid
+        else:
+            lo = mid
+    return best, trials
+
+
+def plot_sweep(trials: list[AlphaTrial], path: Path, target: float = 0.95) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    for layer in sorted({t.layer for t in trials}):
+        ts = sorted((t for t in trials if t.layer == layer), key=lambda t: t.multiple)
+        xs = [t.multiple for t in ts]
+        line, = ax.plot(xs, [t.refusal_rate for t in ts], "o-", label=f"layer {layer}: refused")
+        ax.plot(xs, [t.coherence_rate for t in ts], "s--", color=line.get_color(), alpha=0.6,
+                label=f"layer {layer}: coherent")
+    ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("alpha / mean residual norm at the layer")
+    ax.set_ylabel("fraction of harmless validation prompts")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Steering strength sweep")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

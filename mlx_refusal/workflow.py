@@ -9,12 +9,14 @@ import contextlib
 import datetime
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
 from .capture import cached_capture
 from .directions import Directions, from_captures
+from .errors import UserError
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
@@ -68,3 +70,70 @@ def write_provenance(out_dir: Path, record: dict, name: str = "provenance.json")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing where and how hard to steer.
+
+
+@dataclass
+class SteeringChoice:
+    layer: int
+    alpha: float
+    multiple: float  # alpha / mean residual norm at the layer
+    how: str  # "given", "calibrated"
+    layer_evals: list = field(default_factory=list)  # select.LayerEval, when scores were computed
+    trials: list = field(default_factory=list)  # select.AlphaTrial, when alpha was calibrated
+    candidates: list[int] = field(default_factory=list)
+
+
+def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val_harmless: list[str],
+                    layer: int | None = None, alpha: float | None = None, multiple: float | None = None,
+                    select: str = "evaluate", candidates: int = 3, target: float = 0.95,
+                    calibration_prompts: int = 32, max_tokens: int = 32, batch_size: int = 16,
+                    system: str | None = None, on_layers=None, on_trial=None) -> SteeringChoice:
+    """Pick the layer and alpha for a steering bias.
+
+    A single score does not predict which layer steers best (on Qwen2.5-0.5B one layer refuses
+    everything at 0.5x the residual norm while another peaks at 85% before looping), so the
+    top `candidates` layers by score are each calibrated and the best calibrated one wins.
+    """
+    from . import select as sel
+
+    evals: list = []
+    if layer is not None:
+        layers = [layer]
+    elif select == "heuristic":
+        allowed = set(sel.candidate_layers(d.num_layers))
+        layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in allowed][:candidates]
+    elif select == "evaluate":
+        evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless, scores=("induce",),
+                                    batch_size=batch_size, system=system, progress=on_layers)
+        layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
+    else:
+        raise UserError(f"unknown selection '{select}'; choose heuristic or evaluate")
+    if not layers:
+        raise UserError("no usable layer: every candidate direction is zero or filtered out; check the prompt sets")
+    for lay in layers:
+        d.direction(lay)  # one-line error for a degenerate row or an out-of-range layer
+
+    norm_at = lambda lay: float(d.mean_norm[lay])  # noqa: E731
+    if alpha is not None or multiple is not None:
+        lay = layers[0]
+        a = float(alpha) if alpha is not None else float(multiple) * norm_at(lay)
+        return SteeringChoice(lay, a, a / norm_at(lay), "given", evals, [], layers)
+
+    prompts = val_harmless[:calibration_prompts]
+    best, trials = None, []
+    for lay in layers:
+        found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
+                                       target=target, max_tokens=max_tokens, batch_size=batch_size,
+                                       system=system, on_trial=on_trial)
+        trials.extend(t)
+        if found is not None and (best is None or (found.coherence_rate, found.refusal_rate, -found.multiple)
+                                  > (best.coherence_rate, best.refusal_rate, -best.multiple)):
+            best = found
+    if best is None:
+        raise UserError(f"no alpha refused >= {target:.0%} of the harmless validation prompts coherently at layers "
+                        f"{layers}; try --candidates 6, another --layer, or give --alpha-multiple")
+    return SteeringChoice(best.layer, best.alpha, best.multiple, "calibrated", evals, trials, layers)
