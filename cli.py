@@ -209,6 +209,41 @@ def serve(webdir, host, port, quiet):
         click.echo("stopped")
 
 
+@main.command("export-onnx")
+@click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
+              help="The model folder to export (an edited folder from steer/ablate/project, or a preset).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the transformers.js bundle (config, tokenizer, onnx/*.onnx) to.")
+@click.option("--dtype", "dtypes", default="fp32,q4,q8", show_default=True,
+              help="Comma-separated subset of fp32, q4 (4-bit MatMulNBits), q8 (dynamic int8).")
+@click.option("--layer", type=int, default=None,
+              help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle).")
+@click.option("--force", is_flag=True, help="Replace an existing export in --out.")
+@click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host.")
+def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
+    """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
+    and, for a steered model, a live `steering_scale` input; plus 4- and 8-bit copies."""
+    import time
+
+    from mlx_refusal.loading import resolve
+    from mlx_refusal.onnx import export_onnx, parse_dtypes
+
+    parse_dtypes(dtypes)  # fail on a typo before loading anything
+    folder = resolve(model_spec, progress=_progress)
+    page = Path(__file__).resolve().parent / "export"
+    if with_page and not (page / "index.html").is_file():
+        raise UserError(f"--with-page: no page in {page} (index.html missing); build the page first")
+    t0 = time.perf_counter()
+    res = export_onnx(folder, out_dir, dtypes=dtypes, force=force, progress=_progress, layer=layer,
+                      page_dir=page if with_page else None)
+    click.echo(f"exported {folder} -> {res.out_dir} in {time.perf_counter() - t0:.1f} s "
+               f"({res.model_type}, activations.layer{res.activations_layer}"
+               f"{', steering_scale input' if res.steered else ''})")
+    for rel, size in res.files.items():
+        if rel.startswith("onnx/") or rel in ("config.json", "steering.json", "export.json"):
+            click.echo(f"  {rel:32s} {size / 2**20:10.1f} MiB")
+
+
 def _spread(pset, limit: int | None):
     """At most `limit` prompts, evenly spaced through the set so every category stays represented."""
     import dataclasses
@@ -526,6 +561,148 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         click.echo(_before_after(before, after))
     click.secho(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s; try: mlx_lm.generate --model {out} "
                 f"--prompt 'What is the capital of France?'", fg="green")
+
+
+
+def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            lo, hi = int(a or 0), int(b or num_layers)
+            layers = list(range(lo, hi))
+        else:
+            layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {text!r} is not a range like 4:20 or a list like 3,5,7") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+    """ablate and project: the same edit with scale 1 or the given scale."""
+    import time
+
+    import numpy as np
+
+    from mlx_refusal.console import progress_bar, table
+    from mlx_refusal.edit import ablate
+    from mlx_refusal.evaluate import first_token_logprobs
+    from mlx_refusal.save import save_model
+    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated, rank_heuristic
+
+    t0 = time.perf_counter()
+    _seed(seed)
+    model, tok, info = _load_model(model_spec)
+    out = out or _default_out(info, kind)
+    _check_out(out, force)
+    if layer is not None and not 0 <= layer <= info.num_layers:
+        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
+    writer_layers = _parse_layer_range(layers_text, info.num_layers)
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+
+    evals = []
+    if per_layer:
+        chosen = None
+    elif layer is not None:
+        chosen = layer
+    elif select == "heuristic":
+        allowed = set(candidate_layers(d.num_layers))
+        chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+    else:
+        hval, lval = _prompt_sets(harmful, harmless, "val")
+        layers = candidate_layers(d.num_layers)
+        with progress_bar("score layers", len(layers), unit="layer") as update:
+            evals = evaluate_layers(model, tok, d, hval.texts[:32], lval.texts[:32], layers, ("bypass", "kl"),
+                                    batch_size, system=system, progress=update)
+        ranked = rank_evaluated(evals, "bypass")
+        rows = [[e.layer, e.bypass, e.kl, "yes" if e.kept else "no"] for e in sorted(evals, key=lambda e: e.bypass)[:8]]
+        click.echo(table(["layer", "bypass score", "KL", "kept"], rows,
+                         title="Layers by bypass score (validation; lower refuses less)"))
+        if not ranked:
+            raise UserError("every candidate layer's ablation moved the harmless first-token KL above 0.1; "
+                            "pass --layer to choose one anyway")
+        chosen = ranked[0].layer
+    directions = d.directions if per_layer else d.direction(chosen)
+    what = "each layer's own direction" if per_layer else f"the direction of layer {chosen}"
+    click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
+                f"{'all layers' if writer_layers is None else f'layers {writer_layers}'}", bold=True)
+
+    hset, lset = _prompt_sets(harmful, harmless, "test")
+    hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
+    before = base_lp = None
+    if eval_limit != 0:
+        base_lp = first_token_logprobs(model, tok, lset.texts, batch_size, system)
+        before = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, desc="eval before")
+    summary = ablate(model, directions, layers=writer_layers, scale=scale, norm_preserve=norm_preserve)
+    after = None
+    if eval_limit != 0:
+        after = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_lp, "eval after")
+    record = {
+        "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
+        "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
+        "seed": seed, "positions": positions, "system": system, "model": d.metadata["model"],
+        "prompts": d.metadata["prompts"], "direction_sha256": d.sha256(None if per_layer else chosen),
+        "summary": summary.as_record(),
+        "metrics": None if after is None else {
+            "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
+            "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
+                                                 "harmless_refusal": before.harmless.refusal_rate}},
+    }
+    click.echo(f"saving {out} ...", err=True)
+    save_model(model, info.path, out, record, force=force)
+    if after is not None:
+        _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
+        click.echo(_before_after(before, after))
+    click.secho(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s", fg="green")
+
+
+def _orthogonal_options(f):
+    for opt in reversed([
+        model_option, harmful_option, harmless_option,
+        click.option("--layer", default=None, type=int,
+                     help="Use the direction of this layer (default: chosen by --select)."),
+        click.option("--select", type=click.Choice(["evaluate", "heuristic"]), default="evaluate", show_default=True,
+                     help="How the direction's layer is chosen: 'evaluate' = Arditi et al.'s bypass score (refusal "
+                          "left on harmful prompts with the direction ablated; KL <= 0.1 on harmless, last 20% of "
+                          "layers dropped), 'heuristic' = FailSpy's."),
+        click.option("--layers", "layers_text", default=None,
+                     help="Edit only the writers of these layers, e.g. 4:20 or 3,5,7 (default: all, and the embedding)."),
+        click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
+        click.option("--norm-preserve", is_flag=True,
+                     help="Rescale every written vector back to its original norm after the projection."),
+        positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
+        eval_limit_option, max_tokens_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_orthogonal_options
+def ablate(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
+           batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+    """Abliterate: project the refusal direction out of every matrix that writes to the residual
+    stream (embedding, attention output, MLP down projection), so the model stops refusing."""
+    _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens)
+
+
+@main.command()
+@_orthogonal_options
+@click.option("--scale", required=True, type=float,
+              help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
+                   "-4 amplifies it 5x, 0 changes nothing.")
+def project(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
+            batch_size, no_cache, out, force, seed, eval_limit, max_tokens, scale):
+    """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
+    and "x5" (--scale -4) experiments."""
+    _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens)
 
 
 def _ensure(path: Path) -> Path:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserError
 
-class UnsupportedArchitecture(ValueError):
+
+class UnsupportedArchitecture(UserError, ValueError):
     pass
 
 
@@ -95,18 +97,20 @@ def steering_site(layer: int) -> str:
     """Where a vector added at resid_pre of `layer` lives in the weights.
 
     Layer 0: added to every embedding row (exact: resid_pre[0] is the embedding itself).
-    Layer L > 0: the bias of layer L-1's attention output projection, which is added to the
-    residual stream inside block L-1 and so reaches resid_pre[L] unchanged.
+    Layer L > 0: the bias of block L-1's MLP down projection, the last write of that block, so
+    it reaches resid_pre[L] and nothing inside block L-1 sees it. (An attention o_proj bias
+    would also feed block L-1's MLP: that is resid_mid of L-1, not resid_pre of L.)
     """
-    return "model.embed_tokens" if layer == 0 else f"model.layers.{layer - 1}.self_attn.o_proj"
+    return "model.embed_tokens" if layer == 0 else f"model.layers.{layer - 1}.mlp.down_proj"
 
 
 def stock_config(config: dict, needs_output_bias: bool) -> dict:
     """A config that stock mlx_lm loads, exactly equivalent to the edited model.
 
-    mlx_lm loads strictly, and Qwen2 has no o_proj bias. Its `llama` architecture with
-    `attention_bias: true` is Qwen2 plus an o_proj bias (q/k/v biases included), so a steered
-    Qwen2 is saved as that. Llama-family models get zero q/k/v biases written beside it.
+    mlx_lm loads strictly, and Qwen2 has no MLP biases. Its `llama` architecture with
+    `attention_bias: true` (q/k/v/o biases) and `mlp_bias: true` (gate/up/down biases) is
+    exactly Qwen2 plus those biases, so a steered Qwen2 is saved as that, with zeros for every
+    bias the source lacks except the steering bias itself.
     """
     fam = family(config.get("model_type", ""))
     if not needs_output_bias:
@@ -125,8 +129,8 @@ def stock_config(config: dict, needs_output_bias: bool) -> dict:
     out = {k: config[k] for k in keep if k in config}
     out["model_type"] = "llama"
     out["architectures"] = ["LlamaForCausalLM"]
-    out["attention_bias"] = True
-    out["mlp_bias"] = False
+    out["attention_bias"] = fam == "qwen2" or bool(config.get("attention_bias", False))
+    out["mlp_bias"] = True
     if fam == "qwen2":
         # defaults that the qwen2 ModelArgs assumes when the key is absent
         out.setdefault("rope_theta", 1000000.0)
@@ -138,12 +142,3 @@ def stock_config(config: dict, needs_output_bias: bool) -> dict:
     out.setdefault("num_key_value_heads", config["num_attention_heads"])
     out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return out
-
-
-def bias_keys_for_stock(config: dict) -> list[str]:
-    """Bias parameter names a stock `llama`+attention_bias model expects but the source may lack
-    (they must be written as zeros)."""
-    fam = family(config.get("model_type", ""))
-    if fam == "qwen2":
-        return ["o_proj"]
-    return ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -29,6 +29,7 @@ from mlx_lm.models.cache import KVCache
 
 from . import arch
 from .errors import UserError
+from .interventions import hooked_layers
 from .template import Encoded, encode_prompts, shared_prefix_len
 
 CACHE_FORMAT = 1
@@ -49,39 +50,23 @@ class Capture:
     stats: dict = field(default_factory=dict)  # tokens, padded tokens, prefix length
 
 
-class _Recorder:
-    """Stands in for a decoder block (or the final norm) and hands its input to `sink` first."""
-
-    def __init__(self, inner, site: int, sink: Callable[[int, mx.array], None]):
-        self.inner, self.site, self.sink = inner, site, sink
-
-    def __call__(self, x, *args, **kwargs):
-        self.sink(self.site, x)
-        return self.inner(x, *args, **kwargs)
-
-    def __getattr__(self, name):  # models read block attributes (e.g. llama's `use_sliding`)
-        return getattr(self.inner, name)
-
-
 @contextmanager
 def record_residuals(model, sink: Callable[[int, mx.array], None]):
-    """Wrap every decoder block and the final norm so `sink(site, residual)` sees each input.
+    """During the `with`, `sink(site, residual)` sees the input of every decoder block (site l)
+    and the output of the last one (site L, the final residual before the norm).
 
     The sink may raise to stop the forward pass early. The model is restored on exit, even on error.
     """
-    arch.check_supported(model)
-    dec = arch.decoder(model)
-    blocks = list(dec.layers)
-    norm = dec.norm
-    try:
-        for i, block in enumerate(blocks):
-            dec.layers[i] = _Recorder(block, i, sink)
-        dec.norm = _Recorder(norm, len(blocks), sink)
+    n = arch.num_layers(model)
+
+    def recorder(site):
+        def record(x):
+            sink(site, x)
+            return x
+        return record
+
+    with hooked_layers(model, before={i: recorder(i) for i in range(n)}, after={n - 1: recorder(n)}):
         yield
-    finally:
-        for i, block in enumerate(blocks):
-            dec.layers[i] = block
-        dec.norm = norm
 
 
 def _prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]] | None:

@@ -1,0 +1,167 @@
+"""Runtime interventions on the residual stream: the forward-pass twins of the weight edits.
+
+Residual sites follow the directions file: site l < L is resid_pre of layer l (the input of
+block l, so site 0 is the embedding output); site L is the output of the last block (the input of
+the final norm). An intervention temporarily replaces a submodule (a decoder block
+`model.model.layers[i]`, or a residual writer inside one) with a small `nn.Module` wrapper that
+transforms its input and/or output, and puts the original back on exit, even when the forward pass
+raises. mlx_lm itself is never patched.
+
+    with adding_at(model, layer=6, vector=alpha * d):      # add a vector at resid_pre of layer 6
+        logits = model(tokens)
+    with projecting_out(model, d):                         # directional ablation everywhere
+        logits = model(tokens)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import arch
+from .edit import site_directions, unit
+from .errors import UserError
+
+Transform = Callable[[mx.array], mx.array]
+
+
+class Hooked(nn.Module):
+    """A module with a transform applied to its input (`before`) and its output (`after`)."""
+
+    def __init__(self, inner, before: Transform | None = None, after: Transform | None = None):
+        super().__init__()
+        self.inner = inner
+        # Plain attributes (not arrays/modules) so they stay out of the parameter tree.
+        object.__setattr__(self, "_before", before)
+        object.__setattr__(self, "_after", after)
+
+    def __call__(self, x, *args, **kwargs):
+        if self._before is not None:
+            x = self._before(x)
+        out = self.inner(x, *args, **kwargs)
+        if self._after is not None:
+            out = self._after(out)
+        return out
+
+    def __getattr__(self, name):
+        # Models read attributes of their blocks (llama's `use_sliding`); answer for the inner one.
+        if name in self:
+            return self[name]
+        try:
+            return object.__getattribute__(self, name)
+        except AttributeError:
+            if "inner" not in self:
+                raise
+            return getattr(self["inner"], name)
+
+
+def _parent_and_key(model, path: str):
+    parent_path, _, key = path.rpartition(".")
+    parent = arch.get_module(model, parent_path) if parent_path else model
+    while isinstance(parent, Hooked):  # set on the real module, not on a wrapper around it
+        parent = parent["inner"]
+    return parent, (int(key) if key.isdigit() else key)
+
+
+def _get(parent, key):
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def _set(parent, key, value):
+    if isinstance(key, int):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+
+
+@contextmanager
+def hooked_modules(model, hooks: Mapping[str, tuple[Transform | None, Transform | None]]):
+    """During the `with`, wrap the module at each dotted path with (before, after) transforms of its
+    input and output. Everything is restored on exit, even on error."""
+    swapped = []
+    try:
+        for path, (before, after) in hooks.items():
+            parent, key = _parent_and_key(model, path)
+            original = _get(parent, key)
+            _set(parent, key, Hooked(original, before, after))
+            swapped.append((parent, key, original))
+        yield model
+    finally:
+        for parent, key, original in reversed(swapped):
+            _set(parent, key, original)
+
+
+@contextmanager
+def hooked_layers(model, before: Mapping[int, Transform] | None = None,
+                  after: Mapping[int, Transform] | None = None):
+    """During the `with`, apply `before[i]` to the input and `after[i]` to the output of block i.
+
+    Transforms take and return residual-stream arrays [batch, tokens, hidden].
+    """
+    arch.check_supported(model)
+    n = arch.num_layers(model)
+    before, after = dict(before or {}), dict(after or {})
+    for i in set(before) | set(after):
+        if not 0 <= i < n:
+            raise UserError(f"layer {i} is out of range; this model has layers 0..{n - 1}")
+    hooks = {f"model.layers.{i}": (before.get(i), after.get(i)) for i in sorted(set(before) | set(after))}
+    with hooked_modules(model, hooks):
+        yield model
+
+
+def _vector(model, vector) -> mx.array:
+    v = mx.array(vector, dtype=mx.float32)
+    if v.shape != (arch.hidden_size(model),):
+        raise UserError(f"steering vector has shape {tuple(v.shape)}; expected ({arch.hidden_size(model)},)")
+    return v
+
+
+def _adder(v: mx.array) -> Transform:
+    return lambda x: x + v.astype(x.dtype)
+
+
+@contextmanager
+def adding_at(model, layer: int, vector):
+    """Add `vector` to resid_pre of `layer` (every token), or to the final residual if
+    `layer == num_layers`."""
+    n = arch.num_layers(model)
+    if not 0 <= layer <= n:
+        raise UserError(f"layer {layer} is out of range; use 0..{n} ({n} = the final residual)")
+    add = _adder(_vector(model, vector))
+    with hooked_layers(model, before={layer: add} if layer < n else {}, after={n - 1: add} if layer == n else {}):
+        yield model
+
+
+def projector(direction, scale: float = 1.0) -> Transform:
+    """x -> x - scale * (x . d) d, with d the unit vector along `direction`."""
+    d = unit(direction)
+
+    def project(x):
+        xf = x.astype(mx.float32)
+        return (xf - scale * (xf @ d)[..., None] * d).astype(x.dtype)
+
+    return project
+
+
+@contextmanager
+def projecting_out(model, directions, scale: float = 1.0):
+    """The runtime twin of `edit.ablate(model, directions, scale=scale)` over all layers.
+
+    Applies (I - scale d d^T) to everything written into the residual stream: the embedding
+    output (the input of block 0) and the output of every residual writer (attention output and
+    MLP down projections). With scale = 1 this is directional ablation: no residual site (resid_pre,
+    resid_mid, resid_post of any layer) has a component along d. `directions` is one vector [hidden]
+    or one row per site [num_layers + 1, hidden] (zero rows skipped), paired with writers as in
+    `edit.ablate`: the embedding uses row 0, block i's writers row i + 1.
+    """
+    n = arch.num_layers(model)
+    rows = site_directions(directions, n, arch.hidden_size(model))
+    hooks = {}
+    for w in arch.residual_writers(model, include_embedding=False):
+        if rows[w.layer + 1] is not None:
+            hooks[w.path] = (None, projector(rows[w.layer + 1], scale))
+    before = {0: projector(rows[0], scale)} if rows[0] is not None else {}
+    with hooked_layers(model, before=before), hooked_modules(model, hooks):
+        yield model

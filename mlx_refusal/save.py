@@ -1,0 +1,299 @@
+"""Write an edited model as an mlx_lm folder that stock `mlx_lm.load` opens with no flags.
+
+The folder holds safetensors weights (sharded above 5 GB, with an index, like mlx_lm), a config
+made loadable by `arch.stock_config` when the edit added biases the source architecture lacks,
+the source's tokenizer and chat-template files (known data files only, never code), and beside
+them `refusal_edit.json` (what was done, to what, with what), `steering.safetensors` for a
+steering edit, and a README.md model card.
+
+The write is atomic: everything goes to a temporary folder beside the target, which is renamed
+into place only when complete; on any failure the temporary folder is removed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import __version__, arch
+from .edit import UnsupportedEdit, unit
+from .errors import UserError
+from .loading import stored_dtype
+
+EDIT_RECORD = "refusal_edit.json"
+STEERING_FILE = "steering.safetensors"
+MAX_SHARD_GB = 5  # mlx_lm's shard size
+
+# Data files a tokenizer / chat template / generation defaults may live in. Nothing else is
+# copied: in particular no *.py (a model folder's code is never run or propagated).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_QUANT_PARAMS = (".scales", ".biases", ".global_scale")
+
+
+def array_sha256(a) -> str:
+    """sha256 of an array's float32 bytes (the same hash as `Directions.sha256`)."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(a, dtype=np.float32)).tobytes()).hexdigest()
+
+
+def _expected_parameters(config: dict) -> dict[str, tuple]:
+    """Parameter names and shapes the stock mlx_lm class for `config` has (unquantized)."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    skeleton = model_class(args_class.from_dict(config))  # lazy arrays: nothing is computed
+    return {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
+
+
+def _mismatch(names: set[str], expected: dict) -> tuple[set[str], set[str]]:
+    """(missing, extra) parameter names, ignoring quantization's own arrays."""
+    have = {k for k in names if not k.endswith(_QUANT_PARAMS)}
+    return set(expected) - have, have - set(expected)
+
+
+def stock_weights_and_config(model, config: dict, dtype) -> tuple[dict, dict]:
+    """The weights (cast to `dtype`) and a config stock mlx_lm loads strictly, exactly equivalent
+    to the in-memory `model`. Biases the stock class expects but the model lacks are zeros."""
+    config = dict(config)
+    config["tie_word_embeddings"] = arch.has_tied_embeddings(model)
+    weights = {}
+    for k, v in tree_flatten(model.parameters()):
+        weights[k] = v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+    missing, extra = _mismatch(set(weights), _expected_parameters(config))
+    if missing or extra:
+        # The edit added parameters the source architecture has no place for (a steering bias).
+        try:
+            config = arch.stock_config(config, needs_output_bias=True)
+        except arch.UnsupportedArchitecture as exc:
+            raise UnsupportedEdit(str(exc)) from None
+        expected = _expected_parameters(config)
+        missing, extra = _mismatch(set(weights), expected)
+        for name in sorted(k for k in missing if k.endswith(".bias")):
+            weights[name] = mx.zeros(expected[name], dtype=dtype)
+        missing = {k for k in missing if not k.endswith(".bias")}
+        if missing or extra:
+            raise UnsupportedEdit(
+                f"the edited model has no stock mlx_lm equivalent (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]}); save an ablate/project edit or steer at layer 0")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = next(name for name, t in _DTYPES.items() if t == dtype)
+    return weights, config
+
+
+def _write_weights(weights: dict, folder: Path) -> list[str]:
+    from mlx_lm.utils import make_shards
+
+    shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    return names
+
+
+def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = source_dir / name
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+            copied.append(name)
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(copied):
+        raise UserError(f"{source_dir} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                        "pass the model folder the edited model was loaded from")
+    return copied
+
+
+def _steering_entries(steering) -> tuple[dict, dict]:
+    """steering.safetensors arrays and the record fields they imply."""
+    layer, direction, vector = steering
+    d = np.asarray(direction, dtype=np.float32)
+    if abs(float(np.linalg.norm(d)) - 1.0) > 1e-5:  # keep an already-unit direction bit-exact
+        d = np.asarray(unit(d))
+    v = np.asarray(vector, dtype=np.float32)
+    if d.shape != v.shape or d.ndim != 1:
+        raise UserError(f"steering direction {d.shape} and vector {v.shape} must be two vectors of one size")
+    site = arch.steering_site(int(layer))
+    fields = {"edit": "steer", "layer": int(layer), "site": site if int(layer) == 0 else f"{site}.bias",
+              "alpha": float(v @ d), "direction_sha256": array_sha256(d)}
+    return {"direction": mx.array(d), "vector": mx.array(v)}, fields
+
+
+def save_model(model, source_dir, out_dir, edit_record: dict,
+               steering: tuple[int, mx.array, mx.array] | None = None, force: bool = False, *,
+               dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Write `model` (as edited in memory) to `out_dir` as a stock mlx_lm folder; return its path.
+
+    source_dir: the mlx_lm folder the model was loaded from (config, tokenizer, chat template).
+    edit_record: what was done ("edit", "layer", "alpha", "scale", "model", "prompts", ...);
+      saved as refusal_edit.json with the tool version, date, direction sha256 and site added.
+    steering: (layer, unit direction [hidden], vector [hidden] = alpha * direction) for a steering
+      edit; written to steering.safetensors.
+    force: replace an existing out_dir (only one that holds a model or is empty).
+    dtype: "float32" | "bfloat16" | "float16"; default the dtype the source weights are stored in.
+    """
+    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).absolute()
+    say = progress or (lambda _msg: None)
+    if not (source_dir / "config.json").is_file():
+        raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
+    if out_dir.resolve() == source_dir:
+        raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
+    if out_dir.exists():
+        if not force:
+            raise UserError(f"{out_dir} already exists; pass --force to replace it or choose another --out")
+        if not out_dir.is_dir():
+            raise UserError(f"{out_dir} exists and is not a folder; choose another --out")
+        if any(out_dir.iterdir()) and not ((out_dir / "config.json").exists() or (out_dir / EDIT_RECORD).exists()):
+            raise UserError(f"refusing to replace {out_dir}: it is not a model folder; choose another --out")
+    dtype = dtype or stored_dtype(source_dir)
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+
+    config = json.loads((source_dir / "config.json").read_text())
+    say("preparing weights")
+    weights, config = stock_weights_and_config(model, config, _DTYPES[dtype])
+
+    record = dict(edit_record)
+    steering_arrays = None
+    if steering is not None:
+        steering_arrays, fields = _steering_entries(steering)
+        for k, v in fields.items():
+            record.setdefault(k, v)
+    for k in ("edit", "layer", "site", "alpha", "scale", "direction_sha256"):
+        record.setdefault(k, None)
+    record.update({
+        "tool": "mlx-refusal", "tool_version": __version__,
+        "date": record.get("date") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "saved": {"model_type": config.get("model_type"), "dtype": dtype,
+                  "tie_word_embeddings": config["tie_word_embeddings"],
+                  "quantization": config.get("quantization"), "source": str(source_dir)},
+    })
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        say("writing weights")
+        record["saved"]["weight_files"] = _write_weights(weights, tmp)
+        del weights
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+        record["saved"]["tokenizer_files"] = _copy_tokenizer(source_dir, tmp)
+        if steering_arrays is not None:
+            mx.save_safetensors(str(tmp / STEERING_FILE), steering_arrays,
+                                metadata={"layer": str(record["layer"]), "site": str(record["site"]),
+                                          "alpha": repr(record["alpha"])})
+        (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        (tmp / "README.md").write_text(model_card(record, out_dir.name))
+        say("moving into place")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, (np.ndarray, mx.array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot record {type(o).__name__} in {EDIT_RECORD}")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`; an existing `out_dir` is swapped out first and deleted after."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(record: dict, name: str = "OUT") -> str:
+    """A README.md for the edited folder: what was done, how to run it, provenance, intended use."""
+    edit = record.get("edit") or "edit"
+    model = record.get("model") or {}
+    prompts = record.get("prompts") or {}
+    base = model.get("spec") or model.get("name") or record.get("saved", {}).get("source", "the source model")
+    if edit == "steer":
+        what = (f"A steering vector alpha * d (alpha = {record.get('alpha')}) along the refusal direction d was "
+                f"added to the residual stream at layer {record.get('layer')} for every token, stored in the "
+                f"weights at `{record.get('site')}`. Expect the model to refuse nearly every request.")
+    elif edit == "ablate":
+        what = ("The refusal direction was projected out of every matrix that writes into the residual stream "
+                "(token embedding, attention output and MLP down projections). Expect the model to stop "
+                "refusing, including for harmful requests.")
+    else:
+        what = (f"Every matrix that writes into the residual stream was projected along the refusal direction "
+                f"with signed scale {record.get('scale')} (1 removes it, 2 flips its sign).")
+    rows = [("edit", edit), ("layer", record.get("layer")), ("site", record.get("site")),
+            ("alpha", record.get("alpha")), ("scale", record.get("scale")),
+            ("direction sha256", record.get("direction_sha256")), ("base model", base),
+            ("base weights sha256", model.get("fingerprint")), ("date", record.get("date")),
+            ("tool", f"mlx-refusal {record.get('tool_version')}")]
+    rows += [(f"prompts: {k}", v if not isinstance(v, dict) else v.get("sha256", json.dumps(v)))
+             for k, v in prompts.items()]
+    table = "\n".join(f"| {k} | {'' if v is None else f'`{v}`'} |" for k, v in rows)
+    saved = record.get("saved", {})
+    return f"""---
+library_name: mlx
+tags: [mlx, refusal-direction, {edit}]
+---
+# {name}: {base}, {edit} edit
+
+{what}
+
+| field | value |
+|---|---|
+{table}
+
+Saved as mlx_lm architecture `{saved.get('model_type')}` in `{saved.get('dtype')}`; the full record is in
+`{EDIT_RECORD}`{f" and the vector itself in `{STEERING_FILE}`" if edit == "steer" else ""}.
+
+## Run it
+
+```sh
+mlx_lm.generate --model {name} --prompt "How do I bake bread?"
+```
+
+```python
+from mlx_lm import load, generate
+model, tokenizer = load("{name}")
+```
+
+## Intended use
+
+A research artifact for studying how refusal is represented in chat models (Arditi et al. 2024,
+"Refusal in Language Models Is Mediated by a Single Direction"). It is not a product and comes with
+no safety guarantees: an ablated model may comply with harmful requests, and a steered model is
+deliberately unhelpful. Do not deploy it to end users. Use of the base model remains subject to its
+own licence.
+"""
