@@ -1,0 +1,586 @@
+"""GGUF -> mlx_lm folder: weights, config, tokenizer and chat template.
+
+A GGUF file (llama.cpp's format) carries everything a chat model needs: the tensors (often
+block-quantized), the hyper-parameters as `<arch>.*` metadata, and the tokenizer as plain
+arrays (`tokenizer.ggml.tokens / merges / token_type`) plus the chat template. We read it with
+the `gguf` package, dequantize every tensor with `gguf.quants.dequantize`, rename tensors to the
+Hugging Face / mlx_lm names, rebuild `tokenizer.json` with the `tokenizers` library, and write a
+folder that stock `mlx_lm.load` opens.
+
+Architecture facts this relies on:
+- llama.cpp's Llama converter permutes the rows of q/k so that GGML's adjacent-pair RoPE
+  computes what HF's rotate-half RoPE computes on the original rows; we undo it.
+  Qwen2/Qwen3 run "NEOX" (rotate-half) RoPE in llama.cpp, so their q/k are stored unpermuted.
+- A GGUF without `output.weight` ties the LM head to the token embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+
+CONVERTER_VERSION = 1  # bump when the output of `convert` changes (it keys the cache)
+
+GGUF_MAGIC = b"GGUF"
+
+# general.architecture -> mlx_lm model_type. Only decoder layouts that map 1:1 onto mlx_lm.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Default rope base when a GGUF omits `<arch>.rope.freq_base` (llama.cpp's own default).
+_DEFAULT_ROPE_BASE = 10000.0
+
+# tokenizer.ggml.pre -> the pre-tokenizer split regex of the original HF tokenizer.
+# None means GPT-2's own regex (the `tokenizers` ByteLevel pre-tokenizer with use_regex=True).
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    regex: str | None  # None: GPT-2's regex, built into the ByteLevel pre-tokenizer
+    nfc: bool = False  # Qwen2's HF tokenizer NFC-normalizes its input
+    ignore_merges: bool = False  # Llama 3 looks whole pre-tokens up in the vocab before merging
+
+
+PRE_TOKENIZERS = {
+    "gpt-2": PreTokenizer(None),
+    "qwen2": PreTokenizer(_QWEN2_REGEX, nfc=True),
+    "deepseek-r1-qwen": PreTokenizer(_QWEN2_REGEX, nfc=True),
+    "llama-bpe": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
+    "llama3": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
+    "smaug-bpe": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
+}
+
+# llama.cpp's token types (tokenizer.ggml.token_type)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Control tokens that end a turn even when the GGUF names a different eos (llama.cpp treats
+# these as end-of-generation too); they go into generation_config's eos list.
+_END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>")
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GGUFContents:
+    """What `read` gets out of a GGUF, ready to write as an mlx_lm folder."""
+
+    config: dict
+    weights: dict  # HF/mlx_lm name -> float32 numpy array
+    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer_config: dict
+    generation_config: dict
+    source: dict = field(default_factory=dict)  # provenance for gguf_source.json
+
+
+# ---------------------------------------------------------------------------------------------
+# opening and metadata
+
+
+def open_reader(path):
+    """A GGUFReader for `path`, or a UserError that says what is wrong with the file."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf model")
+    try:
+        return gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the gguf package raises bare ValueError/struct errors on damage
+        raise UserError(f"could not read GGUF {path}: {exc}; the file may be truncated, download it again") from None
+
+
+def metadata(reader) -> dict:
+    """All key/value fields as plain Python values (arrays become lists)."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = f.contents()
+    return out
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the shortest decimal that rounds back to it (1e-06, not
+    9.999999974752427e-07), so configs read like the originals."""
+    return float(str(np.float32(value)))
+
+
+def _arch(meta: dict) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"unsupported GGUF architecture '{arch}'; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if meta.get(f"{arch}.expert_count"):
+        raise UserError(f"mixture-of-experts GGUF models are not supported (found {arch}.expert_count)")
+    return arch
+
+
+def _int_hparam(meta: dict, key: str, default=None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise UserError(f"GGUF metadata lacks '{key}'; the file is incomplete or not a chat model")
+    if isinstance(value, list):
+        raise UserError(f"GGUF metadata '{key}' varies per layer; such models are not supported")
+    return int(value)
+
+
+def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
+    """config.json (HF field names, which mlx_lm reads) from `<arch>.*` metadata."""
+    arch = _arch(meta)
+    p = arch + "."
+    hidden = _int_hparam(meta, p + "embedding_length")
+    heads = _int_hparam(meta, p + "attention.head_count")
+    kv_heads = _int_hparam(meta, p + "attention.head_count_kv", heads)
+    eps = meta.get(p + "attention.layer_norm_rms_epsilon")
+    if eps is None:
+        raise UserError(f"GGUF metadata lacks '{p}attention.layer_norm_rms_epsilon' (RMSNorm models only)")
+    cfg = {
+        "architectures": [_HF_ARCHITECTURES[arch]],
+        "model_type": ARCHITECTURES[arch],
+        "hidden_size": hidden,
+        "num_hidden_layers": _int_hparam(meta, p + "block_count"),
+        "intermediate_size": _int_hparam(meta, p + "feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": _f32(eps),
+        "vocab_size": int(vocab_size),
+        "rope_theta": _f32(meta.get(p + "rope.freq_base", _DEFAULT_ROPE_BASE)),
+        "max_position_embeddings": _int_hparam(meta, p + "context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    key_length = meta.get(p + "attention.key_length")
+    if key_length is not None and (arch == "qwen3" or int(key_length) != hidden // heads):
+        cfg["head_dim"] = int(key_length)
+    elif arch == "qwen3":
+        cfg["head_dim"] = hidden // heads
+    if arch == "qwen2" and cfg.get("head_dim", hidden // heads) != hidden // heads:
+        raise UserError("this qwen2 GGUF has head_dim != hidden/heads, which mlx_lm's qwen2 cannot express")
+    if arch == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        cfg["mlp_bias"] = "blk.0.ffn_down.bias" in tensor_names
+    scaling = _rope_scaling(meta, p)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _rope_scaling(meta: dict, p: str) -> dict | None:
+    kind = meta.get(p + "rope.scaling.type")
+    factor = meta.get(p + "rope.scaling.factor")
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": _f32(factor)}
+    if kind == "yarn":
+        out = {"type": "yarn", "factor": _f32(factor)}
+        orig = meta.get(p + "rope.scaling.original_context_length")
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        return out
+    raise UserError(f"unsupported rope scaling '{kind}' in this GGUF; supported: linear, yarn, llama3 (rope_freqs)")
+
+
+def llama3_rope_scaling(factors: np.ndarray, base: float, dims: int, original_context: int = 8192) -> dict | None:
+    """Recover HF's `rope_scaling: {rope_type: llama3, ...}` from llama.cpp's `rope_freqs` tensor.
+
+    llama.cpp stores, per frequency i, the divisor f_i of inv_freq_i. With wavelength
+    w_i = 2*pi / inv_freq_i: f = 1 for w < ctx/high, f = factor for w > ctx/low, and in between
+    1/f = (1 - s)/factor + s with s = (ctx/w - low)/(high - low), i.e. s is linear in 1/w.
+    Fitting s = a/w - b on the in-between frequencies gives low = ctx*b/a, high = ctx*(1+b)/a
+    for any ctx (only the ratios matter), so we keep `original_context` and solve for the rest.
+    """
+    factors = np.asarray(factors, dtype=np.float64)
+    inv_freq = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    if factors.shape != inv_freq.shape:
+        raise UserError(f"rope_freqs has {factors.size} entries, expected {inv_freq.size}; unsupported rope scaling")
+    wavelen = 2 * np.pi / inv_freq
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    rtol = 1e-5
+    between = (factors > 1 + rtol) & (factors < factor * (1 - rtol))
+    if between.sum() >= 2:
+        s = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+        a, neg_b = np.polyfit(1 / wavelen[between], s, 1)
+        b = -neg_b
+        low, high = original_context * b / a, original_context * (1 + b) / a
+    elif between.sum() == 0:
+        # a hard step: put the two thresholds on either side of it (geometric midpoints)
+        ones = np.where(factors <= 1 + rtol)[0]
+        full = np.where(factors >= factor * (1 - rtol))[0]
+        if len(ones) == 0 or len(full) == 0:
+            raise UserError("rope_freqs does not look like llama3 rope scaling; unsupported GGUF")
+        edge = np.sqrt(wavelen[ones.max()] * wavelen[full.min()])
+        low = high = original_context / edge
+        high = high * (1 + 1e-6)
+    else:
+        raise UserError("rope_freqs has a single in-between frequency, too few to recover llama3 rope scaling")
+    out = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": float(low),
+        "high_freq_factor": float(high),
+        "original_max_position_embeddings": int(original_context),
+    }
+    # verify: recompute the divisors the way llama.cpp does and demand a match
+    lo_w, hi_w = original_context / low, original_context / high
+    smooth = (original_context / wavelen - low) / (high - low)
+    recomputed = np.where(
+        wavelen < hi_w, 1.0, np.where(wavelen > lo_w, factor, 1 / ((1 - smooth) / factor + smooth))
+    )
+    if not np.allclose(recomputed, factors, rtol=1e-4):
+        raise UserError("rope_freqs does not match llama3 rope scaling; this GGUF's rope is not supported")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def hf_name(gguf_name: str) -> str:
+    """GGUF tensor name -> HF/mlx_lm parameter name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        raise UserError(f"unexpected GGUF tensor '{gguf_name}'; this model layout is not supported")
+    if stem in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+    raise UserError(f"unexpected GGUF tensor '{gguf_name}'; this model layout is not supported")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation: within each head, rows (j, j + d/2) become (2j, 2j + 1),
+    so GGML's adjacent-pair RoPE rotates the pairs that HF's rotate-half RoPE rotates."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_qk`."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_tensors(reader, config: dict, progress: Progress | None = None) -> tuple[dict, dict, np.ndarray | None]:
+    """Dequantize every tensor to float32 and rename it. Returns (weights, tensor type counts,
+    the llama3 `rope_freqs` divisors or None)."""
+    from gguf.quants import dequantize
+
+    arch = config["model_type"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    weights, types, rope_freqs = {}, Counter(), None
+    total = len(reader.tensors)
+    for i, t in enumerate(reader.tensors):
+        types[t.tensor_type.name] += 1
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(
+                f"tensor {t.name} uses {t.tensor_type.name}, which the gguf package cannot dequantize; "
+                "re-quantize the model with a common type (Q4_K, Q5_0, Q6_K, Q8_0, F16)"
+            ) from None
+        # quantized rows come back already in [rows, cols] = HF [out, in] order
+        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+        if t.name == "rope_freqs.weight":
+            rope_freqs = arr
+            continue
+        name = hf_name(t.name)
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            arr = unpermute_qk(arr, heads if ".q_proj." in name else kv_heads)
+        weights[name] = arr
+        if progress and (i + 1) % max(1, total // 4) == 0:
+            progress(f"dequantized {i + 1}/{total} tensors")
+    return weights, dict(types), rope_freqs
+
+
+def _check_weights(weights: dict, config: dict) -> None:
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(config["num_hidden_layers"]):
+        for part in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            expected.add(f"model.layers.{i}.{part}.weight")
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise UserError(f"GGUF lacks {len(missing)} expected tensors (first: {missing[0]}); the file is incomplete")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` equal to the model's original HF byte-level BPE tokenizer,
+    plus tokenizer_config.json and generation_config.json contents."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(
+            f"unsupported GGUF tokenizer '{kind}'; supported: gpt2 (byte-level BPE, as in Qwen2 and Llama 3)"
+        )
+    pre_name = meta.get("tokenizer.ggml.pre")
+    if pre_name not in PRE_TOKENIZERS:
+        raise UserError(
+            f"unsupported GGUF pre-tokenizer '{pre_name}'; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
+    pre = PRE_TOKENIZERS[pre_name]
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # a duplicated (padding) entry keeps its first id
+    model = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges)
+    tk = Tokenizer(model)
+    if pre.nfc:
+        tk.normalizer = normalizers.NFC()
+    if pre.regex is None:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pre.regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    tk.decoder = decoders.ByteLevel()
+
+    # CONTROL tokens are special (skipped when decoding with skip_special_tokens), USER_DEFINED
+    # ones are matched verbatim in text but decoded like ordinary tokens.
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    if special:
+        tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+
+    def token_at(key):
+        i = meta.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
+        pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
+        ids = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None) if t}
+        tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    chat_template = meta.get("tokenizer.chat_template")
+    # bos_token is only named when the tokenizer adds it or the template prints it: Qwen's GGUF
+    # records a bos id that its HF tokenizer never uses.
+    name_bos = add_bos or (chat_template is not None and "bos_token" in chat_template)
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos if name_bos else None,
+        "eos_token": eos,
+        "pad_token": token_at("tokenizer.ggml.padding_token_id"),
+        "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 4096)),
+    }
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+
+    eos_ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if meta.get(key) is not None and int(meta[key]) not in eos_ids:
+            eos_ids.append(int(meta[key]))
+    for t in _END_OF_TURN_TOKENS:
+        i = vocab.get(t)
+        if i is not None and types[i] == TOKEN_CONTROL and i not in eos_ids:
+            eos_ids.append(i)
+    generation_config = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    if bos is not None and name_bos:
+        generation_config["bos_token_id"] = vocab[bos]
+    if meta.get("tokenizer.ggml.padding_token_id") is not None:
+        generation_config["pad_token_id"] = int(meta["tokenizer.ggml.padding_token_id"])
+    return tk, tokenizer_config, generation_config
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole conversion
+
+
+def read(path, progress: Progress | None = None) -> GGUFContents:
+    """Everything in a GGUF as an mlx_lm model: config, float32 weights and tokenizer."""
+    reader = open_reader(path)
+    meta = metadata(reader)
+    _arch(meta)  # fail on an unsupported architecture before touching the tensors
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise UserError(f"{path} has no token_embd.weight; it is not a decoder language model")
+    config = build_config(meta, names, vocab_size=int(embd.shape[1]))
+    if progress:
+        progress("building tokenizer from GGUF vocab and merges")
+    tokenizer, tokenizer_config, generation_config = build_tokenizer(meta)
+    config["eos_token_id"] = generation_config["eos_token_id"]
+    if "bos_token_id" in generation_config:
+        config["bos_token_id"] = generation_config["bos_token_id"]
+    if progress:
+        progress(f"dequantizing {len(reader.tensors)} tensors")
+    weights, types, rope_freqs = read_tensors(reader, config, progress)
+    if rope_freqs is not None:
+        dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        orig = int(meta.get(f"{meta['general.architecture']}.rope.scaling.original_context_length") or 8192)
+        scaling = llama3_rope_scaling(rope_freqs.reshape(-1), config["rope_theta"], dims, orig)
+        if scaling is not None:
+            config["rope_scaling"] = scaling
+    _check_weights(weights, config)
+    source = {
+        "file": Path(path).name,
+        "name": meta.get("general.name"),
+        "architecture": meta.get("general.architecture"),
+        "tensor_types": types,
+        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
+    }
+    return GGUFContents(config, weights, tokenizer, tokenizer_config, generation_config, source)
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(target, force: bool = False):
+    """Yield a fresh temporary folder beside `target`; on success it replaces `target` by rename.
+
+    An interrupted write leaves only a hidden `.tmp-*` folder behind, never a half-written target.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to replace it (or choose another --out)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_folder(contents: GGUFContents, folder, dtype: str = "float32") -> None:
+    """Write `contents` into an (existing, empty) folder as a stock mlx_lm model."""
+    import mlx.core as mx
+
+    if dtype not in DTYPES:
+        raise UserError(f"unsupported dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    folder = Path(folder)
+    target = getattr(mx, dtype)
+    arrays = {}
+    for name in list(contents.weights):
+        arrays[name] = mx.array(contents.weights.pop(name)).astype(target)  # pop: free numpy as we go
+    mx.save_safetensors(str(folder / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    del arrays
+    config = dict(contents.config, torch_dtype=dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    contents.tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(contents.tokenizer_config, indent=2, ensure_ascii=False))
+    (folder / "generation_config.json").write_text(json.dumps(contents.generation_config, indent=2))
+    (folder / "gguf_source.json").write_text(json.dumps(contents.source, indent=2))
+
+
+def convert(
+    gguf_path,
+    out_dir,
+    dtype: str = "float32",
+    force: bool = False,
+    source_sha256: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a GGUF file into an mlx_lm folder at `out_dir` (written atomically).
+
+    Weights are dequantized to float32; `dtype` chooses what is stored (float32 keeps the
+    dequantized values exactly, float16/bfloat16 halve the size). `source_sha256` saves hashing
+    the GGUF again when the caller already knows it. Returns `out_dir`.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"unsupported dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it (or choose another --out)")
+    contents = read(gguf_path, progress)
+    if source_sha256 is None:
+        if progress:
+            progress("hashing the GGUF for provenance")
+        source_sha256 = sha256_file(gguf_path)
+    contents.source.update(
+        sha256=source_sha256,
+        converter_version=CONVERTER_VERSION,
+        dtype=dtype,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    if progress:
+        progress(f"writing {out_dir}")
+    with atomic_directory(out_dir, force=force) as tmp:
+        write_folder(contents, tmp, dtype)
+    return out_dir
