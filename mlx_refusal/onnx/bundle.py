@@ -1,0 +1,342 @@
+"""`export_onnx`: an mlx_lm folder (plain or edited) -> a folder transformers.js / onnxruntime-web load.
+
+    WEBDIR/
+      config.json              HF-style config (model_type qwen2 / llama / qwen3 / mistral)
+      generation_config.json
+      tokenizer.json
+      tokenizer_config.json    with the chat template
+      onnx/model.onnx          float32 (+ model.onnx_data when over 2 GB)
+      onnx/model_q4.onnx       4-bit MatMulNBits linears, float32 embedding
+      onnx/model_quantized.onnx  int8 dynamic quantization of the MatMuls
+      refusal_edit.json        copied from an edited model
+      steering.json            layer, site, alpha and the direction as a list (steered models)
+      export.json              what was exported: files and sizes, layer, I/O names, provenance
+
+The folder is written beside the target and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UserError
+from ..loading import weight_fingerprint
+from .files import check_onnx
+from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder
+from .quantize import Q4_ACCURACY_LEVEL, Q4_BLOCK_SIZE, quantize_q4, quantize_q8
+from .source import EDIT_FILE, SourceModel, read_model
+
+DTYPE_FILES = {"fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx", "q8": "onnx/model_quantized.onnx"}
+DTYPES = tuple(DTYPE_FILES)
+EXPORT_RECORD = "export.json"
+STEERING_RECORD = "steering.json"
+PAGE_SKIP = {"node_modules", "__pycache__", "tests", "test"}
+
+_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, int] = field(default_factory=dict)  # path relative to out_dir -> bytes
+    activations_layer: int = 0
+    steered: bool = False
+    model_type: str = ""
+
+
+def parse_dtypes(dtypes: str | Iterable[str]) -> tuple[str, ...]:
+    items = [d.strip() for d in (dtypes.split(",") if isinstance(dtypes, str) else dtypes) if d.strip()]
+    bad = [d for d in items if d not in DTYPES]
+    if bad or not items:
+        raise UserError(f"unknown dtype {', '.join(bad) or '(none)'}; use a comma-separated subset of {','.join(DTYPES)}")
+    return tuple(d for d in DTYPES if d in items)
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    dtypes: str | Iterable[str] = DTYPES,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    *,
+    layer: int | None = None,
+    steering_input: str = "required",
+    page_dir: str | Path | None = None,
+) -> ExportResult:
+    """Export the mlx_lm model folder `model_dir` to `out_dir` (see the module docstring).
+
+    layer: the layer whose resid_pre is the extra output `activations.layer{L}`; default the steered
+      layer of a steered model, else the edit's layer, else the middle layer.
+    steering_input: "required" (default; onnxruntime-web can only feed inputs it lists, and it does
+      not list initializer-backed ones) or "optional" (an initializer default of 1.0 that
+      onnxruntime's Python/C API may override).
+    page_dir: copy this folder's static files (not node_modules) into the bundle too.
+    """
+    say = progress or (lambda _msg: None)
+    dtypes = parse_dtypes(dtypes)
+    out_dir = Path(out_dir).absolute()
+    _check_target(out_dir, force)
+    page = Path(page_dir) if page_dir is not None else None
+    if page is not None and not page.is_dir():
+        raise UserError(f"page folder {page} does not exist; build the page in export/ or drop --with-page")
+
+    say(f"reading {model_dir}")
+    src = read_model(model_dir)
+    spec = src.spec
+    act_layer = _activations_layer(src, layer)
+    model_type = web_model_type(src)
+    _check_tokenizer(src.path)  # before minutes of graph building, not after
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        (tmp / "onnx").mkdir()
+        external: dict[str, int] = {}
+        options = GraphOptions(activations_layer=act_layer, steering=src.steering, steering_input=steering_input)
+
+        fp32_path = tmp / DTYPE_FILES["fp32"]
+        if "fp32" in dtypes:
+            say(f"building and writing {DTYPE_FILES['fp32']} ({spec.num_layers} layers, activations at layer {act_layer})")
+            if len(write_decoder(spec, src.weights, options, fp32_path)) > 1:
+                external[fp32_path.name] = 1
+            check_onnx(fp32_path)
+
+        quant = [d for d in dtypes if d != "fp32"]
+        scratch = tmp / ".quant_source"
+        if quant:
+            # The quantizers need the lm_head as a MatMul with its own weight.
+            if spec.tied_embeddings or "fp32" not in dtypes:
+                say("building the float32 source for quantization")
+                scratch.mkdir()
+                quant_src = scratch / "model.onnx"
+                write_decoder(spec, src.weights, GraphOptions(
+                    activations_layer=act_layer, steering=src.steering, steering_input=steering_input,
+                    tied_lm_head="separate"), quant_src, external=True)
+            else:
+                quant_src = fp32_path
+            src.weights.clear()  # from here on only the ONNX files are needed
+            gc.collect()
+            if "q4" in quant:
+                say(f"quantizing to 4 bits -> {DTYPE_FILES['q4']} (MatMulNBits, block {Q4_BLOCK_SIZE})")
+                files = quantize_q4(quant_src, tmp / DTYPE_FILES["q4"])
+                check_onnx(tmp / DTYPE_FILES["q4"])
+                if len(files) > 1:
+                    external[Path(DTYPE_FILES["q4"]).name] = 1
+            if "q8" in quant:
+                say(f"quantizing to 8 bits -> {DTYPE_FILES['q8']} (dynamic, MatMul only)")
+                files = quantize_q8(quant_src, tmp / DTYPE_FILES["q8"])
+                check_onnx(tmp / DTYPE_FILES["q8"])
+                if len(files) > 1:
+                    external[Path(DTYPE_FILES["q8"]).name] = 1
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        say("writing config, tokenizer and provenance")
+        (tmp / "config.json").write_text(json.dumps(hf_config(src, model_type, external), indent=2) + "\n")
+        _write_tokenizer(src.path, tmp)
+        _write_generation_config(src, tmp)
+        if src.edit is not None:
+            shutil.copyfile(src.path / EDIT_FILE, tmp / EDIT_FILE)
+        if src.steering is not None:
+            (tmp / STEERING_RECORD).write_text(json.dumps(steering_record(src, act_layer), indent=1) + "\n")
+        if page is not None:
+            say(f"copying the page from {page}")
+            _copy_page(page, tmp)
+
+        files = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size
+            for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        record = export_record(src, model_type, act_layer, dtypes, files, steering_input)
+        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        files[EXPORT_RECORD] = (tmp / EXPORT_RECORD).stat().st_size
+        say(f"moving into place: {out_dir}")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir=out_dir, files=files, activations_layer=act_layer,
+                        steered=src.steering is not None, model_type=model_type)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it or choose another --out")
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).exists():
+        raise UserError(f"refusing to replace {out_dir}: it is not an ONNX export (no {EXPORT_RECORD}); choose another --out")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _activations_layer(src: SourceModel, layer: int | None) -> int:
+    n = src.spec.num_layers
+    if layer is None:
+        if src.steering is not None:
+            return src.steering.layer
+        edit_layer = (src.edit or {}).get("layer")
+        return edit_layer if isinstance(edit_layer, int) and 0 <= edit_layer <= n else n // 2
+    if not 0 <= layer <= n:
+        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{n - 1} ({n} = the final residual)")
+    return layer
+
+
+def web_model_type(src: SourceModel) -> str:
+    """The model_type transformers.js should see. A steered Qwen2 is saved for mlx_lm as `llama` with
+    attention_bias; the graph carries every bias itself, so the page gets the source family back."""
+    source_type = ((src.edit or {}).get("model") or {}).get("model_type")
+    return source_type if source_type in _ARCHITECTURES else src.spec.model_type
+
+
+def hf_config(src: SourceModel, model_type: str, external: dict[str, int]) -> dict:
+    spec, cfg = src.spec, src.config
+    out = {
+        "architectures": [_ARCHITECTURES.get(model_type, "LlamaForCausalLM")],
+        "model_type": model_type,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "vocab_size": spec.vocab_size,
+        "tie_word_embeddings": spec.tied_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    for key in ("rope_theta", "rope_scaling", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                "sliding_window", "use_sliding_window"):
+        if key in cfg:
+            out[key] = cfg[key]
+    if external:
+        out["transformers.js_config"] = {"use_external_data_format": dict(sorted(external.items()))}
+    return out
+
+
+def _check_tokenizer(model_dir: Path) -> None:
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json, which the browser tokenizer needs; "
+                        "re-save the model with a fast tokenizer (mlx_lm.convert or `cli.py import-gguf`)")
+
+
+def _write_tokenizer(model_dir: Path, out: Path) -> None:
+    shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
+    tc_path = model_dir / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if not tc.get("chat_template"):
+        # newer HF folders keep the template beside the config
+        if (model_dir / "chat_template.jinja").is_file():
+            tc["chat_template"] = (model_dir / "chat_template.jinja").read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            tc["chat_template"] = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_generation_config(src: SourceModel, out: Path) -> None:
+    f = src.path / "generation_config.json"
+    if f.is_file():
+        shutil.copyfile(f, out / "generation_config.json")
+        return
+    gen = {k: src.config[k] for k in ("bos_token_id", "eos_token_id") if src.config.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def steering_record(src: SourceModel, act_layer: int) -> dict:
+    st = src.steering
+    return {
+        "layer": st.layer,
+        "site": st.site,
+        "alpha": st.alpha,
+        "hidden_size": src.spec.hidden_size,
+        "input": STEERING_INPUT,
+        "activations_output": activations_name(act_layer),
+        "vector_norm": float(np.linalg.norm(st.vector)),
+        "direction_sha256": hashlib.sha256(np.ascontiguousarray(st.direction, np.float32).tobytes()).hexdigest(),
+        "direction": [float(x) for x in st.direction],
+    }
+
+
+def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, files: dict, steering_input: str) -> dict:
+    spec = src.spec
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
+    outputs.append(activations_name(act_layer))
+    steering = None
+    if src.steering is not None:
+        inputs.append(STEERING_INPUT)
+        steering = {"input": STEERING_INPUT, "required": steering_input == "required", "default": 1.0,
+                    "layer": src.steering.layer, "site": src.steering.site, "alpha": src.steering.alpha}
+    return {
+        "tool": "mlx-refusal",
+        "tool_version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(src.path.resolve()), "model_type": spec.model_type,
+                   "weights_sha256": weight_fingerprint(src.path)},
+        "edit": (src.edit or {}).get("edit"),
+        "model_type": model_type,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "layer": act_layer,
+        "activations_output": activations_name(act_layer),
+        "steering": steering,
+        "opset": OPSET,
+        "dtypes": {d: DTYPE_FILES[d] for d in dtypes},
+        "quantization": {
+            **({"q4": {"tool": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": Q4_BLOCK_SIZE,
+                       "symmetric": False, "accuracy_level": Q4_ACCURACY_LEVEL,
+                       "embedding": "float32 Gather (not quantized)"}} if "q4" in dtypes else {}),
+            **({"q8": {"tool": "onnxruntime quantize_dynamic", "op_types": ["MatMul"], "weight_type": "int8",
+                       "embedding": "float32 Gather (not quantized)"}} if "q8" in dtypes else {}),
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+        "files": files,
+    }
+
+
+def _copy_page(page: Path, out: Path) -> None:
+    for item in sorted(page.iterdir()):
+        if item.name.startswith(".") or item.name in PAGE_SKIP:
+            continue
+        target = out / item.name
+        if target.exists():
+            raise UserError(f"the page file {item.name} would overwrite the bundle's own; rename it in {page}")
+        if item.is_dir():
+            shutil.copytree(item, target, ignore=shutil.ignore_patterns(".*", *PAGE_SKIP))
+        elif item.is_file():
+            shutil.copy2(item, target)

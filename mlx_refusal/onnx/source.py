@@ -1,0 +1,191 @@
+"""Read an mlx_lm model folder (plain or edited) into what the graph builder needs.
+
+The weights come from stock `mlx_lm` (quantized layers dequantized, everything float32 numpy),
+the geometry from the loaded modules themselves (so defaults that mlx_lm fills in, like
+qwen2's head_dim, are never re-derived here), and the edit from `refusal_edit.json` +
+`steering.safetensors`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import arch
+from ..errors import UserError
+
+EDIT_FILE = "refusal_edit.json"
+STEERING_FILE = "steering.safetensors"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Geometry and constants of a Llama-style decoder (Qwen2/2.5, Qwen3, Llama, Mistral)."""
+
+    model_type: str  # mlx_lm model_type of the folder, e.g. "qwen2" or "llama"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    attn_scale: float  # what mlx_lm multiplies q.k by (head_dim ** -0.5)
+    rope_inv_freq: np.ndarray = field(repr=False)  # [head_dim // 2], positions are multiplied by it
+    qk_norm: bool = False  # Qwen3: RMSNorm of each q/k head before RoPE
+    tied_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A steering vector as saved by `steer`: `vector` was added at `site` so it reaches resid_pre[layer]."""
+
+    layer: int
+    site: str  # parameter holding it: "model.embed_tokens.weight", "...mlp.down_proj.bias" or "...o_proj.bias"
+    vector: np.ndarray = field(repr=False)  # [hidden], alpha * direction
+    direction: np.ndarray = field(repr=False)  # [hidden], unit vector
+    alpha: float | None = None
+
+    @property
+    def on_embedding(self) -> bool:
+        return self.site.startswith("model.embed_tokens")
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    config: dict  # config.json as written in the folder
+    spec: DecoderSpec
+    weights: dict[str, np.ndarray] = field(repr=False)  # mlx parameter name -> float32 array
+    edit: dict | None = None  # refusal_edit.json, if the folder is an edited model
+    steering: Steering | None = None
+
+
+def read_model(model_dir: str | Path) -> SourceModel:
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not an mlx_lm model folder (no config.json); pass a folder written by mlx_lm or mlx-refusal")
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    config = json.loads((path / "config.json").read_text())
+    try:
+        arch.family(config.get("model_type", ""))
+    except arch.UnsupportedArchitecture as exc:
+        raise UserError(f"cannot export to ONNX: {exc}") from None
+    # trust_remote_code stays False: never execute code from a model folder.
+    model, _ = load_model(path, lazy=False, strict=True)
+    model = dequantize_model(model)
+    params = [(name, value.astype(mx.float32)) for name, value in tree_flatten(model.parameters())]
+    mx.eval([v for _, v in params])
+    # Views, not copies (a copy of 2.5 GB costs seconds): each array keeps its mlx buffer alive.
+    weights = {name: np.asarray(value) for name, value in params}
+    spec = _spec_of(model, config)
+    edit = _read_edit(path)
+    steering = _read_steering(path, edit, weights, spec) if edit and edit.get("edit") == "steer" else None
+    return SourceModel(path=path, config=config, spec=spec, weights=weights, edit=edit, steering=steering)
+
+
+def _spec_of(model, config: dict) -> DecoderSpec:
+    layers = arch.layers(model)
+    attn = layers[0].self_attn
+    num_heads, num_kv_heads = int(attn.n_heads), int(attn.n_kv_heads)
+    head_dim = int(attn.q_proj.weight.shape[0]) // num_heads
+    return DecoderSpec(
+        model_type=arch.model_type_of(model),
+        num_layers=len(layers),
+        hidden_size=arch.hidden_size(model),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(layers[0].mlp.gate_proj.weight.shape[0]),
+        vocab_size=int(arch.decoder(model).embed_tokens.weight.shape[0]),
+        rms_norm_eps=float(layers[0].input_layernorm.eps),
+        attn_scale=float(attn.scale),
+        rope_inv_freq=_rope_inv_freq(attn.rope, head_dim),
+        qk_norm=hasattr(attn, "q_norm"),
+        tied_embeddings=arch.has_tied_embeddings(model),
+    )
+
+
+def _rope_inv_freq(rope, head_dim: int) -> np.ndarray:
+    """Angular frequency per rotated pair, for the RoPE variants whose angle is position * constant."""
+    import mlx.nn as nn
+
+    if getattr(rope, "traditional", False):
+        raise UserError("cannot export to ONNX: interleaved ('traditional') RoPE is not supported; only the rotate-half form")
+    dims = int(getattr(rope, "dims", head_dim))
+    if dims != head_dim:
+        raise UserError(f"cannot export to ONNX: partial RoPE ({dims} of {head_dim} dims) is not supported")
+    if isinstance(rope, nn.RoPE):
+        # mlx: angle = (position * scale) * base ** (-2i / dims)
+        inv = float(rope.base) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+        return (inv * float(rope.scale)).astype(np.float32)
+    freqs = getattr(rope, "_freqs", None)  # Llama3RoPE stores wavelength-like periods: angle = position / freqs
+    if freqs is not None and type(rope).__name__ == "Llama3RoPE":
+        return (1.0 / np.array(freqs, dtype=np.float64)).astype(np.float32)
+    raise UserError(
+        f"cannot export to ONNX: RoPE variant {type(rope).__name__} is not supported "
+        "(supported: default, linear and llama3 scaling)"
+    )
+
+
+def _read_edit(path: Path) -> dict | None:
+    f = path / EDIT_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{f} is not valid JSON ({exc}); re-save the edited model") from None
+
+
+def _read_steering(path: Path, edit: dict, weights: dict, spec: DecoderSpec) -> Steering:
+    from safetensors.numpy import load_file
+
+    f = path / STEERING_FILE
+    if not f.is_file():
+        raise UserError(f"{path} is a steered model but has no {STEERING_FILE}; re-save it with mlx-refusal")
+    tensors = load_file(str(f))
+    if "vector" not in tensors:
+        raise UserError(f"{f} has no 'vector' tensor; re-save the steered model with mlx-refusal")
+    vector = tensors["vector"].astype(np.float32).reshape(-1)
+    if vector.shape != (spec.hidden_size,):
+        raise UserError(f"steering vector in {f} has {vector.size} values, the model's hidden size is {spec.hidden_size}")
+    direction = tensors.get("direction")
+    direction = vector / max(np.linalg.norm(vector), 1e-30) if direction is None else direction.astype(np.float32).reshape(-1)
+    layer = edit.get("layer")
+    if not isinstance(layer, int) or not 0 <= layer <= spec.num_layers:
+        raise UserError(f"{path / EDIT_FILE} has layer {layer!r}; a steered model needs a layer in 0..{spec.num_layers}")
+    site = str(edit.get("site") or arch.steering_site(layer))
+    if site.startswith("model.embed_tokens"):
+        site = "model.embed_tokens.weight"
+    elif not site.endswith(".bias"):
+        site = site + ".bias"
+    if site not in weights:
+        raise UserError(f"steering site {site} of {path} is not a parameter of the model; re-save the steered model")
+    if not (site == "model.embed_tokens.weight"
+            or re.fullmatch(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.bias", site)):
+        raise UserError(f"cannot export steering at {site}: only the embedding or an o_proj / down_proj bias "
+                        "can carry a steering vector in the graph")
+    if site.endswith(".bias"):
+        _snap_rounded_bias(weights, site, vector)
+    alpha = edit.get("alpha")
+    return Steering(layer=layer, site=site, vector=vector, direction=direction,
+                    alpha=float(alpha) if isinstance(alpha, (int, float)) else None)
+
+
+def _snap_rounded_bias(weights: dict, site: str, vector: np.ndarray) -> None:
+    """A bias that exists only to carry the vector was saved as dtype(0 + vector); in bf16/fp16
+    that is the vector rounded, so bias - vector is rounding noise, not an original bias. Store the
+    vector's rounded value as exactly the float32 vector then, so steering_scale = 0 gives back the
+    bias-free original model (the edited model, scale 1, moves by the same rounding only)."""
+    bias = weights[site]
+    rel = np.abs(bias - vector) / np.maximum(np.abs(vector), 1e-30)
+    if np.all((rel <= 2.0**-8) | (bias == vector)):
+        weights[site] = vector.copy()
