@@ -587,8 +587,6 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
-    import numpy as np
-
     from mlx_refusal.console import progress_bar, table
     from mlx_refusal.edit import ablate
     from mlx_refusal.evaluate import first_token_logprobs

@@ -15,13 +15,9 @@ Architecture facts this relies on:
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from .atomic import atomic_directory
 from .errors import UserError
 
 CONVERTER_VERSION = 1  # bump when the output of `convert` changes (it keys the cache)
@@ -500,32 +497,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_directory(target, force: bool = False):
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target` by rename.
-
-    An interrupted write leaves only a hidden `.tmp-*` folder behind, never a half-written target.
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise UserError(f"{target} already exists; pass --force to replace it (or choose another --out)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_folder(contents: GGUFContents, folder, dtype: str = "float32") -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import __version__, arch
+from .atomic import atomic_directory, check_replaceable
 from .edit import UnsupportedEdit, unit
 from .errors import UserError
 from .loading import stored_dtype
@@ -158,13 +157,7 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
         raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
     if out_dir.resolve() == source_dir:
         raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
-    if out_dir.exists():
-        if not force:
-            raise UserError(f"{out_dir} already exists; pass --force to replace it or choose another --out")
-        if not out_dir.is_dir():
-            raise UserError(f"{out_dir} exists and is not a folder; choose another --out")
-        if any(out_dir.iterdir()) and not ((out_dir / "config.json").exists() or (out_dir / EDIT_RECORD).exists()):
-            raise UserError(f"refusing to replace {out_dir}: it is not a model folder; choose another --out")
+    check_replaceable(out_dir, force, is_model_folder, "a model folder")
     dtype = dtype or stored_dtype(source_dir)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -189,9 +182,7 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
                   "quantization": config.get("quantization"), "source": str(source_dir)},
     })
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, force, is_model_folder, "a model folder") as tmp:
         say("writing weights")
         record["saved"]["weight_files"] = _write_weights(weights, tmp)
         del weights
@@ -204,11 +195,11 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
         (tmp / EDIT_RECORD).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
         (tmp / "README.md").write_text(model_card(record, out_dir.name))
         say("moving into place")
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").exists() or (folder / EDIT_RECORD).exists()
 
 
 def _json_default(o):
@@ -219,22 +210,6 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot record {type(o).__name__} in {EDIT_RECORD}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`; an existing `out_dir` is swapped out first and deleted after."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def model_card(record: dict, name: str = "OUT") -> str:

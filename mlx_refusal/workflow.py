@@ -90,7 +90,7 @@ class SteeringChoice:
 def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val_harmless: list[str],
                     layer: int | None = None, alpha: float | None = None, multiple: float | None = None,
                     select: str = "evaluate", candidates: int = 3, target: float = 0.95,
-                    calibration_prompts: int = 32, max_tokens: int = 32, batch_size: int = 16,
+                    calibration_prompts: int = 32, score_prompts: int = 64, max_tokens: int = 32, batch_size: int = 16,
                     system: str | None = None, on_layers=None, on_trial=None) -> SteeringChoice:
     """Pick the layer and alpha for a steering bias.
 
@@ -107,7 +107,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         allowed = set(sel.candidate_layers(d.num_layers))
         layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in allowed][:candidates]
     elif select == "evaluate":
-        evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless, scores=("induce",),
+        evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless[:score_prompts], scores=("induce",),
                                     batch_size=batch_size, system=system, progress=on_layers)
         layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
     else:

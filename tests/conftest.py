@@ -27,3 +27,46 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3", seed=2)
+
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET = "qwen2.5-coder-0.5b"
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference model (fetched and converted once, then cached): (model, tokenizer, info)."""
+    from mlx_refusal.loading import load
+
+    return load(PRESET)
+
+
+def run_cli(*args: str, timeout: int = 3000) -> str:
+    """Run `python cli.py ARGS` in a fresh interpreter (as a user would) and return its stdout;
+    fail the test with its stderr when it exits non-zero."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"cli.py {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def stock_generate(model_dir, prompt: str, max_tokens: int = 40) -> str:
+    """Answer with *stock* `python -m mlx_lm generate --model DIR` (no mlx_refusal code involved;
+    OpenBLAS preloaded only so the CPU run is fast)."""
+    import os
+    import subprocess
+
+    from mlx_refusal import backend
+
+    env = dict(os.environ)
+    blas = backend._loaded_blas
+    if blas:
+        env["LD_PRELOAD"] = blas
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model_dir), "--prompt", prompt,
+                           "--max-tokens", str(max_tokens), "--temp", "0"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split("==========")[1].strip()

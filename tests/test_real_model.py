@@ -33,8 +33,8 @@ TOKENIZER_SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return loading.load(PRESET)
+def qwen(reference):
+    return reference
 
 
 def _greedy(model, tok, question: str, max_tokens: int) -> str:

@@ -20,9 +20,7 @@ import datetime as _dt
 import gc
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,6 +28,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_directory, check_replaceable
 from ..errors import UserError
 from ..loading import weight_fingerprint
 from .files import check_onnx
@@ -87,7 +86,7 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     dtypes = parse_dtypes(dtypes)
     out_dir = Path(out_dir).absolute()
-    _check_target(out_dir, force)
+    check_replaceable(out_dir, force, _is_export, "an ONNX export")
     page = Path(page_dir) if page_dir is not None else None
     if page is not None and not page.is_dir():
         raise UserError(f"page folder {page} does not exist; build the page in export/ or drop --with-page")
@@ -99,9 +98,7 @@ def export_onnx(
     model_type = web_model_type(src)
     _check_tokenizer(src.path)  # before minutes of graph building, not after
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, force, _is_export, "an ONNX export") as tmp:
         (tmp / "onnx").mkdir()
         external: dict[str, int] = {}
         options = GraphOptions(activations_layer=act_layer, steering=src.steering, steering_input=steering_input)
@@ -162,40 +159,14 @@ def export_onnx(
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files[EXPORT_RECORD] = (tmp / EXPORT_RECORD).stat().st_size
         say(f"moving into place: {out_dir}")
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(out_dir=out_dir, files=files, activations_layer=act_layer,
                         steered=src.steering is not None, model_type=model_type)
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _check_target(out_dir: Path, force: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not force:
-        raise UserError(f"{out_dir} already exists; pass --force to replace it or choose another --out")
-    if not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; choose another --out")
-    if any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).exists():
-        raise UserError(f"refusing to replace {out_dir}: it is not an ONNX export (no {EXPORT_RECORD}); choose another --out")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _is_export(folder: Path) -> bool:
+    return (folder / EXPORT_RECORD).exists()
 
 
 def _activations_layer(src: SourceModel, layer: int | None) -> int:
