@@ -1,0 +1,222 @@
+"""The web page in headless Chromium, on the tiny steered Qwen2 exported to ONNX.
+
+The page's streamed answer must equal Python onnxruntime's greedy answer for the same prompt and
+steering scale; the activation boxes must show activation x direction for the steered layer; the
+slider must change the answer; and no request may leave 127.0.0.1.
+
+Needs Debian's /usr/bin/chromium and export/node_modules (scripts/setup_web.sh installs both).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_refusal.serve import NODE_MODULES, PAGE_DIR, make_server, server_url
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("MLX_REFUSAL_CHROMIUM", "/usr/bin/chromium"))
+DRIVER = Path(__file__).parent / "browser" / "drive.mjs"
+PROMPT = "How do I bake bread?"
+MAX_NEW = 24
+LAYER, ALPHA = 2, 12.0
+
+
+def _skip_reason() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (run scripts/setup_web.sh: apt-get install chromium)"
+    if shutil.which("node") is None:
+        return "node is missing (apt-get install nodejs)"
+    if not (NODE_MODULES / "playwright-core").is_dir() or not (NODE_MODULES / "onnxruntime-web").is_dir():
+        return f"{NODE_MODULES} lacks the page's npm packages (run scripts/setup_web.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def steered_bundle(tiny_qwen2, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny Qwen2 steered at LAYER with ALPHA, saved by save.py and exported (fp32) by the
+    ONNX exporter; also a copy exported with the page beside it (--with-page)."""
+    import mlx_lm
+
+    from mlx_refusal.edit import add_steering_bias, steering_vector
+    from mlx_refusal.onnx import export_onnx
+    from mlx_refusal.save import save_model
+
+    root = tmp_path_factory.mktemp("browser")
+    model, _ = mlx_lm.load(str(tiny_qwen2))
+    rng = np.random.default_rng(7)
+    d = rng.standard_normal(model.args.hidden_size).astype(np.float32)
+    d /= np.linalg.norm(d)
+    v = np.asarray(steering_vector(d, ALPHA))
+    add_steering_bias(model, LAYER, v)
+    record = {"edit": "steer", "alpha": ALPHA, "model": {"spec": "tiny-qwen2", "model_type": "qwen2"},
+              "prompts": {"harmful": {"name": "tiny", "n": 4}, "harmless": {"name": "tiny", "n": 4}}}
+    steered = save_model(model, tiny_qwen2, root / "steered", record, steering=(LAYER, d, v))
+    web = export_onnx(steered, root / "web", dtypes=["fp32"]).out_dir
+    with_page = export_onnx(steered, root / "web_with_page", dtypes=["fp32"], page_dir=PAGE_DIR).out_dir
+    return web, with_page
+
+
+class Reference:
+    """Greedy decoding with Python onnxruntime (full recompute each step: no KV cache, so it also
+    checks the page's cache loop) and HF transformers' tokenizer + chat template."""
+
+    def __init__(self, web: Path):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.web = web
+        self.tok = AutoTokenizer.from_pretrained(str(web))
+        self.sess = ort.InferenceSession(str(web / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.config = json.loads((web / "config.json").read_text())
+        gen = json.loads((web / "generation_config.json").read_text())
+        self.eos = {i for v in (gen.get("eos_token_id"), self.config.get("eos_token_id"), self.tok.eos_token_id)
+                    for i in np.atleast_1d(v if v is not None else []).tolist()}
+        self.steering = json.loads((web / "steering.json").read_text())
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True)
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def forward(self, ids: list[int], scale: float) -> dict:
+        c = self.config
+        empty = np.zeros((1, c["num_key_value_heads"], 0, c["head_dim"]), np.float32)
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None],
+            "steering_scale": np.array(scale, np.float32),
+        }
+        for i in range(c["num_hidden_layers"]):
+            feeds[f"past_key_values.{i}.key"] = empty
+            feeds[f"past_key_values.{i}.value"] = empty
+        names = ["logits", f"activations.layer{LAYER}"]
+        return dict(zip(names, self.sess.run(names, feeds)))
+
+    def greedy(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> str:
+        ids = self.prompt_ids(prompt)
+        out = []
+        for _ in range(max_new):
+            nxt = int(np.argmax(self.forward(ids + out, scale)["logits"][0, -1]))
+            if nxt in self.eos:
+                break
+            out.append(nxt)
+        return self.tok.decode(out, skip_special_tokens=True)
+
+    def contributions(self, prompt: str, scale: float) -> np.ndarray:
+        act = self.forward(self.prompt_ids(prompt), scale)[f"activations.layer{LAYER}"][0, -1]
+        return act * np.array(self.steering["direction"], np.float32)
+
+
+def _serve(web: Path, **kw):
+    server = make_server(web, port=0, **kw)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+def _diverging(t: np.ndarray) -> np.ndarray:
+    white, red, blue = np.array([247, 247, 247.]), np.array([178, 24, 43.]), np.array([33, 102, 172.])
+    t = np.clip(t, -1, 1)[:, None]
+    return white + np.where(t >= 0, red - white, blue - white) * np.abs(t)
+
+
+def _rgb(css: str) -> tuple[int, int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", css)[:3])
+
+
+def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    web, with_page = steered_bundle
+    ref = Reference(web)
+    expected = {s: ref.greedy(PROMPT, s) for s in (1.0, 0.0)}
+    assert expected[1.0] != expected[0.0], "the fixture's steering must change the greedy answer"
+    hidden = ref.config["hidden_size"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    main_server = _serve(web)  # page from export/, runtime from export/node_modules
+    copy_server = _serve(with_page, page_dir=empty, node_modules=empty)  # self-contained copy only
+    no_bundle_server = _serve(empty)  # the page with no bundle: it must say so, not stay blank
+    screenshot = Path(os.environ.get("MLX_REFUSAL_SCREENSHOT", tmp_path / "page.png"))
+    try:
+        url = server_url(main_server)
+        cfg = {
+            "node_modules": str(NODE_MODULES), "chromium": str(CHROMIUM),
+            "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1", "prompt": PROMPT, "scales": [1, 0],
+            "screenshot": str(screenshot), "timeout_ms": 60000,
+            "also_load": [f"{server_url(copy_server)}?max={MAX_NEW}", server_url(no_bundle_server)],
+        }
+        cfg["result"] = str(tmp_path / "result.json")
+        cfg_path = tmp_path / "drive.json"
+        cfg_path.write_text(json.dumps(cfg))
+        proc = subprocess.run(["node", str(DRIVER), str(cfg_path)], capture_output=True, text=True, timeout=150)
+    finally:
+        for s in (main_server, copy_server, no_bundle_server):
+            s.shutdown()
+            s.server_close()
+    result_path = Path(cfg["result"])
+    assert result_path.is_file(), f"driver wrote no result; stdout/stderr:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(result_path.read_text())
+    print(f"\nscreenshot: {screenshot}")
+    print(f"page load {result.get('load_seconds')} s; cross-origin isolated: {result.get('cross_origin_isolated')}; "
+          f"{len(result['requests'])} requests")
+    assert proc.returncode == 0 and "failure" not in result, (
+        f"{result.get('failure')}\nconsole:\n" + "\n".join(result["console"][-30:]))
+
+    # no request left 127.0.0.1
+    foreign = [u for u in result["requests"]
+               if not re.match(r"^(blob:)?http://127\.0\.0\.1:\d+/", u) and not u.startswith("data:")]
+    assert not foreign, f"requests left localhost: {foreign}"
+    assert result["cross_origin_isolated"] is True  # COOP/COEP from the server took effect
+
+    first, second = result["steps"]
+    # streamed text equals Python onnxruntime's greedy output, at scale 1 and after the slider moved to 0
+    assert first["answer"] == expected[1.0]
+    assert first["scale_label"] == "RefusaLLM"
+    assert second["answer"] == expected[0.0]
+    assert second["scale_label"] == "original"
+    assert second["answer"] != first["answer"]
+
+    # the visualisation: hidden_size boxes, values = activation x direction, colours follow values
+    for step, scale in ((first, 1.0), (second, 0.0)):
+        boxes = step["boxes"]
+        assert [b["index"] for b in boxes] == list(range(hidden))
+        values = np.array([b["value"] for b in boxes])
+        want = ref.contributions(PROMPT, scale)
+        np.testing.assert_allclose(values, want, rtol=1e-3, atol=1e-4)
+        assert step["projection"] == pytest.approx(float(want.sum()), rel=1e-3, abs=1e-4)
+        rgb = np.array([_rgb(b["color"]) for b in boxes], float)
+        visible = np.abs(values) > 0.05 * np.abs(values).max()  # tiny ones round to the white midpoint
+        pos, neg = visible & (values > 0), visible & (values < 0)
+        assert pos.any()
+        assert np.all(rgb[pos, 0] > rgb[pos, 2]) and np.all(rgb[neg, 2] > rgb[neg, 0])  # red +, blue -
+        # and each colour is the page's diverging scale at value / max|value| (white 0, red +1, blue -1)
+        np.testing.assert_allclose(rgb, _diverging(values / np.abs(values).max()), atol=1.01)
+        assert np.abs(rgb[np.argmax(np.abs(values))] - 247).sum() > 400  # the largest is a saturated end
+    # the gauge marks where the original model (scale 0) puts the same prompt; steering moved it
+    assert first["original"] == pytest.approx(second["projection"], rel=1e-4, abs=1e-4)
+    assert second["original"] == pytest.approx(second["projection"], rel=1e-6)
+    # the steering vector (alpha x unit direction) enters exactly at resid_pre of the steered layer
+    assert first["projection"] - first["original"] == pytest.approx(ALPHA, rel=1e-3)
+    assert re.match(r"unit 3: activation -?\d", result["hover_text"]), result["hover_text"]
+    assert first["info"]["layer"] == str(LAYER)
+    assert first["info"]["edit"] == "steer"
+    assert first["info"]["model"] == "tiny-qwen2"
+
+    # the bundle written with the page beside it runs without the repo's export/; with no bundle
+    # the page shows an error naming the missing file
+    copy, missing = result["also_load"]
+    assert copy["state"] == "ready", copy
+    assert missing["state"] == "error" and "config.json" in missing["error"], missing
+    assert screenshot.stat().st_size > 10_000
