@@ -487,15 +487,12 @@ def test_failure_leaves_nothing_behind(tiny_qwen2, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_page_files_are_copied_without_node_modules(tiny_qwen2, tmp_path):
-    page = tmp_path / "page"
-    (page / "node_modules/onnxruntime-web").mkdir(parents=True)
-    (page / "node_modules/onnxruntime-web/big.wasm").write_bytes(b"\0" * 10)
-    (page / "js").mkdir()
-    (page / "js/app.js").write_text("console.log('hi')")
-    (page / "index.html").write_text("<html></html>")
-    res = export_onnx(tiny_qwen2, tmp_path / "web", dtypes="fp32", page_dir=page)
-    assert (res.out_dir / "index.html").is_file() and (res.out_dir / "js/app.js").is_file()
+def test_page_and_runtime_are_copied_without_node_modules(tiny_qwen2, tmp_path):
+    from mlx_refusal.serve import PAGE_DIR
+
+    res = export_onnx(tiny_qwen2, tmp_path / "web", dtypes="fp32", page_dir=PAGE_DIR)
+    assert (res.out_dir / "index.html").is_file() and (res.out_dir / "app.js").is_file()
+    assert any((res.out_dir / "vendor").rglob("*.wasm"))  # the runtime travels with the bundle
     assert not (res.out_dir / "node_modules").exists()
     assert "index.html" in json.loads((res.out_dir / "export.json").read_text())["files"]
 

@@ -31,6 +31,7 @@ from .. import __version__
 from ..atomic import atomic_directory, check_replaceable
 from ..errors import UserError
 from ..loading import weight_fingerprint
+from ..serve import copy_page
 from .files import check_onnx
 from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder
 from .quantize import Q4_ACCURACY_LEVEL, Q4_BLOCK_SIZE, quantize_q4, quantize_q8
@@ -40,7 +41,6 @@ DTYPE_FILES = {"fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx", "q8": "onn
 DTYPES = tuple(DTYPE_FILES)
 EXPORT_RECORD = "export.json"
 STEERING_RECORD = "steering.json"
-PAGE_SKIP = {"node_modules", "__pycache__", "tests", "test"}
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -149,7 +149,7 @@ def export_onnx(
             (tmp / STEERING_RECORD).write_text(json.dumps(steering_record(src, act_layer), indent=1) + "\n")
         if page is not None:
             say(f"copying the page from {page}")
-            _copy_page(page, tmp)
+            copy_page(tmp, page_dir=page)
 
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size
@@ -298,16 +298,3 @@ def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, fil
         "outputs": outputs,
         "files": files,
     }
-
-
-def _copy_page(page: Path, out: Path) -> None:
-    for item in sorted(page.iterdir()):
-        if item.name.startswith(".") or item.name in PAGE_SKIP:
-            continue
-        target = out / item.name
-        if target.exists():
-            raise UserError(f"the page file {item.name} would overwrite the bundle's own; rename it in {page}")
-        if item.is_dir():
-            shutil.copytree(item, target, ignore=shutil.ignore_patterns(".*", *PAGE_SKIP))
-        elif item.is_file():
-            shutil.copy2(item, target)
