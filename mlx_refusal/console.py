@@ -46,7 +46,7 @@ def progress_bar(desc: str, total: int, unit: str = "prompt"):
     def update(n: int, tokens: int = 0):
         state["tokens"] += tokens
         rate = bar.format_dict.get("elapsed") or 0
-        if rate > 0:
+        if rate > 0 and state["tokens"]:
             bar.set_postfix_str(f"{state['tokens'] / rate:,.0f} tok/s", refresh=False)
         bar.update(n)
 

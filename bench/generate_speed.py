@@ -1,0 +1,113 @@
+"""Greedy generation speed of mlx_refusal.evaluate: one prompt at a time vs batched.
+
+By default it builds a random model shaped like Qwen2.5-0.5B (hidden 896, 24 layers, MLP 4864,
+14 query / 2 KV heads, vocabulary 151936, tied embeddings) in memory, so it needs no download;
+`--model SPEC` times a real model through `mlx_refusal.loading.load` instead. No end-of-sequence
+token is set for the random model, so every sequence runs the full --max-tokens.
+
+Usage: python bench/generate_speed.py [--prompts 16] [--max-tokens 32] [--batch 1 16] [--model SPEC]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+
+from mlx_refusal import evaluate
+
+QWEN05_SHAPE = dict(
+    model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+    num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=151936,
+    rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+)
+
+
+def random_model(layers: int, hidden: int, vocab: int):
+    from mlx_lm.models import qwen2
+
+    cfg = dict(QWEN05_SHAPE, num_hidden_layers=layers, vocab_size=vocab)
+    if hidden != 896:
+        cfg.update(hidden_size=hidden, intermediate_size=hidden * 11 // 2 // 64 * 64,
+                   num_attention_heads=max(2, hidden // 64), num_key_value_heads=2)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    return model, cfg
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    # Lengths of the bundled prompts under Qwen's chat template: 36-52 tokens.
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, vocab, size=int(rng.integers(36, 53))).tolist() for _ in range(n)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="time this model spec instead of a random Qwen2.5-0.5B-shaped one")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--shared", type=int, default=24,
+                    help="random model: leading tokens all prompts share (Qwen's system prompt + header: 24)")
+    args = ap.parse_args()
+
+    if args.model:
+        from mlx_refusal.loading import load
+
+        model, tokenizer, info = load(args.model)
+        from mlx_refusal.prompts import bundled
+
+        texts = bundled("harmless", "all").texts[: args.prompts]
+        ids = evaluate.encode_chat(tokenizer, texts)
+        print(f"model {info.spec}: {info.num_layers} layers, hidden {info.hidden_size}, {info.num_params / 1e6:.0f}M params")
+    else:
+        model, cfg = random_model(args.layers, args.hidden, args.vocab)
+        ids = prompt_ids(args.prompts, cfg["vocab_size"])
+        # the chat template's system prompt + user header, shared by every prompt
+        ids = [list(range(1000, 1000 + args.shared)) + i[args.shared:] for i in ids]
+        print(f"random qwen2: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}")
+    print(f"{len(ids)} prompts of {min(map(len, ids))}-{max(map(len, ids))} tokens, "
+          f"{args.max_tokens} new tokens each, float32 on {mlx_refusal.backend.device_name()}, "
+          f"BLAS: {mlx_refusal.backend.blas_status()}")
+
+    # warm-up (first calls compile kernels and fault in the weights)
+    evaluate.generate_tokens(model, ids[:2], max_tokens=2, batch_size=2)
+
+    rates = {}
+    for b in args.batch:
+        # batch 1 is slow: time it on a slice as long as two batches of the largest size would be
+        subset = ids if b > 1 else ids[: max(2, min(len(ids), 4))]
+        t = time.perf_counter()
+        evaluate.generate_tokens(model, subset, max_tokens=1, batch_size=b)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        out = evaluate.generate_tokens(model, subset, max_tokens=args.max_tokens, batch_size=b)
+        dt = time.perf_counter() - t
+        new = sum(map(len, out))
+        rates[b] = new / dt
+        print(f"batch {b:>3}: {len(subset)} prompts, {new} new tokens in {dt:6.2f} s = {new / dt:7.1f} tok/s "
+              f"(prefill alone {prefill:5.2f} s = {sum(map(len, subset)) / prefill:7.1f} prompt tok/s)")
+    # What the shared-prefix pass saves: first-token log-probs (prefill only) with and without it.
+    b = max(args.batch)
+    t = time.perf_counter()
+    evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
+    with_prefix = time.perf_counter() - t
+    saved, evaluate.MIN_SHARED_PREFIX = evaluate.MIN_SHARED_PREFIX, 10**9
+    t = time.perf_counter()
+    evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
+    without = time.perf_counter() - t
+    evaluate.MIN_SHARED_PREFIX = saved
+    print(f"prefill of {len(ids)} prompts at batch {b}: {with_prefix:.2f} s with the shared prefix run once, "
+          f"{without:.2f} s without ({without / with_prefix:.2f}x)")
+    if len(rates) > 1:
+        lo, hi = min(rates), max(rates)
+        print(f"speed-up batch {hi} vs batch {lo}: {rates[hi] / rates[lo]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Evaluation: greedy batched generation, first-token KL, refusal and coherence rates, reports.
+
+Batching. Prompts are sorted by token length and cut into batches, so a batch holds prompts of
+similar length and little is spent on padding. The tokens all prompts of a call start with (the
+system prompt and the user-turn header of the chat template: often half of each prompt) are run
+once; each batch copies their keys and values into one `BatchKVCache` per layer, runs the rest of
+its prompts right-padded, then rotates the padding to the front of each row, where the cache
+masks it. Every sequence keeps its own RoPE offset, so a padded sequence sees what it would see
+alone. Only the positions we read go through the output projection (vocabulary-sized: 136M
+multiply-adds per token on Qwen2.5-0.5B, as much as the rest of the model). Finished sequences
+are dropped from the batch.
+
+Greedy decoding is argmax, so batched and one-at-a-time runs give the same text unless two
+logits tie to within float32 rounding (different batch shapes round differently).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from . import arch
+from .errors import UserError
+from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
+from .template import encode_text, render
+
+Progress = Callable[[int, int], None]  # progress(done, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes on padded batches
+
+
+def eos_token_ids(tokenizer) -> set[int]:
+    """Every id that ends an answer: mlx_lm's wrapper merges generation_config's list with the
+    tokenizer's own eos token."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids:
+        return {int(i) for i in ids}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return set() if eos is None else {int(eos)}
+
+
+def encode_chat(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt as a user turn in the chat template, with the generation prompt."""
+    return [encode_text(tokenizer, render(tokenizer, p, system)) for p in prompts]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _output_projection(model):
+    """hidden -> logits, as the model's own __call__ applies it after the final norm."""
+    if hasattr(model, "lm_head"):
+        return model.lm_head
+    return arch.decoder(model).embed_tokens.as_linear
+
+
+def _logits_at(model, tokens: mx.array, cache: list, last: mx.array | None = None) -> mx.array:
+    """Logits [batch, vocab] at column `last[b]` of each row of `tokens` (default: the final
+    column), filling `cache`. Only those positions go through the output projection."""
+
+    def pick(x):
+        return x[:, -1, :] if last is None else x[mx.arange(x.shape[0]), last]
+
+    return _output_projection(model)(pick(arch.decoder(model)(tokens, cache=cache)))
+
+
+# Shorter shared prefixes are not worth a separate forward pass.
+MIN_SHARED_PREFIX = 4
+
+
+@dataclass
+class _Prefix:
+    """Keys and values of the tokens every prompt of a call starts with (system prompt, role
+    header), computed once and copied into each batch's cache."""
+
+    length: int
+    caches: list | None  # one KVCache per layer, batch 1; None when nothing is shared
+
+
+def _shared_prefix(model, prompt_ids: Sequence[Sequence[int]]) -> _Prefix:
+    if not prompt_ids:
+        return _Prefix(0, None)
+    first = prompt_ids[0]
+    # keep at least one token per prompt out of the prefix: its logits are the ones we need
+    n = min(len(ids) for ids in prompt_ids) - 1
+    for ids in prompt_ids[1:]:
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    if n < MIN_SHARED_PREFIX:
+        return _Prefix(0, None)
+    caches = [KVCache() for _ in arch.layers(model)]
+    arch.decoder(model)(mx.array([list(first[:n])], dtype=mx.int32), cache=caches)
+    mx.eval([a for c in caches for a in (c.keys, c.values)])
+    return _Prefix(n, caches)
+
+
+def _prefill(model, batch: list[list[int]], prefix: _Prefix, pad_id: int) -> tuple[mx.array, list]:
+    """Run prompts that start with `prefix`; returns last-token logits and per-layer caches.
+
+    The rest of each prompt is right-padded behind the shared prefix, so every real token sits at
+    its true position (causal attention never sees the padding behind it); `finalize` then
+    rotates the padding to the front of each row, where `BatchKVCache` masks it during decoding.
+    """
+    rest = [list(ids[prefix.length:]) for ids in batch]
+    lengths = [len(r) for r in rest]
+    width = max(lengths)
+    padding = [width - n for n in lengths]
+    tokens = mx.array([r + [pad_id] * p for r, p in zip(rest, padding)], dtype=mx.int32)
+    if prefix.caches is None:
+        cache = [BatchKVCache([0] * len(batch)) for _ in arch.layers(model)]
+    else:
+        cache = [BatchKVCache.merge([c] * len(batch)) for c in prefix.caches]
+    for c in cache:
+        c.prepare(right_padding=padding)
+    logits = _logits_at(model, tokens, cache, mx.array([n - 1 for n in lengths]))
+    for c in cache:
+        c.finalize()
+    return logits, cache
+
+
+def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1 (got {batch_size})")
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise UserError("a prompt encodes to no tokens; give every prompt some text")
+
+
+def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int],
+                  pad_id: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in batch]
+    logits, cache = _prefill(model, batch, prefix, pad_id)
+    token = mx.argmax(logits, axis=-1)
+    live = list(range(len(batch)))  # rows of `out` still generating, in cache order
+    while True:
+        mx.eval(token)
+        keep = []
+        for pos, (row, tok) in enumerate(zip(live, token.tolist())):
+            if tok in eos:
+                continue
+            out[row].append(tok)
+            if len(out[row]) < max_tokens:
+                keep.append(pos)
+        if not keep:
+            return out
+        if len(keep) < len(live):
+            # Drop finished sequences; the cache also trims padding no remaining row needs.
+            index = mx.array(keep)
+            for c in cache:
+                c.filter(index)
+            token = token[index]
+            live = [live[p] for p in keep]
+        logits = _logits_at(model, token[:, None], cache)
+        token = mx.argmax(logits, axis=-1)
+
+
+def generate_tokens(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    max_tokens: int = 64,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    batch_size: int = 16,
+    pad_id: int = 0,
+    progress: Progress | None = None,
+) -> list[list[int]]:
+    """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order."""
+    _check_nonempty(prompt_ids)
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    batches = _length_sorted_batches(prompt_ids, batch_size)
+    if max_tokens <= 0:
+        if progress:
+            progress(len(prompt_ids), len(prompt_ids))
+        return results
+    prefix = _shared_prefix(model, prompt_ids)
+    done = 0
+    for idx in batches:
+        batch = [list(prompt_ids[i]) for i in idx]
+        for i, ids in zip(idx, _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id)):
+            results[i] = ids
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    return results
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_tokens: int = 64,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy answers to `prompts` (user turns in the chat template), in input order."""
+    ids = generate_tokens(
+        model,
+        encode_chat(tokenizer, prompts, system),
+        max_tokens=max_tokens,
+        eos_ids=eos_token_ids(tokenizer),
+        batch_size=batch_size,
+        pad_id=_pad_id(tokenizer),
+        progress=progress,
+    )
+    return [tokenizer.decode(t) for t in ids]
+
+
+def first_token_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: Progress | None = None,
+) -> mx.array:
+    """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab]."""
+    prompt_ids = encode_chat(tokenizer, prompts, system)
+    _check_nonempty(prompt_ids)
+    rows: list[mx.array | None] = [None] * len(prompt_ids)
+    batches = _length_sorted_batches(prompt_ids, batch_size)
+    prefix = _shared_prefix(model, prompt_ids)
+    done = 0
+    for idx in batches:
+        logits, _ = _prefill(model, [prompt_ids[i] for i in idx], prefix, _pad_id(tokenizer))
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        mx.eval(logprobs)
+        for j, i in enumerate(idx):
+            rows[i] = logprobs[j]
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    if not rows:
+        return mx.zeros((0, 0))
+    return mx.stack(rows)
+
+
+def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:
+    """KL(base || model) per row, in nats, from log-probabilities [n, vocab]."""
+    if base_logprobs.shape != logprobs.shape:
+        raise UserError(
+            f"base and model distributions differ in shape {tuple(base_logprobs.shape)} vs "
+            f"{tuple(logprobs.shape)}; compare models that share a tokenizer and prompts"
+        )
+    p = mx.exp(base_logprobs)
+    # 0 * log 0 = 0: a token the base never emits contributes nothing, even at -inf.
+    terms = mx.where(p > 0, p * (base_logprobs - logprobs), 0.0)
+    # KL >= 0; float32 rounding can leave -1e-7 for identical distributions.
+    return mx.maximum(mx.sum(terms, axis=-1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass
+class Record:
+    set: str  # "harmful" or "harmless"
+    prompt: str
+    category: str
+    answer: str
+    refused: bool
+    coherent: bool
+    distinct3: float
+    max_4gram_repeats: int
+    kl: float | None = None  # first-token KL(base || model), harmless prompts with a base only
+
+
+@dataclass
+class CategoryStats:
+    n: int
+    refused: int
+    coherent: int
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refused / self.n if self.n else math.nan
+
+    @property
+    def coherence_rate(self) -> float:
+        return self.coherent / self.n if self.n else math.nan
+
+
+@dataclass
+class SetStats:
+    name: str
+    n: int
+    refusal_rate: float
+    coherence_rate: float
+    mean_distinct3: float
+    categories: dict[str, CategoryStats] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    harmful: SetStats
+    harmless: SetStats
+    kl_mean: float | None  # mean first-token KL(base || model) over harmless prompts
+    kl_max: float | None
+    records: list[Record]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def sets(self) -> list[SetStats]:
+        return [self.harmful, self.harmless]
+
+
+def _texts_and_categories(prompts) -> tuple[str, list[str], list[str]]:
+    """(name, texts, categories) of a PromptSet, or of a plain list of strings."""
+    if hasattr(prompts, "texts"):
+        return prompts.name, list(prompts.texts), list(prompts.categories)
+    texts = [str(p) for p in prompts]
+    return "", texts, [""] * len(texts)
+
+
+def _set_stats(name: str, records: list[Record]) -> SetStats:
+    n = len(records)
+    cats: dict[str, CategoryStats] = {}
+    for r in records:
+        c = cats.setdefault(r.category or "-", CategoryStats(0, 0, 0))
+        c.n += 1
+        c.refused += r.refused
+        c.coherent += r.coherent
+    return SetStats(
+        name=name,
+        n=n,
+        refusal_rate=sum(r.refused for r in records) / n if n else math.nan,
+        coherence_rate=sum(r.coherent for r in records) / n if n else math.nan,
+        mean_distinct3=sum(r.distinct3 for r in records) / n if n else math.nan,
+        categories=dict(sorted(cats.items())),
+    )
+
+
+def evaluate(
+    model,
+    tokenizer,
+    harmful,
+    harmless,
+    base=None,
+    max_tokens: int = 64,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    system: str | None = None,
+) -> EvalReport:
+    """Generate answers to both sets and judge them; with `base` (a (model, tokenizer) pair, or
+    base log-probabilities [n_harmless, vocab] from `first_token_logprobs`), also the
+    first-token KL(base || model) on the harmless prompts.
+
+    `harmful` / `harmless` are PromptSets (or lists of strings). `progress(done, total)` counts
+    prompts through each pass: two generations, and one or two first-token passes.
+    """
+    h_name, h_texts, h_cats = _texts_and_categories(harmful)
+    s_name, s_texts, s_cats = _texts_and_categories(harmless)
+    base_passes = 0 if base is None else (1 if isinstance(base, mx.array) else 2)
+    total = len(h_texts) + len(s_texts) + base_passes * len(s_texts)
+    offset = 0
+
+    def stage() -> Progress | None:
+        start = offset
+        return (lambda d, _t: progress(start + d, total)) if progress else None
+
+    answers = {}
+    for name, texts in (("harmful", h_texts), ("harmless", s_texts)):
+        answers[name] = generate(model, tokenizer, texts, max_tokens, batch_size, system, stage())
+        offset += len(texts)
+
+    kls: list[float | None] = [None] * len(s_texts)
+    if base is not None and s_texts:
+        if isinstance(base, mx.array):
+            base_lp = base
+        else:
+            base_model, base_tok = base
+            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system, stage())
+            offset += len(s_texts)
+        if base_lp.shape[0] != len(s_texts):
+            raise UserError(
+                f"base log-probabilities have {base_lp.shape[0]} rows for {len(s_texts)} harmless "
+                "prompts; compute them on the same prompts"
+            )
+        lp = first_token_logprobs(model, tokenizer, s_texts, batch_size, system, stage())
+        kls = [float(x) for x in kl_divergence(base_lp, lp).tolist()]
+
+    records = []
+    for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
+        for i, (text, cat, answer) in enumerate(zip(texts, cats, answers[name])):
+            c = coherence(answer)
+            records.append(Record(
+                set=name, prompt=text, category=cat, answer=answer, refused=is_refusal(answer),
+                coherent=c.coherent, distinct3=c.distinct3, max_4gram_repeats=c.max_4gram_repeats,
+                kl=kls[i] if name == "harmless" else None,
+            ))
+    present = [k for k in kls if k is not None]
+    return EvalReport(
+        harmful=_set_stats(h_name or "harmful", [r for r in records if r.set == "harmful"]),
+        harmless=_set_stats(s_name or "harmless", [r for r in records if r.set == "harmless"]),
+        kl_mean=sum(present) / len(present) if present else None,
+        kl_max=max(present) if present else None,
+        records=records,
+        settings={
+            "max_tokens": max_tokens,
+            "batch_size": batch_size,
+            "system": system,
+            "decoding": "greedy",
+            "judge": {
+                "window_chars": JUDGE_WINDOW,
+                "markers": list(REFUSAL_MARKERS),
+                "min_distinct3": MIN_DISTINCT3,
+                "max_4gram_repeats": MAX_4GRAM_REPEATS,
+            },
+        },
+    )
+
+
+def _jsonable(x: float | None):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def report_json(report: EvalReport) -> dict:
+    """Plain JSON-ready dict: settings, per-set and per-category rates, KL, every record."""
+    sets = {}
+    for key, s in (("harmful", report.harmful), ("harmless", report.harmless)):
+        sets[key] = {
+            "name": s.name,
+            "n": s.n,
+            "refusal_rate": _jsonable(s.refusal_rate),
+            "coherence_rate": _jsonable(s.coherence_rate),
+            "mean_distinct3": _jsonable(s.mean_distinct3),
+            "categories": {
+                c: {"n": v.n, "refused": v.refused, "refusal_rate": _jsonable(v.refusal_rate),
+                    "coherence_rate": _jsonable(v.coherence_rate)}
+                for c, v in s.categories.items()
+            },
+        }
+    return {
+        "settings": report.settings,
+        "sets": sets,
+        "first_token_kl": None if report.kl_mean is None else {"mean": report.kl_mean, "max": report.kl_max},
+        "records": [asdict(r) for r in report.records],
+    }
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _cell(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    return text.replace("|", "\\|")
+
+
+def report_markdown(report: EvalReport, title: str = "Evaluation") -> str:
+    """A Markdown page: summary table, per-category table, KL, then every answer."""
+    lines = [f"# {title}", ""]
+    s = report.settings
+    lines += [
+        f"Greedy decoding, {s.get('max_tokens')} new tokens at most. A refusal is an empty answer or "
+        f"one whose first {s.get('judge', {}).get('window_chars', JUDGE_WINDOW)} normalised characters "
+        "contain a refusal marker; coherent = not empty, distinct word-3-gram ratio "
+        f">= {MIN_DISTINCT3}, no word 4-gram more than {MAX_4GRAM_REPEATS} times.",
+        "",
+        "| set | prompts | refused | coherent | mean distinct-3 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
+        lines.append(f"| {key} | {st.n} | {_pct(st.refusal_rate)} | {_pct(st.coherence_rate)} | "
+                     f"{'-' if math.isnan(st.mean_distinct3) else f'{st.mean_distinct3:.3f}'} |")
+    lines.append("")
+    if report.kl_mean is not None:
+        lines += [f"First-token KL(base || model) on harmless prompts: mean {report.kl_mean:.4f}, "
+                  f"max {report.kl_max:.4f} nats.", ""]
+    lines += ["## By category", "", "| set | category | prompts | refused | coherent |", "|---|---|---:|---:|---:|"]
+    for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
+        for cat, c in st.categories.items():
+            lines.append(f"| {key} | {_cell(cat, 60)} | {c.n} | {_pct(c.refusal_rate)} | {_pct(c.coherence_rate)} |")
+    lines += ["", "## Answers", "", "| set | category | prompt | answer | refused | coherent |",
+              "|---|---|---|---|---|---|"]
+    for r in report.records:
+        lines.append(f"| {r.set} | {_cell(r.category, 40)} | {_cell(r.prompt, 120)} | {_cell(r.answer)} | "
+                     f"{'yes' if r.refused else 'no'} | {'yes' if r.coherent else 'no'} |")
+    return "\n".join(lines) + "\n"
