@@ -30,7 +30,8 @@ from mlx_lm.models.cache import KVCache
 from . import arch
 from .errors import UserError
 from .interventions import hooked_layers
-from .template import Encoded, encode_prompts, shared_prefix_len
+from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
+from .template import Encoded, encode_prompts
 
 CACHE_FORMAT = 1
 
@@ -69,32 +70,18 @@ def record_residuals(model, sink: Callable[[int, mx.array], None]):
         yield
 
 
-def _prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]] | None:
-    if not prefix:
-        return None
-    caches = [KVCache() for _ in arch.layers(model)]
-    arch.decoder(model)(mx.array([prefix]), cache=caches)
-    kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in caches]
-    mx.eval(kv)
-    return kv
-
-
-def _batch_cache(prefix_kv, batch: int) -> list[KVCache] | None:
-    if prefix_kv is None:
+def _batch_cache(prefix: list[KVCache] | None, batch: int) -> list[KVCache] | None:
+    """Fresh caches holding the shared prefix `batch` times (no copy of the prefix is modified)."""
+    if prefix is None:
         return None
     out = []
-    for k, v in prefix_kv:
+    for p in prefix:
         c = KVCache()
-        c.keys = mx.repeat(k, batch, axis=0)
-        c.values = mx.repeat(v, batch, axis=0)
-        c.offset = k.shape[2]
+        c.keys = mx.repeat(p.keys[..., : p.offset, :], batch, axis=0)
+        c.values = mx.repeat(p.values[..., : p.offset, :], batch, axis=0)
+        c.offset = p.offset
         out.append(c)
     return out
-
-
-def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def capture_encoded(
@@ -110,8 +97,8 @@ def capture_encoded(
         raise UserError("no prompts to capture")
     n_layers, hidden = arch.num_layers(model), arch.hidden_size(model)
     n_sites = n_layers + 1
-    P = shared_prefix_len(encoded)
-    prefix_kv = _prefix_cache(model, encoded[0].ids[:P])
+    P = shared_prefix_len([e.ids for e in encoded], [e.num_positions for e in encoded])
+    prefix_kv = prefix_caches(model, encoded[0].ids[:P])
 
     total = np.zeros((n_sites, hidden), np.float64)
     norm_total = np.zeros(n_sites, np.float64)
@@ -119,7 +106,7 @@ def capture_encoded(
     tokens = padded = 0
 
     suffixes = [e.ids[P:] for e in encoded]
-    for batch in _length_batches([len(s) for s in suffixes], batch_size):
+    for batch in length_sorted_batches([len(s) for s in suffixes], batch_size):
         width = max(len(suffixes[i]) for i in batch)
         ids = np.zeros((len(batch), width), np.int32)
         for r, i in enumerate(batch):

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache
 
 from . import arch
+from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .errors import UserError
 from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
 from .template import encode_text, render
@@ -71,10 +72,6 @@ def _logits_at(model, tokens: mx.array, cache: list, last: mx.array | None = Non
     return _output_projection(model)(pick(arch.decoder(model)(tokens, cache=cache)))
 
 
-# Shorter shared prefixes are not worth a separate forward pass.
-MIN_SHARED_PREFIX = 4
-
-
 @dataclass
 class _Prefix:
     """Keys and values of the tokens every prompt of a call starts with (system prompt, role
@@ -85,22 +82,9 @@ class _Prefix:
 
 
 def _shared_prefix(model, prompt_ids: Sequence[Sequence[int]]) -> _Prefix:
-    if not prompt_ids:
-        return _Prefix(0, None)
-    first = prompt_ids[0]
     # keep at least one token per prompt out of the prefix: its logits are the ones we need
-    n = min(len(ids) for ids in prompt_ids) - 1
-    for ids in prompt_ids[1:]:
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
-    if n < MIN_SHARED_PREFIX:
-        return _Prefix(0, None)
-    caches = [KVCache() for _ in arch.layers(model)]
-    arch.decoder(model)(mx.array([list(first[:n])], dtype=mx.int32), cache=caches)
-    mx.eval([a for c in caches for a in (c.keys, c.values)])
-    return _Prefix(n, caches)
+    n = shared_prefix_len(prompt_ids, keep=1)
+    return _Prefix(n, prefix_caches(model, prompt_ids[0][:n]) if n else None)
 
 
 def _prefill(model, batch: list[list[int]], prefix: _Prefix, pad_id: int) -> tuple[mx.array, list]:
@@ -125,13 +109,6 @@ def _prefill(model, batch: list[list[int]], prefix: _Prefix, pad_id: int) -> tup
     for c in cache:
         c.finalize()
     return logits, cache
-
-
-def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1 (got {batch_size})")
-    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
@@ -179,7 +156,7 @@ def generate_tokens(
     """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order."""
     _check_nonempty(prompt_ids)
     results: list[list[int]] = [[] for _ in prompt_ids]
-    batches = _length_sorted_batches(prompt_ids, batch_size)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     if max_tokens <= 0:
         if progress:
             progress(len(prompt_ids), len(prompt_ids))
@@ -230,7 +207,7 @@ def first_token_logprobs(
     prompt_ids = encode_chat(tokenizer, prompts, system)
     _check_nonempty(prompt_ids)
     rows: list[mx.array | None] = [None] * len(prompt_ids)
-    batches = _length_sorted_batches(prompt_ids, batch_size)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     prefix = _shared_prefix(model, prompt_ids)
     done = 0
     for idx in batches:

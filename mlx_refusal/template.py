@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .batching import common_prefix_len
 from .errors import UserError
 
 POSITIONS = ("last", "post-instruction")
@@ -33,15 +34,6 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def post_instruction_count(tokenizer, system: str | None = None) -> int:
     """How many tokens the template places after the user's text (same for every prompt)."""
     probe = "Name three colours of the rainbow."
@@ -51,7 +43,7 @@ def post_instruction_count(tokenizer, system: str | None = None) -> int:
         raise UserError("the chat template does not contain the user's text verbatim; use --positions last")
     full = encode_text(tokenizer, text)
     head = encode_text(tokenizer, text[: cut + len(probe)])
-    n = len(full) - _common_prefix_len(head, full)
+    n = len(full) - common_prefix_len(head, full)
     if n <= 0:
         raise UserError("the chat template adds nothing after the user's text; use --positions last")
     return n
@@ -62,14 +54,3 @@ def encode_prompts(tokenizer, instructions: list[str], positions: str = "last", 
         raise UserError(f"unknown positions '{positions}'; choose one of: {', '.join(POSITIONS)}")
     npos = 1 if positions == "last" else post_instruction_count(tokenizer, system)
     return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)), npos) for p in instructions]
-
-
-def shared_prefix_len(encoded: list[Encoded]) -> int:
-    """Tokens every prompt starts with (system prompt, role header), minus any that are captured."""
-    if not encoded:
-        return 0
-    first = encoded[0].ids
-    n = len(first)
-    for e in encoded[1:]:
-        n = min(n, _common_prefix_len(first, e.ids))
-    return max(0, min([n] + [len(e.ids) - e.num_positions for e in encoded]))

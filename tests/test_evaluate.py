@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm import load as mlx_load
 
+from mlx_refusal import batching
 from mlx_refusal import evaluate as ev
 from mlx_refusal.errors import UserError
 from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker
@@ -221,7 +222,7 @@ def test_shared_prefix_is_the_common_template_head_and_changes_nothing(qwen2, mo
     assert len({i[prefix.length] for i in ids}) > 1  # the first token after it differs somewhere
     shared = ev.generate_tokens(model, ids, max_tokens=10, batch_size=4)
     shared_lp = ev.first_token_logprobs(model, tok, PROMPTS, batch_size=4)
-    monkeypatch.setattr(ev, "MIN_SHARED_PREFIX", 10**9)  # run every prompt whole
+    monkeypatch.setattr(batching, "MIN_SHARED_PREFIX", 10**9)  # run every prompt whole
     assert ev._shared_prefix(model, ids).length == 0
     assert ev.generate_tokens(model, ids, max_tokens=10, batch_size=4) == shared
     np.testing.assert_allclose(np.array(ev.first_token_logprobs(model, tok, PROMPTS, batch_size=4)),
