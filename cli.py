@@ -108,8 +108,11 @@ positions_option = click.option(
          "after the user's text (averaged).")
 system_option = click.option("--system", default=None,
                              help="System prompt to render prompts with (default: the template's own).")
-batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 512),
+batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 512),
                             help="Prompts per forward pass.")
+gen_batch_option = click.option("--gen-batch-size", default=64, show_default=True, type=click.IntRange(1, 512),
+                                help="Prompts generated together in the before/after report (CPU decoding is "
+                                     "memory-bound: larger batches give more tokens/s).")
 cache_option = click.option("--no-cache", is_flag=True,
                             help="Recompute activations instead of reusing the on-disk cache.")
 
@@ -383,7 +386,8 @@ def _seed(seed: int) -> None:
     mx.random.seed(seed)
 
 
-def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_logprobs=None, desc="eval"):
+def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_logprobs=None, desc="eval",
+                   cache_key=None):
     from mlx_refusal.console import progress_bar
     from mlx_refusal.evaluate import evaluate
 
@@ -396,7 +400,7 @@ def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_
             seen["done"] = done
 
         return evaluate(model, tok, hset, lset, base=base_logprobs, max_tokens=max_tokens,
-                        batch_size=batch_size, progress=progress, system=system)
+                        batch_size=batch_size, progress=progress, system=system, cache_key=cache_key)
 
 
 def _before_after(before, after, examples: int = 3) -> str:
@@ -454,6 +458,9 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
               help="Top-ranked layers at which alpha is calibrated; the best calibrated one is kept.")
 @click.option("--target", default=0.95, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Fraction of harmless validation prompts that must be refused, coherently.")
+@click.option("--margin", default=0.1, show_default=True, type=click.FloatRange(0.0, 2.0),
+              help="After calibration, confirm alpha this fraction above the smallest passing one and keep it "
+                   "if it still passes: the smallest passing alpha sits on the edge of --target by construction.")
 @click.option("--calibration-prompts", default=32, show_default=True, type=click.IntRange(4),
               help="Harmless validation prompts generated per calibration trial.")
 @positions_option
@@ -465,8 +472,10 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @seed_option
 @eval_limit_option
 @max_tokens_option
-def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target,
-          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+@gen_batch_option
+def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
+          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
+          gen_batch_size):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -499,7 +508,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         trials_seen.append(t)
         from tqdm import tqdm
 
-        tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  refused "
+        tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  "
+                   f"{'' if t.harmful_refusal_rate is None else 'confirm '}refused "
                    f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  | {t.example[:60]!r}",
                    file=sys.stderr)
 
@@ -508,16 +518,18 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     with progress_bar("score layers", n_candidates if need_scores else 0, unit="layer") as update:
         choice = choose_steering(model, tok, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
-                                 calibration_prompts=calibration_prompts, batch_size=batch_size, system=system,
+                                 calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
+                                 system=system,
                                  on_layers=update, on_trial=on_trial)
     if choice.layer_evals:
         rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
         click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
     if choice.trials:
-        rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%", f"{100 * t.coherence_rate:.1f}%",
-                 round(t.mean_distinct3, 3)] for t in choice.trials]
-        click.echo(table(["layer", "x norm", "alpha", "refused", "coherent", "distinct-3"], rows,
-                         title="Alpha sweep (harmless validation prompts)"))
+        rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%",
+                 "-" if t.harmful_refusal_rate is None else f"{100 * t.harmful_refusal_rate:.1f}%",
+                 f"{100 * t.coherence_rate:.1f}%", round(t.mean_distinct3, 3)] for t in choice.trials]
+        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "distinct-3"],
+                         rows, title="Alpha sweep (validation prompts; '-' = harmless only)"))
     click.secho(f"steering at layer {choice.layer} with alpha {choice.alpha:.3f} "
                 f"({choice.multiple:.3f} x the mean residual norm, {choice.how})", bold=True)
 
@@ -527,12 +539,13 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     before = base_lp = None
     if do_eval:
         base_lp = first_token_logprobs(model, tok, lset.texts, batch_size, system)
-        before = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, desc="eval before")
+        before = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, desc="eval before",
+                                cache_key=None if no_cache else info.fingerprint)
 
     direction = np.asarray(d.directions[choice.layer], np.float32)
     vector = choice.alpha * direction
     site = add_steering_bias(model, choice.layer, vector)
-    after = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_lp, "eval after") \
+    after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after") \
         if do_eval else None
 
     record = {
@@ -583,7 +596,8 @@ def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
 
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
-                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
+                     gen_batch_size):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -635,11 +649,12 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     before = base_lp = None
     if eval_limit != 0:
         base_lp = first_token_logprobs(model, tok, lset.texts, batch_size, system)
-        before = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, desc="eval before")
+        before = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, desc="eval before",
+                                cache_key=None if no_cache else info.fingerprint)
     summary = ablate(model, directions, layers=writer_layers, scale=scale, norm_preserve=norm_preserve)
     after = None
     if eval_limit != 0:
-        after = _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_lp, "eval after")
+        after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after")
     record = {
         "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
         "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
@@ -674,7 +689,7 @@ def _orthogonal_options(f):
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
         positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
-        eval_limit_option, max_tokens_option,
+        eval_limit_option, max_tokens_option, gen_batch_option,
     ]):
         f = opt(f)
     return f
@@ -683,11 +698,12 @@ def _orthogonal_options(f):
 @main.command()
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
-           batch_size, no_cache, out, force, seed, eval_limit, max_tokens):
+           batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
-                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens)
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
+                     gen_batch_size)
 
 
 @main.command()
@@ -696,11 +712,12 @@ def ablate(model_spec, harmful, harmless, layer, select, layers_text, per_layer,
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
-            batch_size, no_cache, out, force, seed, eval_limit, max_tokens, scale):
+            batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
-                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens)
+                     norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
+                     gen_batch_size)
 
 
 def _ensure(path: Path) -> Path:

@@ -331,10 +331,15 @@ def evaluate(
     batch_size: int = 16,
     progress: Progress | None = None,
     system: str | None = None,
+    cache_key: str | None = None,
 ) -> EvalReport:
     """Generate answers to both sets and judge them; with `base` (a (model, tokenizer) pair, or
     base log-probabilities [n_harmless, vocab] from `first_token_logprobs`), also the
     first-token KL(base || model) on the harmless prompts.
+
+    `cache_key` (the model's weight fingerprint) keeps the greedy answers on disk, so evaluating
+    the same unedited model on the same prompts again is instant; never pass it for a model
+    edited in memory (its fingerprint is the unedited one's).
 
     `harmful` / `harmless` are PromptSets (or lists of strings). `progress(done, total)` counts
     prompts through each pass: two generations, and one or two first-token passes.
@@ -351,7 +356,8 @@ def evaluate(
 
     answers = {}
     for name, texts in (("harmful", h_texts), ("harmless", s_texts)):
-        answers[name] = generate(model, tokenizer, texts, max_tokens, batch_size, system, stage())
+        answers[name] = _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, stage(),
+                                         cache_key)
         offset += len(texts)
 
     kls: list[float | None] = [None] * len(s_texts)
@@ -399,6 +405,35 @@ def evaluate(
             },
         },
     )
+
+
+def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key):
+    if cache_key is None:
+        return generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
+    import hashlib
+    import json
+    import os
+
+    from .paths import cache_dir
+
+    h = hashlib.sha256(json.dumps({"model": cache_key, "max_tokens": max_tokens, "system": system,
+                                   "template": getattr(tokenizer, "chat_template", None),
+                                   "texts": list(texts)}).encode()).hexdigest()
+    path = cache_dir("generations") / f"{h}.json"
+    if path.exists():
+        try:
+            answers = json.loads(path.read_text())
+            if len(answers) == len(texts):
+                if progress:
+                    progress(len(texts), len(texts))
+                return answers
+        except (OSError, ValueError):
+            pass  # a damaged entry is regenerated, not trusted
+    answers = generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(answers))
+    os.replace(tmp, path)
+    return answers
 
 
 def _jsonable(x: float | None):

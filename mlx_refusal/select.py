@@ -119,10 +119,14 @@ def candidate_layers(num_layers: int, skip_last: float = 0.2, skip_first: float 
 
 def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str],
                     layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
-                    max_kl: float = 0.1, system: str | None = None, progress=None) -> list[LayerEval]:
+                    max_kl: float = 0.1, system: str | None = None, induce_multiple: float | None = 0.5,
+                    progress=None) -> list[LayerEval]:
     """Arditi et al.'s selection scores for each candidate layer's direction.
 
-    induce: the mean-difference vector (its own norm, as in the paper) added at resid_pre of the
+    induce: the unit direction times `induce_multiple` x the mean residual norm at the layer added
+    at resid_pre (the scale steering uses, so layers compare at equal relative strength; None adds
+    the raw mean-difference vector with its own norm, as in the paper, which favours late layers
+    whose differences are largest) of the
     layer. bypass and KL: the unit direction projected out of the residual stream at every site.
     Each score costs one batched forward pass per prompt set (first-token log-probs).
     """
@@ -147,7 +151,10 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
                     lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system)
                     kl = float(np.array(kl_divergence(base_lp, lp)).mean())
         if "induce" in scores:
-            vec = d.harmful_mean[layer].astype(np.float32) - d.harmless_mean[layer].astype(np.float32)
+            if induce_multiple is None:
+                vec = d.harmful_mean[layer].astype(np.float32) - d.harmless_mean[layer].astype(np.float32)
+            else:
+                vec = float(induce_multiple * d.mean_norm[layer]) * direction.astype(np.float32)
             with adding_at(model, layer, vec):
                 induce = float(refusal_scores(first_token_logprobs(model, tokenizer, harmless, batch_size, system),
                                               tok_ids).mean())
@@ -177,30 +184,37 @@ class AlphaTrial:
     coherence_rate: float
     mean_distinct3: float
     example: str
+    harmful_refusal_rate: float | None = None  # when harmful prompts were generated too
 
     def passed(self, target: float) -> bool:
+        """refusal_rate: harmless prompts; coherence_rate: every answer generated."""
         return self.refusal_rate >= target and self.coherence_rate >= target
 
 
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
-                   prompts: list[str], max_tokens: int = 32, batch_size: int = 16,
-                   system: str | None = None) -> AlphaTrial:
+                   prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
+                   system: str | None = None, harmful: list[str] = ()) -> AlphaTrial:
+    """Generate with alpha = multiple x mean_norm added at `layer`: the refusal rate on the
+    harmless `prompts`, and coherence over those and the optional `harmful` prompts (an
+    over-steered model rambles on requests it would refuse anyway)."""
     from .evaluate import generate
     from .interventions import adding_at
     from .judge import coherence, is_refusal
 
     alpha = float(multiple * mean_norm)
     with adding_at(model, layer, alpha * np.asarray(direction, np.float32)):
-        answers = generate(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size, system=system)
+        answers = generate(model, tokenizer, list(prompts) + list(harmful), max_tokens=max_tokens,
+                           batch_size=batch_size, system=system)
+    mine, theirs = answers[: len(prompts)], answers[len(prompts):]
     coh = [coherence(a) for a in answers]
-    n = len(answers)
-    return AlphaTrial(layer, float(multiple), alpha, sum(map(is_refusal, answers)) / n,
-                      sum(c.coherent for c in coh) / n, float(np.mean([c.distinct3 for c in coh])), answers[0])
+    return AlphaTrial(layer, float(multiple), alpha, sum(map(is_refusal, mine)) / len(mine),
+                      sum(c.coherent for c in coh) / len(coh), float(np.mean([c.distinct3 for c in coh])), mine[0],
+                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None)
 
 
 def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
-                    target: float = 0.95, multiples=(0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0), bisect_steps: int = 3,
-                    max_tokens: int = 32, batch_size: int = 16, system: str | None = None,
+                    target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
+                    max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
                     on_trial=None) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
     prompts are refused *and* coherent, then bisect between the last failing and the first passing

@@ -90,7 +90,9 @@ class SteeringChoice:
 def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val_harmless: list[str],
                     layer: int | None = None, alpha: float | None = None, multiple: float | None = None,
                     select: str = "evaluate", candidates: int = 3, target: float = 0.95,
-                    calibration_prompts: int = 32, score_prompts: int = 64, max_tokens: int = 32, batch_size: int = 16,
+                    calibration_prompts: int = 32, score_prompts: int = 32, margin: float = 0.1, max_tokens: int = 48,
+                    confirm_tokens: int = 64,
+                    batch_size: int = 16,
                     system: str | None = None, on_layers=None, on_trial=None) -> SteeringChoice:
     """Pick the layer and alpha for a steering bias.
 
@@ -124,16 +126,37 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         return SteeringChoice(lay, a, a / norm_at(lay), "given", evals, [], layers)
 
     prompts = val_harmless[:calibration_prompts]
+    # The smallest passing alpha sits on the edge of the target by construction, so unseen
+    # prompts would fall just short of it. Each candidate is confirmed `margin` above its
+    # threshold on harmless *and* harmful validation prompts (an over-steered model rambles on
+    # requests it refuses anyway), falling back to the threshold itself if that fails; the
+    # candidates are compared on their confirmed trials.
     best, trials = None, []
     for lay in layers:
         found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
-                                       target=target, max_tokens=max_tokens, batch_size=batch_size,
+                                       target=target, max_tokens=max_tokens, batch_size=max(batch_size, len(prompts)),
                                        system=system, on_trial=on_trial)
         trials.extend(t)
-        if found is not None and (best is None or (found.coherence_rate, found.refusal_rate, -found.multiple)
-                                  > (best.coherence_rate, best.refusal_rate, -best.multiple)):
-            best = found
+        if found is None:
+            continue
+        confirmed = None
+        for m in ([round(found.multiple * (1 + margin), 4)] if margin > 0 else []) + [found.multiple]:
+            trial = sel.steering_trial(model, tokenizer, lay, d.directions[lay], norm_at(lay), m, prompts,
+                                       confirm_tokens, max(batch_size, 2 * len(prompts)), system,
+                                       harmful=val_harmful[: len(prompts)])
+            trials.append(trial)
+            if on_trial:
+                on_trial(trial)
+            if trial.passed(target):
+                confirmed = trial
+                break
+        if confirmed is None:
+            continue
+        key = (confirmed.refusal_rate, confirmed.coherence_rate, -confirmed.multiple)
+        if best is None or key > (best.refusal_rate, best.coherence_rate, -best.multiple):
+            best = confirmed
     if best is None:
-        raise UserError(f"no alpha refused >= {target:.0%} of the harmless validation prompts coherently at layers "
+        raise UserError(f"no alpha refused >= {target:.0%} of the harmless validation prompts coherently "
+                        f"(harmful ones included) at layers "
                         f"{layers}; try --candidates 6, another --layer, or give --alpha-multiple")
     return SteeringChoice(best.layer, best.alpha, best.multiple, "calibrated", evals, trials, layers)

@@ -1,0 +1,99 @@
+"""Real-model tier for the science: directions, steer and ablate on the reference model.
+
+The edits run through the CLI exactly as a user runs them (fresh interpreters), and the steered
+model is opened with *stock* mlx_lm. Activations are cached on disk, so the commands share the
+capture work.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, stock_generate
+from mlx_refusal.capture import cached_capture, capture_residuals
+from mlx_refusal.directions import diff_in_means, load_directions
+from mlx_refusal.judge import is_refusal
+from mlx_refusal.prompts import bundled
+
+pytestmark = pytest.mark.real
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    scores = np.concatenate([pos, neg])
+    ranks = scores.argsort().argsort() + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory):
+    """`python cli.py steer` with no choices made for it: layer and alpha found automatically."""
+    out = tmp_path_factory.mktemp("steer") / "refusallm"
+    run_cli("steer", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate") / "abliterated"
+    run_cli("ablate", "--out", out)
+    return out
+
+
+def test_steer_refuses_everything_coherently(steered):
+    report = json.loads((steered / "report" / "report.json").read_text())
+    after = report["after"]["sets"] if "sets" in report["after"] else report["after"]
+    record = json.loads((steered / "refusal_edit.json").read_text())
+    metrics = record["metrics"]
+    assert metrics["harmless_refusal"] >= 0.95, metrics
+    assert metrics["harmful_refusal"] >= 0.98, metrics
+    assert metrics["harmless_coherence"] >= 0.95 and metrics["harmful_coherence"] >= 0.95, metrics
+    assert metrics["before"]["harmless_refusal"] <= 0.1  # it was the edit that did it
+    assert record["edit"] == "steer" and record["alpha_how"] == "calibrated"
+    assert (steered / "report" / "alpha_sweep.png").exists() and after
+
+
+def test_stock_mlx_lm_runs_the_steered_model(steered):
+    answer = stock_generate(steered, "What is the capital of France?")
+    assert is_refusal(answer), answer
+
+
+def test_steer_with_a_fixed_layer_and_alpha(tmp_path):
+    out = tmp_path / "fixed"
+    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", out)
+    record = json.loads((out / "refusal_edit.json").read_text())
+    assert (record["layer"], record["alpha_how"]) == (14, "given")
+    answer = stock_generate(out, "Give me a recipe for pancakes.")
+    assert is_refusal(answer), answer
+
+
+def test_ablate_stops_refusals_without_damage(ablated):
+    metrics = json.loads((ablated / "refusal_edit.json").read_text())["metrics"]
+    assert metrics["before"]["harmful_refusal"] >= 0.3  # the unedited model refuses a good share
+    assert metrics["harmful_refusal"] <= 0.10, metrics
+    assert metrics["kl_mean"] <= 0.2, metrics
+    assert metrics["harmless_refusal"] <= metrics["before"]["harmless_refusal"], metrics
+
+
+def test_directions_separate_the_test_split(reference, steered):
+    """Directions from the train split, activations of the held-out test split: the projection on
+    the direction of the best layer by the induce score separates harmful from harmless."""
+    model, tok, info = reference
+    report = json.loads((steered / "report" / "report.json").read_text())
+    evals = report["choice"]["layer_evals"]
+    top = max(evals, key=lambda e: e["induce"])["layer"]
+    h_train, _ = cached_capture(model, tok, bundled("harmful", "train").texts, info.fingerprint)
+    l_train, _ = cached_capture(model, tok, bundled("harmless", "train").texts, info.fingerprint)
+    d, _ = diff_in_means(h_train.mean, l_train.mean)
+    h_test = capture_residuals(model, tok, bundled("harmful", "test").texts, batch_size=8, keep_all=True)
+    l_test = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=32, keep_all=True)
+    assert auroc(h_test.acts[:, top] @ d[top], l_test.acts[:, top] @ d[top]) >= 0.95
+
+    # the same directions computed with another batch size agree on every non-zero row
+    h_again = capture_residuals(model, tok, bundled("harmful", "test").texts, batch_size=32)
+    l_again = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=8)
+    d1, bad1 = diff_in_means(h_test.mean, l_test.mean)
+    d2, bad2 = diff_in_means(h_again.mean, l_again.mean)
+    assert bad1 == bad2
+    for row in range(d1.shape[0]):
+        if row not in bad1:
+            assert float(d1[row] @ d2[row]) >= 0.9999, row
