@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli, stock_generate
 from mlx_refusal.capture import cached_capture, capture_residuals
-from mlx_refusal.directions import diff_in_means, load_directions
+from mlx_refusal.directions import diff_in_means
 from mlx_refusal.judge import is_refusal
 from mlx_refusal.prompts import bundled
 
@@ -75,22 +75,34 @@ def test_ablate_stops_refusals_without_damage(ablated):
 
 
 def test_directions_separate_the_test_split(reference, steered):
-    """Directions from the train split, activations of the held-out test split: the projection on
-    the direction of the best layer by the induce score separates harmful from harmless."""
+    """Directions from the train split, activations of the held-out test split.
+
+    The layer is chosen on the *validation* split (best harmful/harmless separation there) and
+    judged on the test split; the layer `steer` picked must separate well too. (FailSpy's
+    heuristic ranks an early layer first on this model, whose separation is weaker: see the note
+    on issue #3.)
+    """
     model, tok, info = reference
-    report = json.loads((steered / "report" / "report.json").read_text())
-    evals = report["choice"]["layer_evals"]
-    top = max(evals, key=lambda e: e["induce"])["layer"]
     h_train, _ = cached_capture(model, tok, bundled("harmful", "train").texts, info.fingerprint)
     l_train, _ = cached_capture(model, tok, bundled("harmless", "train").texts, info.fingerprint)
-    d, _ = diff_in_means(h_train.mean, l_train.mean)
-    h_test = capture_residuals(model, tok, bundled("harmful", "test").texts, batch_size=8, keep_all=True)
-    l_test = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=32, keep_all=True)
-    assert auroc(h_test.acts[:, top] @ d[top], l_test.acts[:, top] @ d[top]) >= 0.95
+    d, bad = diff_in_means(h_train.mean, l_train.mean)
+    layers = [row for row in range(d.shape[0] - 1) if row not in bad]
+
+    def separation(split, batch_size=16):
+        h = capture_residuals(model, tok, bundled("harmful", split).texts, batch_size=batch_size, keep_all=True)
+        l = capture_residuals(model, tok, bundled("harmless", split).texts, batch_size=batch_size, keep_all=True)
+        return {row: auroc(h.acts[:, row] @ d[row], l.acts[:, row] @ d[row]) for row in layers}, h, l
+
+    val, _, _ = separation("val")
+    test, h_test, l_test = separation("test", batch_size=8)
+    chosen = max(layers, key=lambda row: val[row])
+    assert test[chosen] >= 0.95, (chosen, test[chosen])
+    steered_layer = json.loads((steered / "refusal_edit.json").read_text())["layer"]
+    assert test[steered_layer] >= 0.9, (steered_layer, test[steered_layer])
 
     # the same directions computed with another batch size agree on every non-zero row
     h_again = capture_residuals(model, tok, bundled("harmful", "test").texts, batch_size=32)
-    l_again = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=8)
+    l_again = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=5)
     d1, bad1 = diff_in_means(h_test.mean, l_test.mean)
     d2, bad2 = diff_in_means(h_again.mean, l_again.mean)
     assert bad1 == bad2
