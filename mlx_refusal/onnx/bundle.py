@@ -125,18 +125,14 @@ def export_onnx(
                 quant_src = fp32_path
             src.weights.clear()  # from here on only the ONNX files are needed
             gc.collect()
-            if "q4" in quant:
-                say(f"quantizing to 4 bits -> {DTYPE_FILES['q4']} (MatMulNBits, block {Q4_BLOCK_SIZE})")
-                files = quantize_q4(quant_src, tmp / DTYPE_FILES["q4"])
-                check_onnx(tmp / DTYPE_FILES["q4"])
-                if len(files) > 1:
-                    external[Path(DTYPE_FILES["q4"]).name] = 1
-            if "q8" in quant:
-                say(f"quantizing to 8 bits -> {DTYPE_FILES['q8']} (dynamic, MatMul only)")
-                files = quantize_q8(quant_src, tmp / DTYPE_FILES["q8"])
-                check_onnx(tmp / DTYPE_FILES["q8"])
-                if len(files) > 1:
-                    external[Path(DTYPE_FILES["q8"]).name] = 1
+            quantizers = {"q4": (quantize_q4, f"4 bits (MatMulNBits, block {Q4_BLOCK_SIZE})"),
+                          "q8": (quantize_q8, "8 bits (dynamic, MatMul only)")}
+            for name in quant:
+                quantize, how = quantizers[name]
+                say(f"quantizing to {how} -> {DTYPE_FILES[name]}")
+                if len(quantize(quant_src, tmp / DTYPE_FILES[name])) > 1:
+                    external[Path(DTYPE_FILES[name]).name] = 1
+                check_onnx(tmp / DTYPE_FILES[name])
             shutil.rmtree(scratch, ignore_errors=True)
 
         say("writing config, tokenizer and provenance")
