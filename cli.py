@@ -597,7 +597,7 @@ def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size):
+                     gen_batch_size, max_kl):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -630,14 +630,14 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
         layers = candidate_layers(d.num_layers)
         with progress_bar("score layers", len(layers), unit="layer") as update:
             evals = evaluate_layers(model, tok, d, hval.texts[:32], lval.texts[:32], layers, ("bypass", "kl"),
-                                    batch_size, system=system, progress=update)
+                                    batch_size, max_kl=max_kl, system=system, progress=update)
         ranked = rank_evaluated(evals, "bypass")
         rows = [[e.layer, e.bypass, e.kl, "yes" if e.kept else "no"] for e in sorted(evals, key=lambda e: e.bypass)[:8]]
         click.echo(table(["layer", "bypass score", "KL", "kept"], rows,
                          title="Layers by bypass score (validation; lower refuses less)"))
         if not ranked:
-            raise UserError("every candidate layer's ablation moved the harmless first-token KL above 0.1; "
-                            "pass --layer to choose one anyway")
+            raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
+                            "pass --layer to choose one anyway, or raise --max-kl")
         chosen = ranked[0].layer
     directions = d.directions if per_layer else d.direction(chosen)
     what = "each layer's own direction" if per_layer else f"the direction of layer {chosen}"
@@ -681,10 +681,14 @@ def _orthogonal_options(f):
                      help="Use the direction of this layer (default: chosen by --select)."),
         click.option("--select", type=click.Choice(["evaluate", "heuristic"]), default="evaluate", show_default=True,
                      help="How the direction's layer is chosen: 'evaluate' = Arditi et al.'s bypass score (refusal "
-                          "left on harmful prompts with the direction ablated; KL <= 0.1 on harmless, last 20% of "
+                          "left on harmful prompts with the direction ablated; KL <= --max-kl on harmless, last 20% of "
                           "layers dropped), 'heuristic' = FailSpy's."),
         click.option("--layers", "layers_text", default=None,
                      help="Edit only the writers of these layers, e.g. 4:20 or 3,5,7 (default: all, and the embedding)."),
+        click.option("--max-kl", default=0.2, show_default=True, type=click.FloatRange(0.0),
+                     help="With --select evaluate, drop layers whose ablation moves the first-token KL on harmless "
+                          "validation prompts above this. Arditi et al. use 0.1; on Qwen2.5-0.5B every layer whose "
+                          "ablation removes refusal costs 0.12-0.25, so the default is the 0.2 the evaluation accepts."),
         click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
@@ -697,13 +701,13 @@ def _orthogonal_options(f):
 
 @main.command()
 @_orthogonal_options
-def ablate(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
-           batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
+def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
+           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size)
+                     gen_batch_size, max_kl)
 
 
 @main.command()
@@ -711,13 +715,13 @@ def ablate(model_spec, harmful, harmless, layer, select, layers_text, per_layer,
 @click.option("--scale", required=True, type=float,
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
-def project(model_spec, harmful, harmless, layer, select, layers_text, per_layer, norm_preserve, positions, system,
-            batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
+def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
+            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size)
+                     gen_batch_size, max_kl)
 
 
 def _ensure(path: Path) -> Path:
