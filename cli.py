@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from mlx_refusal.atomic import write_text_atomic
 from mlx_refusal.errors import UserError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
@@ -258,17 +259,6 @@ def _spread(pset, limit: int | None):
     return dataclasses.replace(pset, prompts=tuple(pset.prompts[i] for i in keep))
 
 
-def _write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 @main.command("eval")
 @model_option
 @click.option("--base", "base_spec", default=None,
@@ -347,10 +337,10 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     doc["prompts"] = {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
                       for k, p in (("harmful", hset), ("harmless", lset))}
     if json_out:
-        _write_text(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_out}")
     if md_out:
-        _write_text(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
+        write_text_atomic(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
         click.echo(f"wrote {md_out}")
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
 
@@ -435,11 +425,11 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
     from mlx_refusal.evaluate import report_json, report_markdown
 
     doc = {"before": report_json(before) if before else None, "after": report_json(after), **extra}
-    _write_text(report_dir / "report.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(report_dir / "report.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
     md = report_markdown(after, title="After the edit")
     if before:
         md = report_markdown(before, title="Before the edit") + "\n\n" + md
-    _write_text(report_dir / "report.md", md)
+    write_text_atomic(report_dir / "report.md", md)
 
 
 @main.command()

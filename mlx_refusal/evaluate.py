@@ -412,8 +412,8 @@ def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pr
         return generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
     import hashlib
     import json
-    import os
 
+    from .atomic import write_text_atomic
     from .paths import cache_dir
 
     h = hashlib.sha256(json.dumps({"model": cache_key, "max_tokens": max_tokens, "system": system,
@@ -430,9 +430,7 @@ def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pr
         except (OSError, ValueError):
             pass  # a damaged entry is regenerated, not trusted
     answers = generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(answers))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(answers))
     return answers
 
 

@@ -24,13 +24,13 @@ import re
 import struct
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import arch, backend, paths
+from .atomic import write_text_atomic
 from . import gguf as gguf_conv
 from .errors import UserError
 
@@ -114,11 +114,7 @@ def _lock(name: str):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _stat_key(paths: list[Path]) -> list:

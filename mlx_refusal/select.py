@@ -6,12 +6,12 @@ passes; a direction that is spread evenly in sign scores near zero.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text_atomic
 from .directions import Directions
 
 
@@ -47,10 +47,7 @@ def write_ranking(scores: list[LayerScore], ranked: list[LayerScore], out_dir: P
     payload = {"method": "heuristic: |mean(direction elements)| (FailSpy)",
                "order": [s.layer for s in ranked],
                "layers": [asdict(s) for s in scores]}
-    jpath = out_dir / "ranking.json"
-    tmp = out_dir / f".ranking.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, jpath)
+    jpath = write_text_atomic(out_dir / "ranking.json", json.dumps(payload, indent=2))
     return jpath, plot_ranking(scores, out_dir / "ranking.png")
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures
 from .errors import UserError
@@ -63,13 +63,7 @@ def now() -> str:
 
 
 def write_provenance(out_dir: Path, record: dict, name: str = "provenance.json") -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(out_dir) / name, json.dumps(record, indent=2, default=str))
 
 
 # ---------------------------------------------------------------------------------------------
