@@ -120,7 +120,9 @@ async function readBundle() {
   if (base.origin !== location.origin) throw new Error('?model= must name a folder on this server');
   const at = (name) => new URL(name, base).href;
 
-  const [config, generation, edit, exportInfo, tokenizerJSON, tokenizerConfig] = await Promise.all([
+  // Fetched together, but a failure is reported in this order (config.json first), not in the
+  // order the responses happen to arrive, so the error names the same file every time.
+  const settled = await Promise.allSettled([
     fetchJSON(at('config.json')),
     fetchJSON(at('generation_config.json'), { optional: true }),
     fetchJSON(at('refusal_edit.json'), { optional: true }),
@@ -128,6 +130,9 @@ async function readBundle() {
     fetchJSON(at('tokenizer.json')),
     fetchJSON(at('tokenizer_config.json')),
   ]);
+  const failed = settled.find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  const [config, generation, edit, exportInfo, tokenizerJSON, tokenizerConfig] = settled.map((r) => r.value);
 
   let files = filesFromExportInfo(exportInfo, config);
   if (!Object.keys(files).length) {  // no manifest: probe the standard names
