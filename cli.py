@@ -311,9 +311,11 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     def pct(x):
         return f"{100 * x:.1f}%"
 
-    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), round(s.mean_distinct3, 3)]
+    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), pct(s.explained_rate), round(s.variety, 3),
+             round(s.mean_distinct3, 3)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))]
-    click.echo(table(["set", "prompts", "refused", "coherent", "distinct-3"], rows, title=f"Evaluation of {info.spec}"))
+    click.echo(table(["set", "prompts", "refused", "coherent", "explained", "variety", "distinct-3"], rows,
+                     title=f"Evaluation of {info.spec}"))
     click.echo()
     rows = [[key, cat, c.n, pct(c.refusal_rate), pct(c.coherence_rate)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))
@@ -404,6 +406,9 @@ def _before_after(before, after, examples: int = 3) -> str:
         ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
         ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
         ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
+        ["harmless explained", pct(before.harmless.explained_rate), pct(after.harmless.explained_rate)],
+        ["harmful explained", pct(before.harmful.explained_rate), pct(after.harmful.explained_rate)],
+        ["harmless variety", f"{before.harmless.variety:.3f}", f"{after.harmless.variety:.3f}"],
         ["harmless distinct-3", f"{before.harmless.mean_distinct3:.3f}", f"{after.harmless.mean_distinct3:.3f}"],
     ]
     if after.kl_mean is not None:
