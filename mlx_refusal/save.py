@@ -15,8 +15,9 @@ import datetime as _dt
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -123,19 +124,67 @@ def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
     return copied
 
 
-def _steering_entries(steering) -> tuple[dict, dict]:
-    """steering.safetensors arrays and the record fields they imply."""
-    layer, direction, vector = steering
+@dataclass(frozen=True)
+class SteeringTerm:
+    """One vector alpha * direction added at resid_pre of `layer` (see the multi-term contract in
+    the README: several terms may share a site, their vectors add)."""
+
+    name: str  # "refusal" (the primary term, first), "voice", ...
+    layer: int
+    direction: np.ndarray  # [hidden], made unit on save
+    alpha: float
+    multiple: float | None = None  # alpha / mean residual norm at the layer, when known
+
+    @property
+    def vector(self) -> np.ndarray:
+        return float(self.alpha) * np.asarray(self.direction, np.float32)
+
+
+def _unit_np(direction) -> np.ndarray:
     d = np.asarray(direction, dtype=np.float32)
     if abs(float(np.linalg.norm(d)) - 1.0) > 1e-5:  # keep an already-unit direction bit-exact
         d = np.asarray(unit(d))
-    v = np.asarray(vector, dtype=np.float32)
-    if d.shape != v.shape or d.ndim != 1:
-        raise UserError(f"steering direction {d.shape} and vector {v.shape} must be two vectors of one size")
+    return d
+
+
+def _site_name(layer: int) -> str:
     site = arch.steering_site(int(layer))
-    fields = {"edit": "steer", "layer": int(layer), "site": site if int(layer) == 0 else f"{site}.bias",
-              "alpha": float(v @ d), "direction_sha256": array_sha256(d)}
-    return {"direction": mx.array(d), "vector": mx.array(v)}, fields
+    return site if int(layer) == 0 else f"{site}.bias"
+
+
+def _steering_entries(steering) -> tuple[dict, dict]:
+    """steering.safetensors arrays and the record fields they imply.
+
+    `steering` is a list of SteeringTerm (the first is the primary, refusal term) or, as before
+    multi-term folders, one (layer, direction, vector) tuple.
+    """
+    if isinstance(steering, tuple):
+        layer, direction, vector = steering
+        d, v = _unit_np(direction), np.asarray(vector, dtype=np.float32)
+        if d.shape != v.shape or d.ndim != 1:
+            raise UserError(f"steering direction {d.shape} and vector {v.shape} must be two vectors of one size")
+        steering = [SteeringTerm("refusal", int(layer), d, float(v @ d))]
+    terms: Sequence[SteeringTerm] = steering
+    if not terms:
+        raise UserError("a steering edit needs at least one steering term")
+    arrays, listed = {}, []
+    for i, t in enumerate(terms):
+        d = _unit_np(t.direction)
+        if d.ndim != 1 or d.shape != np.asarray(terms[0].direction).shape:
+            raise UserError(f"steering term {i} ({t.name}) has direction shape {d.shape}; every term needs one "
+                            "vector of the hidden size")
+        arrays[f"term{i}.vector"] = mx.array(float(t.alpha) * d)
+        arrays[f"term{i}.direction"] = mx.array(d)
+        listed.append({"name": t.name, "layer": int(t.layer), "site": _site_name(t.layer), "alpha": float(t.alpha),
+                       "multiple": None if t.multiple is None else float(t.multiple),
+                       "direction_sha256": array_sha256(d)})
+    first = listed[0]
+    fields = {"edit": "steer", "layer": first["layer"], "site": first["site"], "alpha": first["alpha"],
+              "direction_sha256": first["direction_sha256"], "steering": listed}
+    # Old readers: "direction" (the refusal direction: the page's view and meter) and "vector"
+    # (the primary term).
+    arrays = {"direction": arrays["term0.direction"], "vector": arrays["term0.vector"], **arrays}
+    return arrays, fields
 
 
 def save_model(model, source_dir, out_dir, edit_record: dict,
@@ -146,8 +195,9 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     source_dir: the mlx_lm folder the model was loaded from (config, tokenizer, chat template).
     edit_record: what was done ("edit", "layer", "alpha", "scale", "model", "prompts", ...);
       saved as refusal_edit.json with the tool version, date, direction sha256 and site added.
-    steering: (layer, unit direction [hidden], vector [hidden] = alpha * direction) for a steering
-      edit; written to steering.safetensors.
+    steering: the steering terms of a steering edit (a list of SteeringTerm, primary first, or one
+      (layer, unit direction [hidden], vector [hidden] = alpha * direction) tuple); written to
+      steering.safetensors and listed in the record's "steering" field.
     force: replace an existing out_dir (only one that holds a model or is empty).
     dtype: "float32" | "bfloat16" | "float16"; default the dtype the source weights are stored in.
     """
@@ -172,6 +222,7 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
         steering_arrays, fields = _steering_entries(steering)
         for k, v in fields.items():
             record.setdefault(k, v)
+        record["steering"] = fields["steering"]  # always the terms actually written
     for k in ("edit", "layer", "site", "alpha", "scale", "direction_sha256"):
         record.setdefault(k, None)
     record.update({

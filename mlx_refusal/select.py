@@ -169,7 +169,16 @@ def rank_evaluated(evals: list[LayerEval], by: str) -> list[LayerEval]:
 
 
 # ---------------------------------------------------------------------------------------------
-# alpha calibration: the smallest steering strength that refuses and stays coherent.
+# alpha calibration: the smallest steering strength that refuses and stays coherent (and, for
+# the explaining voice, explains its refusals in varied words).
+
+
+@dataclass(frozen=True)
+class VoiceTarget:
+    """What a trial must also reach for `--voice explain`, on the harmless prompts."""
+
+    explained: float = 0.8  # fraction of answers judged explained (judge.voice)
+    variety: float = 0.5  # distinct 8-word openings / answers
 
 
 @dataclass(frozen=True)
@@ -182,44 +191,61 @@ class AlphaTrial:
     mean_distinct3: float
     example: str
     harmful_refusal_rate: float | None = None  # when harmful prompts were generated too
+    explained_rate: float = 0.0  # harmless prompts
+    variety: float = 0.0  # harmless prompts
+    extra: tuple = ()  # (name, layer, multiple) of the terms added alongside
 
-    def passed(self, target: float) -> bool:
+    def passed(self, target: float, voice: VoiceTarget | None = None) -> bool:
         """refusal_rate: harmless prompts; coherence_rate: every answer generated."""
-        return self.refusal_rate >= target and self.coherence_rate >= target
+        ok = self.refusal_rate >= target and self.coherence_rate >= target
+        return ok and (voice is None or (self.explained_rate >= voice.explained and self.variety >= voice.variety))
 
 
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
                    prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
-                   system: str | None = None, harmful: list[str] = ()) -> AlphaTrial:
-    """Generate with alpha = multiple x mean_norm added at `layer`: the refusal rate on the
-    harmless `prompts`, and coherence over those and the optional `harmful` prompts (an
-    over-steered model rambles on requests it would refuse anyway)."""
+                   system: str | None = None, harmful: list[str] = (), extra=()) -> AlphaTrial:
+    """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
+    save.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
+    coherence over those and the optional `harmful` prompts (an over-steered model rambles on
+    requests it would refuse anyway)."""
+    from contextlib import ExitStack
+
     from .evaluate import generate
     from .interventions import adding_at
-    from .judge import coherence, is_refusal
+    from .judge import coherence, is_refusal, variety, voice
 
     alpha = float(multiple * mean_norm)
-    with adding_at(model, layer, alpha * np.asarray(direction, np.float32)):
+    with ExitStack() as stack:
+        stack.enter_context(adding_at(model, layer, alpha * np.asarray(direction, np.float32)))
+        for term in extra:
+            stack.enter_context(adding_at(model, term.layer, term.vector))
         answers = generate(model, tokenizer, list(prompts) + list(harmful), max_tokens=max_tokens,
                            batch_size=batch_size, system=system)
     mine, theirs = answers[: len(prompts)], answers[len(prompts):]
     coh = [coherence(a) for a in answers]
-    return AlphaTrial(layer, float(multiple), alpha, sum(map(is_refusal, mine)) / len(mine),
+    refused = [is_refusal(a) for a in mine]
+    explained = [voice(p, a, r, c.coherent).explained for p, a, r, c in zip(prompts, mine, refused, coh)]
+    return AlphaTrial(layer, float(multiple), alpha, sum(refused) / len(mine),
                       sum(c.coherent for c in coh) / len(coh), float(np.mean([c.distinct3 for c in coh])), mine[0],
-                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None)
+                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None,
+                      sum(explained) / len(mine), variety(mine),
+                      tuple((t.name, t.layer, t.multiple) for t in extra))
 
 
 def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
-                    on_trial=None) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    on_trial=None, voice: VoiceTarget | None = None,
+                    extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
-    prompts are refused *and* coherent, then bisect between the last failing and the first passing
-    multiple. Returns (smallest passing trial or None, all trials in order)."""
+    prompts are refused *and* coherent (and meet the `voice` target, when given, with the `extra`
+    terms added alongside), then bisect between the last failing and the first passing multiple.
+    Returns (smallest passing trial or None, all trials in order)."""
     trials: list[AlphaTrial] = []
 
     def run(m: float) -> AlphaTrial:
-        t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system)
+        t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system,
+                           extra=extra)
         trials.append(t)
         if on_trial:
             on_trial(t)
@@ -228,7 +254,7 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
     lo, best = 0.0, None
     for m in multiples:
         t = run(m)
-        if t.passed(target):
+        if t.passed(target, voice):
             best = t
             break
         if t.refusal_rate >= target:  # refuses but no longer coherent: more alpha only gets worse
@@ -240,7 +266,7 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
     for _ in range(bisect_steps):
         mid = round((lo + hi) / 2, 4)
         t = run(mid)
-        if t.passed(target):
+        if t.passed(target, voice):
             best, hi = t, mid
         else:
             lo = mid
