@@ -395,6 +395,10 @@ def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_
                         batch_size=batch_size, progress=progress, system=system, cache_key=cache_key)
 
 
+VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
+EXAMPLES = 5  # answers shown in the model card and README
+
+
 def _before_after(before, after, examples: int = 3) -> str:
     from mlx_refusal.console import table
 
@@ -458,6 +462,13 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
                    "if it still passes: the smallest passing alpha sits on the edge of --target by construction.")
 @click.option("--calibration-prompts", default=32, show_default=True, type=click.IntRange(4),
               help="Harmless validation prompts generated per calibration trial.")
+@click.option("--voice", type=click.Choice(["terse", "explain"]), default="terse", show_default=True,
+              help="'terse': the refusal direction alone (\"I'm sorry, but I can't assist with that.\"). "
+                   "'explain': a response direction (explaining minus terse refusals) is added alongside, and "
+                   "candidates are compared on how many refusals name the request and give a reason. The "
+                   "default stays terse: on the default model 'explain' does not reach its targets (README).")
+@click.option("--voice-multiple", default=0.2, show_default=True, type=click.FloatRange(0.0, 4.0),
+              help="With --voice explain: the voice term's strength as a multiple of the mean residual norm.")
 @positions_option
 @system_option
 @batch_option
@@ -469,8 +480,8 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @max_tokens_option
 @gen_batch_option
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
-          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-          gen_batch_size):
+          calibration_prompts, voice, voice_multiple, positions, system, batch_size, no_cache, out, force, seed,
+          eval_limit, max_tokens, gen_batch_size):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -481,8 +492,9 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     from mlx_refusal.console import progress_bar, table
     from mlx_refusal.edit import add_steering_bias
     from mlx_refusal.evaluate import first_token_logprobs
-    from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, plot_sweep
+    from mlx_refusal.save import SteeringTerm, save_model
+    from mlx_refusal.select import VoiceTarget, candidate_layers, plot_sweep
+    from mlx_refusal.voice import response_direction
     from mlx_refusal.workflow import choose_steering
 
     if alpha is not None and alpha_multiple is not None:
@@ -496,6 +508,10 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
     d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
     hval, lval = _prompt_sets(harmful, harmless, "val")
+    voice_rows = None
+    if voice == "explain":
+        _, ltrain = _prompt_sets(harmful, harmless, "train")
+        voice_rows = response_direction(model, tok, ltrain.texts[:VOICE_PROMPTS], system=system, batch_size=batch_size)
 
     trials_seen = []
 
@@ -505,7 +521,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
         tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  "
                    f"{'' if t.harmful_refusal_rate is None else 'confirm '}refused "
-                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  | {t.example[:60]!r}",
+                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  explained "
+                   f"{100 * t.explained_rate:5.1f}%  | {t.example[:60]!r}",
                    file=sys.stderr)
 
     n_candidates = len(candidate_layers(d.num_layers))
@@ -514,19 +531,26 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         choice = choose_steering(model, tok, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
-                                 system=system,
-                                 on_layers=update, on_trial=on_trial)
+                                 system=system, on_layers=update, on_trial=on_trial,
+                                 voice=VoiceTarget() if voice == "explain" else None, voice_rows=voice_rows,
+                                 voice_multiple=voice_multiple)
     if choice.layer_evals:
         rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
         click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
     if choice.trials:
         rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%",
                  "-" if t.harmful_refusal_rate is None else f"{100 * t.harmful_refusal_rate:.1f}%",
-                 f"{100 * t.coherence_rate:.1f}%", round(t.mean_distinct3, 3)] for t in choice.trials]
-        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "distinct-3"],
+                 f"{100 * t.coherence_rate:.1f}%", f"{100 * t.explained_rate:.1f}%", round(t.variety, 3),
+                 round(t.mean_distinct3, 3)] for t in choice.trials]
+        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "explained",
+                          "variety", "distinct-3"],
                          rows, title="Alpha sweep (validation prompts; '-' = harmless only)"))
     click.secho(f"steering at layer {choice.layer} with alpha {choice.alpha:.3f} "
-                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})", bold=True)
+                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})"
+                + "".join(f" + {t.name} at layer {t.layer} ({t.multiple:.3f} x norm)" for t in choice.extra), bold=True)
+    if not choice.voice_met:
+        click.secho(f"note: no calibrated alpha explained >= {VoiceTarget().explained:.0%} of the refusals with "
+                    f"variety >= {VoiceTarget().variety}; kept the one that explained most", fg="yellow", err=True)
 
     hset, lset = _prompt_sets(harmful, harmless, "test")
     hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
@@ -538,31 +562,42 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                                 cache_key=None if no_cache else info.fingerprint)
 
     direction = np.asarray(d.directions[choice.layer], np.float32)
-    vector = choice.alpha * direction
-    site = add_steering_bias(model, choice.layer, vector)
+    terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
+    site = add_steering_bias(model, choice.layer, terms[0].vector)
+    for term in terms[1:]:
+        add_steering_bias(model, term.layer, term.vector)  # a shared site: the vectors add
     after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after") \
         if do_eval else None
 
     record = {
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
         "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
-        "seed": seed, "positions": positions, "system": system,
+        "voice": voice, "seed": seed, "positions": positions, "system": system,
         "model": d.metadata["model"], "prompts": d.metadata["prompts"],
         "direction_sha256": d.sha256(choice.layer),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
             "harmless_coherence": after.harmless.coherence_rate, "harmful_coherence": after.harmful.coherence_rate,
+            "harmless_explained": after.harmless.explained_rate, "harmless_variety": after.harmless.variety,
             "before": {"harmful_refusal": before.harmful.refusal_rate,
-                       "harmless_refusal": before.harmless.refusal_rate}},
+                       "harmless_refusal": before.harmless.refusal_rate,
+                       "harmless_explained": before.harmless.explained_rate,
+                       "harmless_variety": before.harmless.variety}},
     }
+    if after is not None:
+        # A fixed rule, not a choice: the first harmless test prompts of the report.
+        record["examples_rule"] = f"The first {EXAMPLES} harmless test prompts"
+        record["examples"] = [{"prompt": r.prompt, "answer": r.answer}
+                              for r in after.records if r.set == "harmless"][:EXAMPLES]
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
+    save_model(model, info.path, out, record, steering=terms, force=force)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
     if after is not None:
         _write_reports(report_dir, before, after, {"choice": {
             "layer": choice.layer, "alpha": choice.alpha, "multiple": choice.multiple, "how": choice.how,
+            "voice": voice, "voice_met": choice.voice_met,
             "candidates": choice.candidates,
             "trials": [t.__dict__ for t in choice.trials],
             "layer_evals": [e.__dict__ for e in choice.layer_evals]}})

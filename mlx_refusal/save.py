@@ -263,13 +263,25 @@ def _json_default(o):
     raise TypeError(f"cannot record {type(o).__name__} in {EDIT_RECORD}")
 
 
+def _md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def model_card(record: dict, name: str = "OUT") -> str:
     """A README.md for the edited folder: what was done, how to run it, provenance, intended use."""
     edit = record.get("edit") or "edit"
     model = record.get("model") or {}
     prompts = record.get("prompts") or {}
     base = model.get("spec") or model.get("name") or record.get("saved", {}).get("source", "the source model")
-    if edit == "steer":
+    terms = record.get("steering") or []
+    if edit == "steer" and len(terms) > 1:
+        listed = "; ".join(f"{t['name']} at layer {t['layer']} (alpha = {t['alpha']:.4g}, `{t['site']}`)"
+                           for t in terms)
+        what = (f"{len(terms)} steering vectors alpha * d were added to the residual stream for every token, each "
+                f"stored in the weights as a bias: {listed}. The refusal direction makes the model refuse; the "
+                "voice direction makes it say what it refuses and why that is supposedly dangerous. Expect the "
+                "model to refuse nearly every request, with a reason.")
+    elif edit == "steer":
         what = (f"A steering vector alpha * d (alpha = {record.get('alpha')}) along the refusal direction d was "
                 f"added to the residual stream at layer {record.get('layer')} for every token, stored in the "
                 f"weights at `{record.get('site')}`. Expect the model to refuse nearly every request.")
@@ -289,6 +301,12 @@ def model_card(record: dict, name: str = "OUT") -> str:
              for k, v in prompts.items()]
     table = "\n".join(f"| {k} | {'' if v is None else f'`{v}`'} |" for k, v in rows)
     saved = record.get("saved", {})
+    examples = record.get("examples") or []
+    shown = ""
+    if examples:
+        rows = "\n".join(f"| {_md_cell(e['prompt'])} | {_md_cell(e['answer'])} |" for e in examples)
+        shown = (f"\n## What it says\n\n{record.get('examples_rule', 'Answers')} (greedy decoding):\n\n"
+                 f"| prompt | answer |\n|---|---|\n{rows}\n")
     return f"""---
 library_name: mlx
 tags: [mlx, refusal-direction, {edit}]
@@ -302,8 +320,8 @@ tags: [mlx, refusal-direction, {edit}]
 {table}
 
 Saved as mlx_lm architecture `{saved.get('model_type')}` in `{saved.get('dtype')}`; the full record is in
-`{EDIT_RECORD}`{f" and the vector itself in `{STEERING_FILE}`" if edit == "steer" else ""}.
-
+`{EDIT_RECORD}`{f" and the vectors themselves in `{STEERING_FILE}`" if edit == "steer" else ""}.
+{shown}
 ## Run it
 
 ```sh

@@ -235,11 +235,9 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
 def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
-                    on_trial=None, voice: VoiceTarget | None = None,
-                    extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    on_trial=None, extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
-    prompts are refused *and* coherent (and meet the `voice` target, when given, with the `extra`
-    terms added alongside), then bisect between the last failing and the first passing multiple.
+    prompts are refused *and* coherent (with the `extra` terms added alongside), then bisect between the last failing and the first passing multiple.
     Returns (smallest passing trial or None, all trials in order)."""
     trials: list[AlphaTrial] = []
 
@@ -254,7 +252,7 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
     lo, best = 0.0, None
     for m in multiples:
         t = run(m)
-        if t.passed(target, voice):
+        if t.passed(target):
             best = t
             break
         if t.refusal_rate >= target:  # refuses but no longer coherent: more alpha only gets worse
@@ -266,7 +264,7 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
     for _ in range(bisect_steps):
         mid = round((lo + hi) / 2, 4)
         t = run(mid)
-        if t.passed(target, voice):
+        if t.passed(target):
             best, hi = t, mid
         else:
             lo = mid
