@@ -137,7 +137,8 @@ class SteeringTerm:
 
     @property
     def vector(self) -> np.ndarray:
-        return float(self.alpha) * np.asarray(self.direction, np.float32)
+        """alpha * the unit direction: what the term adds to the residual stream."""
+        return float(self.alpha) * _unit_np(self.direction)
 
 
 def _unit_np(direction) -> np.ndarray:
