@@ -26,17 +26,13 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_directory
+from . import families
 from .errors import UserError
 from .gguf_tokenizer import build_tokenizer
 
 CONVERTER_VERSION = 1  # bump when the output of `convert` changes (it keys the cache)
 
 GGUF_MAGIC = b"GGUF"
-
-# general.architecture -> mlx_lm model_type. Only decoder layouts that map 1:1 onto mlx_lm.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Default rope base when a GGUF omits `<arch>.rope.freq_base` (llama.cpp's own default).
 _DEFAULT_ROPE_BASE = 10000.0
@@ -97,15 +93,12 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def _arch(meta: dict) -> str:
+def _family(meta: dict) -> families.Family:
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UserError(
-            f"unsupported GGUF architecture '{arch}'; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+    fam = families.from_gguf(arch)
     if meta.get(f"{arch}.expert_count"):
         raise UserError(f"mixture-of-experts GGUF models are not supported (found {arch}.expert_count)")
-    return arch
+    return fam
 
 
 def _int_hparam(meta: dict, key: str, default=None) -> int:
@@ -119,8 +112,8 @@ def _int_hparam(meta: dict, key: str, default=None) -> int:
 
 def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
     """config.json (HF field names, which mlx_lm reads) from `<arch>.*` metadata."""
-    arch = _arch(meta)
-    p = arch + "."
+    fam = _family(meta)
+    p = fam.gguf_architecture + "."
     hidden = _int_hparam(meta, p + "embedding_length")
     heads = _int_hparam(meta, p + "attention.head_count")
     kv_heads = _int_hparam(meta, p + "attention.head_count_kv", heads)
@@ -128,8 +121,8 @@ def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
     if eps is None:
         raise UserError(f"GGUF metadata lacks '{p}attention.layer_norm_rms_epsilon' (RMSNorm models only)")
     cfg = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": ARCHITECTURES[arch],
+        "architectures": [fam.hf_architecture],
+        "model_type": fam.model_types[0],
         "hidden_size": hidden,
         "num_hidden_layers": _int_hparam(meta, p + "block_count"),
         "intermediate_size": _int_hparam(meta, p + "feed_forward_length"),
@@ -142,15 +135,9 @@ def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
     key_length = meta.get(p + "attention.key_length")
-    if key_length is not None and (arch == "qwen3" or int(key_length) != hidden // heads):
+    if key_length is not None and int(key_length) != hidden // heads:
         cfg["head_dim"] = int(key_length)
-    elif arch == "qwen3":
-        cfg["head_dim"] = hidden // heads
-    if arch == "qwen2" and cfg.get("head_dim", hidden // heads) != hidden // heads:
-        raise UserError("this qwen2 GGUF has head_dim != hidden/heads, which mlx_lm's qwen2 cannot express")
-    if arch == "llama":
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-        cfg["mlp_bias"] = "blk.0.ffn_down.bias" in tensor_names
+    cfg.update(fam.gguf_config(cfg, meta, tensor_names))
     scaling = _rope_scaling(meta, p)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
@@ -281,7 +268,7 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
     the llama3 `rope_freqs` divisors or None)."""
     from gguf.quants import dequantize
 
-    arch = config["model_type"]
+    permuted = families.get(config["model_type"]).gguf_qk_permuted
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     weights, types, rope_freqs = {}, Counter(), None
     total = len(reader.tensors)
@@ -300,7 +287,7 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
             rope_freqs = arr
             continue
         name = hf_name(t.name)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+        if permuted and (".q_proj." in name or ".k_proj." in name):
             arr = unpermute_qk(arr, heads if ".q_proj." in name else kv_heads)
         weights[name] = arr
         if progress and (i + 1) % max(1, total // 4) == 0:
@@ -327,7 +314,7 @@ def read(path, progress: Progress | None = None) -> GGUFContents:
     """Everything in a GGUF as an mlx_lm model: config, float32 weights and tokenizer."""
     reader = open_reader(path)
     meta = metadata(reader)
-    _arch(meta)  # fail on an unsupported architecture before touching the tensors
+    _family(meta)  # fail on an unsupported architecture before touching the tensors
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
