@@ -64,7 +64,7 @@ def test_steer_reports_the_voice(steered):
         assert stats["explained_rate"] == pytest.approx(sum(r["explained"] for r in harmless) / len(harmless))
         assert stats["variety"] == pytest.approx(variety(r["answer"] for r in harmless))
     # the unedited model's answers differ from each other; the terse RefusaLLM's mostly do not
-    assert report["before"]["sets"]["harmless"]["variety"] >= 0.9
+    assert report["before"]["sets"]["harmless"]["variety"] >= 0.8
     assert report["after"]["sets"]["harmless"]["variety"] <= 0.5
     assert record["voice"] == "terse" and [t["name"] for t in record["steering"]] == ["refusal"]
     first = [r for r in report["after"]["records"] if r["set"] == "harmless"][:5]
