@@ -4,7 +4,10 @@ The same user prompts are run twice with the assistant turn already written: onc
 explaining refusal (it names the danger) and once as the terse "I'm sorry, but I can't assist
 with that." The residuals are averaged over the response tokens, and the difference of the two
 means, per site, is the direction. Added alongside the refusal direction it pushes a refusal
-to go on with a reason instead of stopping after the apology.
+to go on with a reason instead of stopping after the apology. "explain_named" quotes the request
+inside the explaining refusal; `persona_direction` reads a "SafetyBot" system prompt instead.
+Both are measured in bench/voice_probe.py (README: none reaches the voice targets on the 0.5B
+default model, so `steer` uses "explain" only for `--voice explain`).
 """
 from __future__ import annotations
 
