@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .capture import capture_encoded, capture_residuals
-from .template import Encoded, encode_text, render
+from .template import Encoded, encode_prefilled
 
 TERSE = "I'm sorry, but I can't assist with that."
 EXPLAINING = {
@@ -26,12 +26,10 @@ EXPLAINING = {
 
 
 def _encoded(tokenizer, prompts, response: str, system: str | None) -> list[Encoded]:
-    out = []
-    for p in prompts:
-        head = render(tokenizer, p, system)
-        ids = encode_text(tokenizer, head + response.format(prompt=p.rstrip(".?!")))
-        out.append(Encoded(ids, len(ids) - len(encode_text(tokenizer, head))))
-    return out
+    if "{prompt}" not in response:
+        return encode_prefilled(tokenizer, prompts, response, system)
+    return [e for p in prompts for e in encode_prefilled(tokenizer, [p], response.format(prompt=p.rstrip(".?!")),
+                                                         system)]
 
 
 def response_direction(model, tokenizer, prompts, kind: str = "explain", system: str | None = None,

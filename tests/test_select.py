@@ -148,3 +148,15 @@ def test_choose_steering_with_a_voice_keeps_the_layer_that_explains_most(setup, 
     choice = choose_steering(model, tok, d, HARMFUL, HARMLESS, select="heuristic", candidates=2, margin=0.1,
                              calibration_prompts=2, voice=sel.VoiceTarget(), voice_rows=rows)
     assert choice.layer == layers[1] and not choice.voice_met
+
+
+def test_the_response_direction_reads_the_prefilled_answers(setup, monkeypatch):
+    from mlx_refusal import voice
+
+    model, tok, _ = setup
+    rows = voice.response_direction(model, tok, HARMLESS)
+    assert rows.shape == (len(model.model.layers) + 1, model.args.hidden_size)
+    assert np.allclose(np.linalg.norm(rows[1:], axis=-1), 1.0, atol=1e-5)
+    # the same text on both sides: nothing to contrast
+    monkeypatch.setitem(voice.EXPLAINING, "same", voice.TERSE)
+    assert np.abs(voice.response_direction(model, tok, HARMLESS, "same")).max() == 0.0
