@@ -123,8 +123,9 @@ COMPACT_FRACTION = 0.125
 # How often (in decode steps) a `stop` callback sees the rows still generating.
 STOP_CHECK_EVERY = 4
 
-# stop(tokens): given {row: tokens so far} of the rows still generating, the rows to stop now
-Stop = Callable[[dict[int, list[int]]], Iterable[int]]
+# stop(tokens, live): given {row: tokens so far} of every row of the batch and the rows still
+# generating, the rows to stop now
+Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
 
 
 def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int], pad_id: int,
@@ -159,8 +160,8 @@ def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: in
                 slots[pos] = -1
         step += 1
         if stop is not None and step % STOP_CHECK_EVERY == 0:
-            live = {rows[i]: out[i] for i in slots if i >= 0}
-            halt = set(stop(live)) if live else set()
+            live = {rows[i] for i in slots if i >= 0}
+            halt = set(stop({r: o for r, o in zip(rows, out)}, live)) if live else set()
             slots = [-1 if i >= 0 and rows[i] in halt else i for i in slots]
         keep = [pos for pos, i in enumerate(slots) if i >= 0]
         if not keep or nxt is None:
@@ -398,8 +399,8 @@ def evaluate(
     # Both sets in one call, so they share batches; the harmless first-token distributions come
     # from the same prefill that starts generation.
     texts = h_texts + s_texts
-    both, lp = _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress and
-                                (lambda d, _t: progress(d, total)), cache_key, want_kl)
+    both, lp = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress and
+                               (lambda d, _t: progress(d, total)), cache_key, want_kl)
     answers = {"harmful": both[: len(h_texts)], "harmless": both[len(h_texts):]}
 
     kls: list[float | None] = [None] * len(s_texts)
@@ -448,14 +449,15 @@ def evaluate(
     )
 
 
-def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
-                     first_logprobs: bool = False):
-    """(answers, first-token log-probs [n, vocab] or None). With `cache_key` the answers are kept
-    on disk (memo); on a hit the log-probs, when asked for, cost one prefill."""
+def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
+                    first_logprobs: bool = False, stop: Stop | None = None):
+    """(answers, first-token log-probs [n, vocab] or None). With `cache_key` (a JSON-able value
+    naming the weights, any intervention, and `stop` when given) the answers are kept on disk
+    (memo); on a hit the log-probs, when asked for, cost one prefill."""
     from . import memo
 
     def run():
-        return _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, None,
+        return _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
                               first_logprobs)
 
     if cache_key is None:
