@@ -354,8 +354,8 @@ edit_out_option = click.option("--out", type=click.Path(path_type=Path), default
 force_option = click.option("--force", is_flag=True, help="Replace --out if it already exists.")
 save_dtype_option = click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
                                  default="bfloat16", show_default=True,
-                                 help="Dtype of the saved weights (the edit itself is computed in float32). bfloat16 "
-                                      "halves the folder and keeps the refusal figures of the in-memory edit.")
+                                 help="Dtype of the saved weights (the edit itself is computed in float32 on the CPU); "
+                                      "bfloat16 halves the folder against float32.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance).")
 eval_limit_option = click.option("--eval-limit", default=None, type=click.IntRange(0),
                                  help="Prompts per set for the before/after report (default: the whole test "

@@ -210,6 +210,21 @@ def test_stops_each_sequence_at_any_eos_id(qwen2):
         cut = next((k for k, t in enumerate(full) if t in eos), len(full))
         assert got == full[:cut]
     assert any(len(s) == 0 for s in stopped) and any(len(s) == 16 for s in stopped)
+    # A stop callback ends the rows it names at its next check (every STOP_CHECK_EVERY tokens);
+    # the rows it never names, and finished rows kept in the batch, are unchanged.
+    seen = []
+
+    def stop(out, live):
+        seen.append(set(live))
+        return {r for r in live if r % 2 and len(out[r]) >= 5}
+
+    halted = ev.generate_tokens(model, ids, max_tokens=16, eos_ids=eos, batch_size=16, stop=stop)
+    for r, (full, got) in enumerate(zip(stopped, halted)):
+        if r % 2 and len(full) > 5:
+            assert got == full[: -(-5 // ev.STOP_CHECK_EVERY) * ev.STOP_CHECK_EVERY]  # first check at >= 5
+        else:
+            assert got == full
+    assert seen and all(s <= set(range(len(ids))) for s in seen)
 
 
 def test_shared_prefix_is_the_common_template_head_and_changes_nothing(qwen2, monkeypatch):
