@@ -403,6 +403,10 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
 edit_out_option = click.option("--out", type=click.Path(path_type=Path), default=None,
                                help="Output model folder [default: runs/<model>/<command>].")
 force_option = click.option("--force", is_flag=True, help="Replace --out if it already exists.")
+save_dtype_option = click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+                                 default="bfloat16", show_default=True,
+                                 help="Dtype of the saved weights (the edit itself is computed in float32 on the CPU); "
+                                      "bfloat16 halves the folder against float32.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance).")
 eval_limit_option = click.option("--eval-limit", default=None, type=click.IntRange(0),
                                  help="Prompts per set for the before/after report (default: the whole test "
@@ -514,9 +518,10 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @eval_limit_option
 @max_tokens_option
 @gen_batch_option
+@save_dtype_option
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
           calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-          gen_batch_size):
+          gen_batch_size, save_dtype):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -561,7 +566,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
                                  system=system,
-                                 on_layers=update, on_trial=on_trial)
+                                 on_layers=update, on_trial=on_trial,
+                                 cache_key=None if no_cache else info.fingerprint)
     if choice.layer_evals:
         rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
         click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
@@ -586,8 +592,11 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     direction = np.asarray(d.directions[choice.layer], np.float32)
     vector = choice.alpha * direction
     site = add_steering_bias(model, choice.layer, vector)
-    after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after") \
-        if do_eval else None
+    from mlx_refusal.memo import array_sha256
+
+    after_key = None if no_cache else {"weights": info.fingerprint, "bias": {"site": site, "vector": array_sha256(vector)}}
+    after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after",
+                           cache_key=after_key) if do_eval else None
 
     record = {
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
@@ -602,7 +611,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                        "harmless_refusal": before.harmless.refusal_rate}},
     }
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
+    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force,
+               dtype=save_dtype)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
@@ -638,7 +648,7 @@ def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl):
+                     gen_batch_size, max_kl, save_dtype):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -708,7 +718,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                                                  "harmless_refusal": before.harmless.refusal_rate}},
     }
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, force=force)
+    save_model(model, info.path, out, record, force=force, dtype=save_dtype)
     if after is not None:
         _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
         click.echo(_before_after(before, after))
@@ -734,7 +744,7 @@ def _orthogonal_options(f):
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
         positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
-        eval_limit_option, max_tokens_option, gen_batch_option,
+        eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
     ]):
         f = opt(f)
     return f
@@ -743,12 +753,12 @@ def _orthogonal_options(f):
 @main.command()
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
+           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, save_dtype)
 
 
 @main.command()
@@ -757,12 +767,12 @@ def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, pe
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
+            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, save_dtype)
 
 
 def _ensure(path: Path) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
@@ -116,32 +116,104 @@ def _check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
         raise UserError("a prompt encodes to no tokens; give every prompt some text")
 
 
-def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int],
-                  pad_id: int) -> list[list[int]]:
+# A decode step reads every weight once, whatever the batch, so a finished row costs only its
+# share of the arithmetic; dropping it means copying every layer's cache. Finished rows are
+# therefore kept (their tokens ignored) until this fraction of the batch has finished.
+COMPACT_FRACTION = 0.125
+# How often (in decode steps) a `stop` callback sees the rows still generating.
+STOP_CHECK_EVERY = 4
+
+# stop(tokens, live): given {row: tokens so far} of every row of the batch and the rows still
+# generating, the rows to stop now
+Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
+
+
+def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int], pad_id: int,
+                  stop: Stop | None = None, rows: Sequence[int] | None = None,
+                  on_first: Callable[[mx.array], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of one batch. `rows` names the batch's rows for `stop` (default 0..).
+    `on_first(logits)` sees the prefill's next-token logits [batch, vocab] before decoding."""
+    rows = list(range(len(batch))) if rows is None else list(rows)
     out: list[list[int]] = [[] for _ in batch]
     logits, cache = _prefill(model, batch, prefix, pad_id)
+    if on_first is not None:
+        on_first(logits)
     token = mx.argmax(logits, axis=-1)
-    live = list(range(len(batch)))  # rows of `out` still generating, in cache order
+    slots = list(range(len(batch)))  # per cache row: the index into `out` it generates, or -1 once finished
+    step = 0
     while True:
-        mx.eval(token)
-        keep = []
-        for pos, (row, tok) in enumerate(zip(live, token.tolist())):
-            if tok in eos:
+        # Queue the next step before reading this one, so the graph of step n+1 is built and
+        # running while the host reads step n's tokens (one host sync per step). Rows that
+        # finished at step n just compute a step nobody reads.
+        nxt = mx.argmax(_logits_at(model, token[:, None], cache), axis=-1) if step + 1 < max_tokens else None
+        if nxt is not None:
+            mx.async_eval(nxt)
+        for pos, tok in enumerate(token.tolist()):
+            i = slots[pos]
+            if i < 0:
                 continue
-            out[row].append(tok)
-            if len(out[row]) < max_tokens:
-                keep.append(pos)
-        if not keep:
+            if tok in eos:
+                slots[pos] = -1
+                continue
+            out[i].append(tok)
+            if len(out[i]) >= max_tokens:
+                slots[pos] = -1
+        step += 1
+        if stop is not None and step % STOP_CHECK_EVERY == 0:
+            live = {rows[i] for i in slots if i >= 0}
+            halt = set(stop({r: o for r, o in zip(rows, out)}, live)) if live else set()
+            slots = [-1 if i >= 0 and rows[i] in halt else i for i in slots]
+        keep = [pos for pos, i in enumerate(slots) if i >= 0]
+        if not keep or nxt is None:
             return out
-        if len(keep) < len(live):
-            # Drop finished sequences; the cache also trims padding no remaining row needs.
+        if len(slots) - len(keep) >= max(1, COMPACT_FRACTION * len(slots)):
+            # The cache also trims the left padding no remaining row needs.
             index = mx.array(keep)
             for c in cache:
                 c.filter(index)
-            token = token[index]
-            live = [live[p] for p in keep]
-        logits = _logits_at(model, token[:, None], cache)
-        token = mx.argmax(logits, axis=-1)
+            nxt = nxt[index]
+            slots = [slots[p] for p in keep]
+        token = nxt
+
+
+def _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, first_logprobs):
+    _check_nonempty(prompt_ids)
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    firsts: list[mx.array | None] = [None] * len(prompt_ids)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
+    if max_tokens <= 0 and not first_logprobs:
+        if progress:
+            progress(len(prompt_ids), len(prompt_ids))
+        return results, None
+    prefix = _shared_prefix(model, prompt_ids)
+    done = 0
+    for idx in batches:
+        batch = [list(prompt_ids[i]) for i in idx]
+
+        def keep_first(logits, idx=idx):
+            lp = _log_softmax(logits)
+            mx.eval(lp)
+            for j, i in enumerate(idx):
+                firsts[i] = lp[j]
+
+        if max_tokens <= 0:
+            keep_first(_prefill(model, batch, prefix, pad_id)[0])
+        else:
+            outs = _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id, stop, idx,
+                                 keep_first if first_logprobs else None)
+            for i, ids in zip(idx, outs):
+                results[i] = ids
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    if not first_logprobs:
+        return results, None
+    return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    lp = logits.astype(mx.float32)
+    return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
 
 
 def generate_tokens(
@@ -152,25 +224,17 @@ def generate_tokens(
     batch_size: int = 16,
     pad_id: int = 0,
     progress: Progress | None = None,
+    stop: Stop | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order."""
-    _check_nonempty(prompt_ids)
-    results: list[list[int]] = [[] for _ in prompt_ids]
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
-    if max_tokens <= 0:
-        if progress:
-            progress(len(prompt_ids), len(prompt_ids))
-        return results
-    prefix = _shared_prefix(model, prompt_ids)
-    done = 0
-    for idx in batches:
-        batch = [list(prompt_ids[i]) for i in idx]
-        for i, ids in zip(idx, _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id)):
-            results[i] = ids
-        done += len(idx)
-        if progress:
-            progress(done, len(prompt_ids))
-    return results
+    """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order.
+    `stop` may end rows early (see `Stop`); their continuations are then shorter."""
+    return _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, False)[0]
+
+
+def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs):
+    ids, firsts = _generate(model, encode_chat(tokenizer, prompts, system), max_tokens, eos_token_ids(tokenizer),
+                            batch_size, _pad_id(tokenizer), progress, stop, first_logprobs)
+    return [tokenizer.decode(t) for t in ids], firsts
 
 
 def generate(
@@ -181,18 +245,17 @@ def generate(
     batch_size: int = 16,
     system: str | None = None,
     progress: Progress | None = None,
+    stop: Stop | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts` (user turns in the chat template), in input order."""
-    ids = generate_tokens(
-        model,
-        encode_chat(tokenizer, prompts, system),
-        max_tokens=max_tokens,
-        eos_ids=eos_token_ids(tokenizer),
-        batch_size=batch_size,
-        pad_id=_pad_id(tokenizer),
-        progress=progress,
-    )
-    return [tokenizer.decode(t) for t in ids]
+    return _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, False)[0]
+
+
+def generate_with_logprobs(model, tokenizer, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 16,
+                           system: str | None = None, progress: Progress | None = None) -> tuple[list[str], mx.array]:
+    """`generate`, and the log-softmax of each prompt's first-token distribution [n, vocab] from
+    the same prefill (what `first_token_logprobs` computes, without a second pass)."""
+    return _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, None, True)
 
 
 def first_token_logprobs(
@@ -204,25 +267,7 @@ def first_token_logprobs(
     progress: Progress | None = None,
 ) -> mx.array:
     """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab]."""
-    prompt_ids = encode_chat(tokenizer, prompts, system)
-    _check_nonempty(prompt_ids)
-    rows: list[mx.array | None] = [None] * len(prompt_ids)
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
-    prefix = _shared_prefix(model, prompt_ids)
-    done = 0
-    for idx in batches:
-        logits, _ = _prefill(model, [prompt_ids[i] for i in idx], prefix, _pad_id(tokenizer))
-        logprobs = logits.astype(mx.float32)
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        mx.eval(logprobs)
-        for j, i in enumerate(idx):
-            rows[i] = logprobs[j]
-        done += len(idx)
-        if progress:
-            progress(done, len(prompt_ids))
-    if not rows:
-        return mx.zeros((0, 0))
-    return mx.stack(rows)
+    return _generate_text(model, tokenizer, prompts, 0, batch_size, system, progress, None, True)[1]
 
 
 def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:
@@ -342,39 +387,36 @@ def evaluate(
     edited in memory (its fingerprint is the unedited one's).
 
     `harmful` / `harmless` are PromptSets (or lists of strings). `progress(done, total)` counts
-    prompts through each pass: two generations, and one or two first-token passes.
+    prompts: both sets are generated in one pass (the model's first-token log-probs come from its
+    prefill), then the base's first-token pass when `base` is a model.
     """
     h_name, h_texts, h_cats = _texts_and_categories(harmful)
     s_name, s_texts, s_cats = _texts_and_categories(harmless)
-    base_passes = 0 if base is None else (1 if isinstance(base, mx.array) else 2)
-    total = len(h_texts) + len(s_texts) + base_passes * len(s_texts)
-    offset = 0
+    want_kl = base is not None and bool(s_texts)
+    base_pass = want_kl and not isinstance(base, mx.array)
+    total = len(h_texts) + len(s_texts) + (len(s_texts) if base_pass else 0)
 
-    def stage() -> Progress | None:
-        start = offset
-        return (lambda d, _t: progress(start + d, total)) if progress else None
-
-    answers = {}
-    for name, texts in (("harmful", h_texts), ("harmless", s_texts)):
-        answers[name] = _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, stage(),
-                                         cache_key)
-        offset += len(texts)
+    # Both sets in one call, so they share batches; the harmless first-token distributions come
+    # from the same prefill that starts generation.
+    texts = h_texts + s_texts
+    both, lp = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress and
+                               (lambda d, _t: progress(d, total)), cache_key, want_kl)
+    answers = {"harmful": both[: len(h_texts)], "harmless": both[len(h_texts):]}
 
     kls: list[float | None] = [None] * len(s_texts)
-    if base is not None and s_texts:
-        if isinstance(base, mx.array):
-            base_lp = base
-        else:
+    if want_kl:
+        if base_pass:
             base_model, base_tok = base
-            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system, stage())
-            offset += len(s_texts)
+            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system,
+                                           progress and (lambda d, _t: progress(len(texts) + d, total)))
+        else:
+            base_lp = base
         if base_lp.shape[0] != len(s_texts):
             raise UserError(
                 f"base log-probabilities have {base_lp.shape[0]} rows for {len(s_texts)} harmless "
                 "prompts; compute them on the same prompts"
             )
-        lp = first_token_logprobs(model, tokenizer, s_texts, batch_size, system, stage())
-        kls = [float(x) for x in kl_divergence(base_lp, lp).tolist()]
+        kls = [float(x) for x in kl_divergence(base_lp, lp[len(h_texts):]).tolist()]
 
     records = []
     for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
@@ -407,31 +449,30 @@ def evaluate(
     )
 
 
-def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key):
+def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
+                    first_logprobs: bool = False, stop: Stop | None = None):
+    """(answers, first-token log-probs [n, vocab] or None). With `cache_key` (a JSON-able value
+    naming the weights, any intervention, and `stop` when given) the answers are kept on disk
+    (memo); on a hit the log-probs, when asked for, cost one prefill."""
+    from . import memo
+
+    def run():
+        return _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
+                              first_logprobs)
+
     if cache_key is None:
-        return generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    import hashlib
-    import json
-
-    from .atomic import write_text_atomic
-    from .paths import cache_dir
-
-    h = hashlib.sha256(json.dumps({"model": cache_key, "max_tokens": max_tokens, "system": system,
-                                   "template": getattr(tokenizer, "chat_template", None),
-                                   "texts": list(texts)}).encode()).hexdigest()
-    path = cache_dir("generations") / f"{h}.json"
-    if path.exists():
-        try:
-            answers = json.loads(path.read_text())
-            if len(answers) == len(texts):
-                if progress:
-                    progress(len(texts), len(texts))
-                return answers
-        except (OSError, ValueError):
-            pass  # a damaged entry is regenerated, not trusted
-    answers = generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    write_text_atomic(path, json.dumps(answers))
-    return answers
+        return run()
+    digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
+                      template=getattr(tokenizer, "chat_template", None), texts=list(texts))
+    answers = memo.recall("generations", digest)
+    if isinstance(answers, list) and len(answers) == len(texts):
+        if progress:
+            progress(len(texts), len(texts))
+        lp = first_token_logprobs(model, tokenizer, texts, batch_size, system) if first_logprobs else None
+        return answers, lp
+    answers, lp = run()
+    memo.remember("generations", digest, answers)
+    return answers, lp
 
 
 def _jsonable(x: float | None):

@@ -196,12 +196,14 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
                     calibration_prompts: int = 32, score_prompts: int = 32, margin: float = 0.1, max_tokens: int = 48,
                     confirm_tokens: int = 64,
                     batch_size: int = 16,
-                    system: str | None = None, on_layers=None, on_trial=None) -> SteeringChoice:
+                    system: str | None = None, on_layers=None, on_trial=None,
+                    cache_key: str | None = None) -> SteeringChoice:
     """Pick the layer and alpha for a steering bias.
 
     A single score does not predict which layer steers best (on Qwen2.5-0.5B one layer refuses
     everything at 0.5x the residual norm while another peaks at 85% before looping), so the
     top `candidates` layers by score are each calibrated and the best calibrated one wins.
+    `cache_key` (the weights' fingerprint) keeps layer scores and trials on disk.
     """
     from . import select as sel
 
@@ -213,7 +215,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in allowed][:candidates]
     elif select == "evaluate":
         evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless[:score_prompts], scores=("induce",),
-                                    batch_size=batch_size, system=system, progress=on_layers)
+                                    batch_size=batch_size, system=system, progress=on_layers, cache_key=cache_key)
         layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
     else:
         raise UserError(f"unknown selection '{select}'; choose heuristic or evaluate")
@@ -238,7 +240,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     for lay in layers:
         found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
                                        target=target, max_tokens=max_tokens, batch_size=max(batch_size, len(prompts)),
-                                       system=system, on_trial=on_trial)
+                                       system=system, on_trial=on_trial, cache_key=cache_key)
         trials.extend(t)
         if found is None:
             continue
@@ -246,7 +248,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         for m in ([round(found.multiple * (1 + margin), 4)] if margin > 0 else []) + [found.multiple]:
             trial = sel.steering_trial(model, tokenizer, lay, d.directions[lay], norm_at(lay), m, prompts,
                                        confirm_tokens, max(batch_size, 2 * len(prompts)), system,
-                                       harmful=val_harmful[: len(prompts)])
+                                       harmful=val_harmful[: len(prompts)], cache_key=cache_key,
+                                       probe_target=target)
             trials.append(trial)
             if on_trial:
                 on_trial(trial)
