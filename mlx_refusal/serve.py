@@ -40,10 +40,14 @@ PAGE_FILES = ("index.html", "app.js", "style.css")
 
 # vendor/<name>/<file> -> the npm package folder that holds it. Only these files are served or
 # copied: the page imports transformers.min.js (self-contained ES module) and ort.wasm.min.mjs,
-# which loads its wasm glue + binary from the same folder (env.wasm.wasmPaths).
+# which loads its wasm glue + binary from the same folder (env.wasm.wasmPaths). ort.webgpu.min.mjs
+# and the asyncify build are for WebGPU (where the browser has it) and for transformers.js's own
+# pipeline, whose bundled runtime asks for them.
 VENDOR = {
     "transformers": ("@huggingface/transformers/dist", ("transformers.min.js",)),
-    "ort": ("onnxruntime-web/dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")),
+    "ort": ("onnxruntime-web/dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                                     "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs",
+                                     "ort-wasm-simd-threaded.asyncify.wasm")),
 }
 # License texts copied beside vendored code when the page is written next to a bundle.
 VENDOR_LICENSES = {"transformers": "@huggingface/transformers/LICENSE"}

@@ -2,7 +2,8 @@
 
 The page's streamed answer must equal Python onnxruntime's greedy answer for the same prompt and
 steering scale; the activation boxes must show activation x direction for the steered layer; the
-slider must change the answer; and no request may leave 127.0.0.1.
+live meter must show each generated token's projection; the slider must change the answer; stock
+transformers.js must run the bundle's standard file; and no request may leave 127.0.0.1.
 
 Needs Debian's /usr/bin/chromium and export/node_modules (scripts/setup_web.sh installs both).
 """
@@ -75,7 +76,7 @@ class Reference:
 
         self.web = web
         self.tok = AutoTokenizer.from_pretrained(str(web))
-        self.sess = ort.InferenceSession(str(web / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(web / "onnx" / "steerable.onnx"), providers=["CPUExecutionProvider"])
         self.config = json.loads((web / "config.json").read_text())
         gen = json.loads((web / "generation_config.json").read_text())
         self.eos = {i for v in (gen.get("eos_token_id"), self.config.get("eos_token_id"), self.tok.eos_token_id)
@@ -102,7 +103,7 @@ class Reference:
         names = ["logits", f"activations.layer{LAYER}"]
         return dict(zip(names, self.sess.run(names, feeds)))
 
-    def greedy(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> str:
+    def greedy_ids(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> list[int]:
         ids = self.prompt_ids(prompt)
         out = []
         for _ in range(max_new):
@@ -110,7 +111,17 @@ class Reference:
             if nxt in self.eos:
                 break
             out.append(nxt)
-        return self.tok.decode(out, skip_special_tokens=True)
+        return out
+
+    def greedy(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> str:
+        return self.tok.decode(self.greedy_ids(prompt, scale, max_new), skip_special_tokens=True)
+
+    def token_projections(self, prompt: str, scale: float) -> np.ndarray:
+        """The live meter's values: for each generated token, the projection on the direction of
+        resid_pre[LAYER] at the position that predicted it."""
+        ids, out = self.prompt_ids(prompt), self.greedy_ids(prompt, scale)
+        acts = self.forward(ids + out, scale)[f"activations.layer{LAYER}"][0]
+        return acts[len(ids) - 1: len(ids) - 1 + len(out)] @ np.array(self.steering["direction"], np.float32)
 
     def contributions(self, prompt: str, scale: float) -> np.ndarray:
         act = self.forward(self.prompt_ids(prompt), scale)[f"activations.layer{LAYER}"][0, -1]
@@ -147,6 +158,7 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     empty.mkdir()
     main_server = _serve(web)  # page from export/, runtime from export/node_modules
     copy_server = _serve(with_page, page_dir=empty, node_modules=empty)  # self-contained copy only
+    parent_server = _serve(web.parent)  # the bundle as a folder under the root, as transformers.js expects
     no_bundle_server = _serve(empty)  # the page with no bundle: it must say so, not stay blank
     screenshot = Path(os.environ.get("MLX_REFUSAL_SCREENSHOT", tmp_path / "page.png"))
     try:
@@ -156,13 +168,15 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
             "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1", "prompt": PROMPT, "scales": [1, 0],
             "screenshot": str(screenshot), "timeout_ms": 60000,
             "also_load": [f"{server_url(copy_server)}?max={MAX_NEW}", server_url(no_bundle_server)],
+            "pipeline": {"url": server_url(parent_server), "model": web.name, "dtype": "fp32", "prompt": PROMPT,
+                         "max_new_tokens": MAX_NEW},
         }
         cfg["result"] = str(tmp_path / "result.json")
         cfg_path = tmp_path / "drive.json"
         cfg_path.write_text(json.dumps(cfg))
         proc = subprocess.run(["node", str(DRIVER), str(cfg_path)], capture_output=True, text=True, timeout=150)
     finally:
-        for s in (main_server, copy_server, no_bundle_server):
+        for s in (main_server, copy_server, no_bundle_server, parent_server):
             s.shutdown()
             s.server_close()
     result_path = Path(cfg["result"])
@@ -187,6 +201,14 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     assert second["answer"] == expected[0.0]
     assert second["scale_label"] == "original"
     assert second["answer"] != first["answer"]
+
+    # the live meter: one point per generated token, its projection as Python computes it, and the
+    # original model's level (the gauge's scale-0 mark)
+    for step, scale in ((first, 1.0), (second, 0.0)):
+        np.testing.assert_allclose(step["projections"], ref.token_projections(PROMPT, scale), rtol=1e-3, atol=1e-3)
+        assert step["meter_drawn"] and step["meter_original"] == pytest.approx(step["original"], rel=1e-6)
+    # stock transformers.js runs the standard file (steering fixed at 1) with no steering input fed
+    assert result["pipeline"]["text"] == expected[1.0], result["pipeline"]
 
     # the visualisation: hidden_size boxes, values = activation x direction, colours follow values
     for step, scale in ((first, 1.0), (second, 0.0)):
