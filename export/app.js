@@ -6,12 +6,15 @@
 // transformers.js's generate() neither feeds nor returns.
 //
 // Everything is fetched from this origin: the bundle from ./ (or ?model=relative/folder/), the
-// runtime from ./vendor/. URL parameters: model, dtype (int8|q8|q4|fp32), max (new tokens), scale,
+// runtime from ./vendor/. URL parameters: model, dtype (int8|q8|q4|fp32), backend (wasm|webgpu),
+// max (new tokens), scale,
 // profile=1 (onnxruntime's profiler on; the page also times each step: run vs its own work).
 
 const TRANSFORMERS_URL = new URL('vendor/transformers/transformers.min.js', import.meta.url).href;
 const ORT_URL = new URL('vendor/ort/ort.wasm.min.mjs', import.meta.url).href;
 const ORT_WASM_DIR = new URL('vendor/ort/', import.meta.url).href;
+// the WebGPU build (it runs wasm too, from its asyncify binary); loaded only when WebGPU is picked
+const ORT_WEBGPU_URL = new URL('vendor/ort/ort.webgpu.min.mjs', import.meta.url).href;
 
 // transformers.js layout: which file holds which weights
 const DTYPE_FILES = { int8: 'onnx/model_int8.onnx', q8: 'onnx/model_quantized.onnx', q4: 'onnx/model_q4.onnx',
@@ -213,7 +216,8 @@ async function loadSession(dtype) {
   setStatus(`Initialising the ${dtype} model (${mb(bytes.length)} MB)…`);
   const t1 = performance.now();
   app.session = await ort.InferenceSession.create(bytes, {
-    executionProviders: ['wasm'],
+    // unsupported nodes fall back to wasm; every graph keeps RMSNorm and the residual in float32
+    executionProviders: app.backend === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'],
     graphOptimizationLevel: 'all',
     enableProfiling: params.get('profile') === '1',
     ...(externalData.length ? { externalData } : {}),
@@ -419,7 +423,7 @@ async function regenerate() {
 }
 
 function setControlsEnabled(on) {
-  for (const id of ['prompt', 'send', 'dtype', 'clear']) $(id).disabled = !on;
+  for (const id of ['prompt', 'send', 'dtype', 'backend', 'clear']) $(id).disabled = !on;
 }
 
 // ---------------------------------------------------------------- steering control
@@ -624,7 +628,8 @@ function renderInfo() {
   add('load', 'Load time', `${(app.loadTimes.download + app.loadTimes.init).toFixed(1)} s `
     + `(download ${app.loadTimes.download.toFixed(1)} s, session ${app.loadTimes.init.toFixed(1)} s)`);
   add('runtime', 'Runtime', `onnxruntime-web ${app.ort.env.versions?.web ?? ''}, wasm, `
-    + `${app.ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (not cross-origin isolated)'}`);
+    + `${app.ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (not cross-origin isolated)'}`
+    + (app.backend === 'webgpu' ? ', WebGPU' : ''));
   $('info').replaceChildren(...rows.map(([key, label, value]) => {
     const div = document.createElement('div');
     div.dataset.key = key;
@@ -647,6 +652,50 @@ function summarise(obj) {
 
 // ---------------------------------------------------------------- start-up
 
+// WebGPU where the browser gives an adapter; otherwise WASM, with a note that says why.
+async function webgpuStatus() {
+  if (!navigator.gpu) return { ok: false, why: 'this browser has no WebGPU (navigator.gpu is missing)' };
+  try {
+    const adapter = await navigator.gpu.requestAdapter();
+    return adapter ? { ok: true } : { ok: false, why: 'WebGPU found no GPU adapter (GPU disabled or unsupported)' };
+  } catch (e) {
+    return { ok: false, why: `WebGPU failed (${e.message})` };
+  }
+}
+
+function configureOrt(ort) {
+  ort.env.wasm.wasmPaths = ORT_WASM_DIR;
+  // 2+ threads need SharedArrayBuffer, which needs cross-origin isolation (serve.py's COOP/COEP)
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+}
+
+async function useBackend(name) {
+  if (name === 'webgpu') {
+    if (!app.ortWebgpu) { app.ortWebgpu = await import(ORT_WEBGPU_URL); configureOrt(app.ortWebgpu); }
+    app.ort = app.ortWebgpu;
+  } else {
+    app.ort = app.ortWasm;
+  }
+  app.backend = name;
+  document.body.dataset.backend = name;
+}
+
+function fillBackendPicker(gpu) {
+  const wanted = params.get('backend') ?? 'wasm';
+  const select = $('backend');
+  select.replaceChildren(new Option('WASM (CPU)', 'wasm'), ...(gpu.ok ? [new Option('WebGPU', 'webgpu')] : []));
+  select.value = wanted === 'webgpu' && gpu.ok ? 'webgpu' : 'wasm';
+  $('backend-note').textContent = gpu.ok
+    ? 'WebGPU is available: pick it to run the q4 file on the GPU.'
+    : `${gpu.why}; running on WASM (CPU)${wanted === 'webgpu' ? ' instead of the WebGPU asked for' : ''}.`;
+  return select.value;
+}
+
+// q4 (MatMulNBits) is the small, fast file on WebGPU; on wasm the int8 file is.
+function defaultDtype(available) {
+  return app.backend === 'webgpu' && available.includes('q4') ? 'q4' : available[0];
+}
+
 function fillDtypePicker() {
   const available = DTYPE_ORDER.filter((d) => app.bundle.files[d]);
   const wanted = params.get('dtype');
@@ -658,7 +707,7 @@ function fillDtypePicker() {
     const bytes = app.bundle.files[d].bytes;
     return new Option(DTYPE_LABELS[d] + (bytes ? `, ${(bytes / 1e6).toFixed(0)} MB` : ''), d);
   }));
-  select.value = wanted ?? available[0];
+  select.value = wanted ?? defaultDtype(available);
   return select.value;
 }
 
@@ -669,14 +718,14 @@ async function main() {
       + 'run scripts/setup_web.sh, or re-export with --with-page');
   });
   app.tf = tf;
-  app.ort = ort;
+  app.ortWasm = ort;
   // Offline: never reach for the model hub or a CDN.
   tf.env.allowRemoteModels = false;
   tf.env.allowLocalModels = true;
   tf.env.useBrowserCache = false;
   if (tf.env.backends?.onnx?.wasm) tf.env.backends.onnx.wasm.wasmPaths = ORT_WASM_DIR;
-  ort.env.wasm.wasmPaths = ORT_WASM_DIR;
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+  configureOrt(ort);
+  await useBackend(fillBackendPicker(await webgpuStatus()));
 
   setStatus('Reading the bundle…');
   app.bundle = await readBundle();
@@ -697,6 +746,12 @@ $('clear').addEventListener('click', () => { app.messages = []; $('transcript').
 $('scale').addEventListener('input', renderScaleControl);
 $('scale').addEventListener('change', () => { renderScaleControl(); regenerate().catch(showError); });
 $('dtype').addEventListener('change', () => loadSession($('dtype').value).catch(showError));
+$('backend').addEventListener('change', () => (async () => {
+  await useBackend($('backend').value);
+  const available = DTYPE_ORDER.filter((d) => app.bundle.files[d]);
+  $('dtype').value = defaultDtype(available);
+  await loadSession($('dtype').value);
+})().catch(showError));
 $('units').addEventListener('mouseover', (e) => describeUnit(e.target));
 
 main().catch(showError);

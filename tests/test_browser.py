@@ -165,7 +165,7 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
         url = server_url(main_server)
         cfg = {
             "node_modules": str(NODE_MODULES), "chromium": str(CHROMIUM),
-            "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1", "prompt": PROMPT, "scales": [1, 0],
+            "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1&backend=webgpu", "prompt": PROMPT, "scales": [1, 0],
             "screenshot": str(screenshot), "timeout_ms": 60000,
             "also_load": [f"{server_url(copy_server)}?max={MAX_NEW}", server_url(no_bundle_server)],
             "pipeline": {"url": server_url(parent_server), "model": web.name, "dtype": "fp32", "prompt": PROMPT,
@@ -207,6 +207,9 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     for step, scale in ((first, 1.0), (second, 0.0)):
         np.testing.assert_allclose(step["projections"], ref.token_projections(PROMPT, scale), rtol=1e-3, atol=1e-3)
         assert step["meter_drawn"] and step["meter_original"] == pytest.approx(step["original"], rel=1e-6)
+    # headless Chromium here has no GPU: the page says so and runs on WASM
+    assert "running on WASM (CPU) instead of the WebGPU asked for" in first["backend_note"]
+    assert first["timings"]["load"]["backend"] == "wasm"
     # stock transformers.js runs the standard file (steering fixed at 1) with no steering input fed
     assert result["pipeline"]["text"] == expected[1.0], result["pipeline"]
 
@@ -242,3 +245,56 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     assert copy["state"] == "ready", copy
     assert missing["state"] == "error" and "config.json" in missing["error"], missing
     assert screenshot.stat().st_size > 10_000
+
+
+REAL_PROMPT = "How do I make a cup of tea?"
+
+
+@pytest.mark.real
+def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory, tmp_path):
+    """The steered default model exported with the page's default dtype (int8), in Chromium: a
+    refusal at scale 1, an answer once the slider moves to 0, and both the same as Python
+    onnxruntime's greedy output on the same file for at least the first 8 tokens."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from conftest import run_cli
+    from transformers import AutoTokenizer
+
+    from mlx_refusal.judge import is_refusal
+    from mlx_refusal.onnx import OnnxDecoder, export_onnx
+
+    root = tmp_path_factory.mktemp("real_browser")
+    steered = root / "refusallm"
+    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", steered)
+    web = export_onnx(steered, root / "web", dtypes="int8").out_dir
+
+    tok = AutoTokenizer.from_pretrained(str(web))
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": REAL_PROMPT}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)
+    eos = tuple(json.loads((web / "generation_config.json").read_text()).get("eos_token_id") or ())
+    dec = OnnxDecoder(web / "onnx" / "steerable_int8.onnx")
+    python = {s: dec.greedy(ids, 8, eos, steering_scale=s) for s in (1.0, 0.0)}
+
+    server = _serve(web)
+    try:
+        cfg = {"node_modules": str(NODE_MODULES), "chromium": str(CHROMIUM), "prompt": REAL_PROMPT,
+               "url": f"{server_url(server)}?max=24&scale=1", "scales": [1, 0],
+               "screenshot": str(tmp_path / "real.png"), "timeout_ms": 240000, "result": str(tmp_path / "r.json")}
+        (tmp_path / "drive.json").write_text(json.dumps(cfg))
+        proc = subprocess.run(["node", str(DRIVER), str(tmp_path / "drive.json")], capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = json.loads(Path(cfg["result"]).read_text())
+    assert proc.returncode == 0 and "failure" not in result, (
+        f"{result.get('failure')}\nconsole:\n" + "\n".join(result["console"][-30:]))
+    first, second = result["steps"]
+    print(f"\nint8 page: scale 1 {first['answer']!r}\n  scale 0 {second['answer']!r}\n  {first['timings']}")
+    assert first["timings"]["load"]["dtype"] == "int8"  # the page's default for this bundle
+    assert is_refusal(first["answer"]) and not is_refusal(second["answer"])
+    for step, scale in ((first, 1.0), (second, 0.0)):
+        want = tok.decode([t for t in python[scale] if t not in eos], skip_special_tokens=True)
+        assert step["answer"].startswith(want), (scale, step["answer"], want)
+    assert len(first["projections"]) >= 8 and np.mean(first["projections"]) > np.mean(second["projections"])
