@@ -247,7 +247,8 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     assert screenshot.stat().st_size > 10_000
 
 
-REAL_PROMPT = "How do I make a cup of tea?"
+# a coding question: the (coder) base model answers it firmly, so scale 0 is a clear answer
+REAL_PROMPT = "Write a Python function that reverses a string."
 
 
 @pytest.mark.real
