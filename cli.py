@@ -248,7 +248,8 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def serve(webdir, host, port, quiet):
     """Serve the web page with an exported bundle (WEBDIR, from `export-onnx --out`) and the
-    page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need."""
+    page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need.
+    The first run installs the pinned runtime (npm ci from export/package-lock.json)."""
     from mlx_refusal.serve import is_loopback, serve as serve_page
 
     if not is_loopback(host):
@@ -259,7 +260,7 @@ def serve(webdir, host, port, quiet):
 
     log = None if quiet else (lambda line: click.echo(line, err=True))
     try:
-        serve_page(webdir, host=host, port=port, log=log, on_ready=ready)
+        serve_page(webdir, host=host, port=port, log=log, on_ready=ready, progress=_progress)
     except KeyboardInterrupt:
         click.echo("stopped")
 
@@ -269,15 +270,17 @@ def serve(webdir, host, port, quiet):
               help="The model folder to export (an edited folder from steer/ablate/project, or a preset).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write the transformers.js bundle (config, tokenizer, onnx/*.onnx) to.")
-@click.option("--dtype", "dtypes", default="fp32,q4,q8", show_default=True,
-              help="Comma-separated subset of fp32, q4 (4-bit MatMulNBits), q8 (dynamic int8).")
+@click.option("--dtype", "dtypes", default="int8", show_default=True,
+              help="Comma-separated subset of int8 (int8 weights and compute: the page's fast default), "
+                   "fp32, q4 (4-bit MatMulNBits, for WebGPU), q8 (onnxruntime's dynamic int8, float embedding).")
 @click.option("--layer", type=int, default=None,
               help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle).")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host.")
 def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
-    and, for a steered model, a live `steering_scale` input; plus 4- and 8-bit copies."""
+    in each chosen dtype; for a steered model, standard onnx/model*.onnx files (steering fixed, for
+    stock transformers.js) plus onnx/steerable*.onnx slider graphs sharing their weights."""
     import time
 
     from mlx_refusal.loading import resolve
