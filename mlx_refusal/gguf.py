@@ -692,6 +692,8 @@ def convert(
     )
     if progress:
         progress(f"writing {out_dir}")
-    with atomic_directory(out_dir, force=force) as tmp:
+    size = sum(a.size for a in contents.weights.values()) * (4 if dtype == "float32" else 2)
+    with atomic_directory(out_dir, force, lambda p: (p / "config.json").exists(), "a model folder",
+                          size=size, note=progress) as tmp:
         write_folder(contents, tmp, dtype)
     return out_dir
