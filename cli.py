@@ -542,7 +542,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     from mlx_refusal import validate
 
     if alpha is not None and alpha_multiple is not None:
-        raise UserError("give --alpha or --alpha-multiple, not both")
+        raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
     validate.finite("--alpha", alpha, positive=True)
     validate.finite("--alpha-multiple", alpha_multiple, positive=True, limit=validate.MAX_ALPHA_MULTIPLE)
     _preflight(model_spec, harmful, harmless, out, force, what="steer", layer=layer,
