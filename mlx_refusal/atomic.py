@@ -77,13 +77,16 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2g} GB" if n >= 1e7 else f"{n / 1e9:.4f} GB"
 
 
-def no_space_error(target: Path, needed: int | None) -> UserError:
+def no_space_error(target: Path, needed: int | None, writing: bool = False) -> UserError:
+    """The one-line error for a disk too full for `target`; `writing`: a write failed (which a
+    file-size limit also causes), rather than the free-space check."""
     target = Path(target).absolute()
     mount = _mount_point(target.parent)
     free = shutil.disk_usage(mount).free
     need = f"needed ~{_gb(needed)}" if needed else "needed more"
-    return UserError(f"no space left on {mount} for {target} ({need}, {_gb(free)} free, or a file-size limit was "
-                     "reached); free some space or choose --out on another disk")
+    limit = ", or a file-size limit was reached" if writing else ""
+    return UserError(f"no space left on {mount} for {target} ({need}, {_gb(free)} free{limit}); "
+                     "free some space or choose --out on another disk")
 
 
 def check_free_space(target: Path, needed: int | None) -> None:
@@ -256,7 +259,7 @@ def atomic_directory(target, force: bool = False, is_ours: Callable[[Path], bool
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_space_error(exc):
-            raise no_space_error(target, size) from None
+            raise no_space_error(target, size, writing=True) from None
         raise
 
 
@@ -279,7 +282,7 @@ def atomic_file(path) -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if _is_space_error(exc):
-            raise no_space_error(path, None) from None
+            raise no_space_error(path, None, writing=True) from None
         raise
 
 
