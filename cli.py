@@ -40,8 +40,11 @@ class _Group(click.Group):
 
 
 def _note(message, category, filename, lineno, file=None, line=None):
-    """Library warnings (dropped duplicates, a damaged cache entry) as one `note:` line."""
-    click.secho(f"note: {message}", fg="yellow", err=True)
+    """Library warnings (dropped duplicates, a damaged cache entry) as one `note:` line, printed
+    above a running progress bar rather than into it."""
+    from tqdm import tqdm
+
+    tqdm.write(click.style(f"note: {message}", fg="yellow"), file=sys.stderr)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
