@@ -22,14 +22,29 @@ class _Group(click.Group):
     """Turns UserError (and a few environment errors) into one line on stderr, exit status 2."""
 
     def invoke(self, ctx):
+        import warnings
+
+        warnings.showwarning = _note
         try:
             return super().invoke(ctx)
         except UserError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
+            where = f"{exc.ctx.command_path} --help" if exc.ctx else "--help"
+            click.secho(f"error: {exc.format_message()} (see {where})", fg="red", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted (nothing half-written was left behind)", fg="yellow", err=True)
             sys.exit(130)
+
+
+def _note(message, category, filename, lineno, file=None, line=None):
+    """Library warnings (dropped duplicates, a damaged cache entry) as one `note:` line, printed
+    above a running progress bar rather than into it."""
+    from tqdm import tqdm
+
+    tqdm.write(click.style(f"note: {message}", fg="yellow"), file=sys.stderr)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -89,8 +104,10 @@ def info(model_spec):
               show_default=True, help="Dtype the dequantized weights are stored in.")
 def import_gguf(gguf_file, out_dir, force, dtype):
     """Convert a llama.cpp GGUF file into an mlx_lm folder that stock `mlx_lm.load` opens."""
+    from mlx_refusal import validate
     from mlx_refusal.gguf import convert
 
+    validate.out_folder(out_dir, force)
     click.echo(f"converting {gguf_file} -> {out_dir}", err=True)
     convert(gguf_file, out_dir, dtype=dtype, force=force, progress=_progress)
     click.echo(f"wrote {out_dir}")
@@ -131,6 +148,36 @@ gen_batch_option = click.option("--gen-batch-size", default=64, show_default=Tru
                                      "memory-bound: larger batches give more tokens/s).")
 cache_option = click.option("--no-cache", is_flag=True,
                             help="Recompute activations instead of reusing the on-disk cache.")
+directions_file_option = click.option(
+    "--directions", "directions_file", type=click.Path(path_type=Path), default=None,
+    help="A directions.safetensors (or its folder) written by `directions` for this same model, used "
+         "instead of capturing the training prompts again.")
+
+
+def _preflight(model_spec: str, harmful: str, harmless: str, out: Path | None, force: bool, *,
+               what: str, layer: int | None = None, layers_text: str | None = None,
+               directions_file: Path | None = None, system: str | None = None, out_kind: str = "model") -> Path:
+    """Validate the options of a model command before the model is loaded; return the model folder."""
+    from mlx_refusal import validate
+    from mlx_refusal.loading import resolve, weight_fingerprint
+    from mlx_refusal.prompts import is_bundled, resolve_prompts
+    from mlx_refusal.save import is_model_folder
+
+    out = out or _default_out(model_spec, what)
+    validate.out_folder(out, force, *((is_model_folder, "a model folder") if out_kind == "model" else ()))
+    sets = [resolve_prompts(spec, "all") for spec in (harmful, harmless)]
+    validate.distinct_sets(harmful, harmless, *sets)
+    folder = resolve(model_spec, progress=_progress)
+    num_layers = validate.model_config(folder).get("num_hidden_layers")
+    validate.layer("--layer", layer, num_layers)
+    if layers_text and num_layers:
+        validate.layer_range(layers_text, num_layers)
+    files = [s for spec, s in zip((harmful, harmless), sets) if not is_bundled(spec)]
+    if files:
+        validate.prompts_fit(folder, files, system)
+    if directions_file is not None:
+        validate.directions_match(directions_file, weight_fingerprint(folder))
+    return folder
 
 
 def _load_model(spec: str):
@@ -146,8 +193,8 @@ def _prompt_sets(harmful: str, harmless: str, split: str):
     return resolve_prompts(harmful, split), resolve_prompts(harmless, split)
 
 
-def _default_out(info, what: str) -> Path:
-    name = Path(str(info.spec).rstrip("/")).name.replace(".gguf", "") or "model"
+def _default_out(spec: str, what: str) -> Path:
+    name = Path(str(spec).rstrip("/")).name.replace(".gguf", "") or "model"
     return Path("runs") / name / what
 
 
@@ -167,11 +214,24 @@ def _report_method(m: dict) -> None:
                     fg="yellow", err=True)
 
 
-def _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache):
+def _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache,
+                    directions_file=None):
     from mlx_refusal.console import progress_bar
+    from mlx_refusal.prompts import directions_split, resolve_prompts
     from mlx_refusal.workflow import compute_directions
 
-    hset, lset = _prompt_sets(harmful, harmless, split)
+    if directions_file is not None:
+        from mlx_refusal.directions import load_directions
+
+        d = load_directions(directions_file)
+        used = d.metadata.get("prompts", {})
+        click.echo(f"directions from {directions_file} ({used.get('harmful', {}).get('n', '?')} harmful and "
+                   f"{used.get('harmless', {}).get('n', '?')} harmless prompts)", err=True)
+        return d, {"cache_hits": {"harmful": True, "harmless": True}, "directions_file": str(directions_file)}
+    hset = resolve_prompts(harmful, directions_split(harmful, split))
+    lset = resolve_prompts(harmless, directions_split(harmless, split))
+    click.echo(f"using {len(hset)} harmful prompts ({hset.name}) and {len(lset)} harmless prompts ({lset.name})",
+               err=True)
     method = click.get_current_context().meta.get("direction_method", "auto")
     d, run = compute_directions(model, tok, info, hset, lset, positions, system, batch_size,
                                 use_cache=not no_cache, progress=progress_bar, method=method)
@@ -202,8 +262,9 @@ def _held_back_separation(model, tok, d, harmful, harmless, split, system, batch
 @model_option
 @harmful_option
 @harmless_option
-@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="train", show_default=True,
-              help="Which split of the prompt sets to use (bundled or file, split deterministically).")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
+              help="Which split of the prompt sets to use, split deterministically [default: train for a bundled "
+                   "set, so its val and test splits stay held out; all of a file you pass].")
 @positions_option
 @system_option
 @batch_option
@@ -222,15 +283,21 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     from mlx_refusal.workflow import write_provenance
 
     t0 = time.perf_counter()
+    _preflight(model_spec, harmful, harmless, out, True, what="directions", system=system, out_kind="directions")
     model, tok, info = _load_model(model_spec)
     d, run = _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache)
-    out = out or _default_out(info, "directions")
+    out = out or _default_out(info.spec, "directions")
     path = save_directions(d, out)
     scores = heuristic_scores(d)
     ranked = rank_heuristic(d)
     jpath, ppath = write_ranking(scores, ranked, out)
-    auc = _held_back_separation(model, tok, d, harmful, harmless, split, system, batch_size)
-    write_provenance(out, {**d.metadata, "split": split, "run": run, "outputs": [path.name, jpath.name, ppath.name],
+    from mlx_refusal.prompts import directions_split
+
+    splits = {"harmful": directions_split(harmful, split), "harmless": directions_split(harmless, split)}
+    # the val split is held back only when both sets were taken from their train split
+    held_back = "train" if set(splits.values()) == {"train"} else "all"
+    auc = _held_back_separation(model, tok, d, harmful, harmless, held_back, system, batch_size)
+    write_provenance(out, {**d.metadata, "split": splits, "run": run, "outputs": [path.name, jpath.name, ppath.name],
                            "separation_auroc_val": None if auc is None else [round(float(a), 4) for a in auc]})
     rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] + ([auc[r.layer]] if auc is not None else [])
             for r in ranked[:top]]
@@ -286,8 +353,12 @@ def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     from mlx_refusal.loading import resolve
     from mlx_refusal.onnx import export_onnx, parse_dtypes
 
+    from mlx_refusal import validate
+
     parse_dtypes(dtypes)  # fail on a typo before loading anything
+    validate.out_folder(out_dir, True)  # file / read-only; export_onnx refuses a folder that is not an export
     folder = resolve(model_spec, progress=_progress)
+    validate.layer("--layer", layer, validate.model_config(folder).get("num_hidden_layers"))
     page = Path(__file__).resolve().parent / "export"
     if with_page and not (page / "index.html").is_file():
         raise UserError(f"--with-page: no page in {page} (index.html missing); build the page first")
@@ -418,11 +489,6 @@ max_tokens_option = click.option("--max-tokens", default=64, show_default=True, 
                                  help="New tokens per answer in the before/after report.")
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
-
-
 def _seed(seed: int) -> None:
     import random
 
@@ -515,6 +581,7 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @system_option
 @batch_option
 @cache_option
+@directions_file_option
 @edit_out_option
 @force_option
 @seed_option
@@ -523,8 +590,8 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @gen_batch_option
 @save_dtype_option
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
-          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-          gen_batch_size, save_dtype):
+          calibration_prompts, positions, system, batch_size, no_cache, directions_file, out, force, seed, eval_limit,
+          max_tokens, gen_batch_size, save_dtype):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -539,16 +606,21 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     from mlx_refusal.select import candidate_layers, plot_sweep
     from mlx_refusal.workflow import choose_steering
 
+    from mlx_refusal import validate
+
     if alpha is not None and alpha_multiple is not None:
-        raise UserError("give --alpha or --alpha-multiple, not both")
+        raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
+    validate.finite("--alpha", alpha, positive=True)
+    validate.finite("--alpha-multiple", alpha_multiple, positive=True, limit=validate.MAX_ALPHA_MULTIPLE)
+    _preflight(model_spec, harmful, harmless, out, force, what="steer", layer=layer,
+               directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
     model, tok, info = _load_model(model_spec)
-    out = out or _default_out(info, "steer")
-    _check_out(out, force)
-    if layer is not None and not 0 <= layer < info.num_layers:
-        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    out = out or _default_out(info.spec, "steer")
+    validate.layer("--layer", layer, info.num_layers)
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
+                             directions_file)
     hval, lval = _prompt_sets(harmful, harmless, "val")
 
     trials_seen = []
@@ -631,27 +703,9 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
 
 
-def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            lo, hi = int(a or 0), int(b or num_layers)
-            layers = list(range(lo, hi))
-        else:
-            layers = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--layers {text!r} is not a range like 4:20 or a list like 3,5,7") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or not layers:
-        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}")
-    return layers
-
-
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype):
+                     gen_batch_size, max_kl, save_dtype, directions_file=None):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -661,15 +715,19 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     from mlx_refusal.save import save_model
     from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated, rank_heuristic
 
+    from mlx_refusal import validate
+
+    validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    _preflight(model_spec, harmful, harmless, out, force, what=kind, layer=layer, layers_text=layers_text,
+               directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
     model, tok, info = _load_model(model_spec)
-    out = out or _default_out(info, kind)
-    _check_out(out, force)
-    if layer is not None and not 0 <= layer <= info.num_layers:
-        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
-    writer_layers = _parse_layer_range(layers_text, info.num_layers)
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    out = out or _default_out(info.spec, kind)
+    validate.layer("--layer", layer, info.num_layers)
+    writer_layers = validate.layer_range(layers_text, info.num_layers)
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
+                             directions_file)
 
     evals = []
     if per_layer:
@@ -746,8 +804,8 @@ def _orthogonal_options(f):
         click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
-        positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
-        eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
+        positions_option, system_option, batch_option, cache_option, directions_file_option, edit_out_option,
+        force_option, seed_option, eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
     ]):
         f = opt(f)
     return f
@@ -756,12 +814,13 @@ def _orthogonal_options(f):
 @main.command()
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype):
+           system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
+           save_dtype):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype)
+                     gen_batch_size, max_kl, save_dtype, directions_file)
 
 
 @main.command()
@@ -770,12 +829,13 @@ def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, pe
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, scale):
+            system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
+            save_dtype, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype)
+                     gen_batch_size, max_kl, save_dtype, directions_file)
 
 
 def _ensure(path: Path) -> Path:

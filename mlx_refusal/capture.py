@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from . import arch
+from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
@@ -176,7 +177,13 @@ def capture_key(fingerprint: str, prompts: list[str], chat_template: str | None,
     return h.hexdigest()
 
 
+class CacheEntryRecomputed(UserWarning):
+    """A cache entry could not be read (damaged, truncated); it is recomputed (the CLI prints a note)."""
+
+
 def load_cached(cache_dir: Path, key: str) -> Capture | None:
+    """The cached capture for `key`, or None when there is none or it is damaged (then it is
+    deleted and a CacheEntryRecomputed warning says so)."""
     path = Path(cache_dir) / f"{key}.npz"
     if not path.exists():
         return None
@@ -184,21 +191,26 @@ def load_cached(cache_dir: Path, key: str) -> Capture | None:
         with np.load(path) as z:
             acts = z["acts"] if "acts" in z.files else None
             stats = json.loads(str(z["stats"]))
-            return Capture(z["mean"], z["mean_norm"], int(z["count"]), acts, stats)
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged entry is recomputed, not trusted
+            cap = Capture(z["mean"], z["mean_norm"], int(z["count"]), acts, stats)
+        if cap.mean.ndim != 2 or cap.mean_norm.shape != cap.mean.shape[:1] or cap.count < 1:
+            raise ValueError("inconsistent shapes")
+        return cap
+    except Exception as exc:  # zipfile, numpy and json each raise their own types for a damaged file
+        warnings.warn(f"activation cache entry {path.name} is damaged ({type(exc).__name__}); recomputing it",
+                      CacheEntryRecomputed, stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def store_cached(cache_dir: Path, key: str, cap: Capture) -> None:
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npz"
+    """Write one entry atomically (temp file + fsync + rename): concurrent runs that compute the
+    same entry each replace it whole, so a reader sees one complete entry or none."""
     arrays = {"mean": cap.mean, "mean_norm": cap.mean_norm, "count": np.array(cap.count),
               "stats": np.array(json.dumps(cap.stats))}
     if cap.acts is not None:
         arrays["acts"] = cap.acts
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache_dir / f"{key}.npz")
+    with atomic_file(Path(cache_dir) / f"{key}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def cached_capture(

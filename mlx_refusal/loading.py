@@ -349,7 +349,8 @@ def resolve(spec, progress: Progress | None = None) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"{path} is a folder but not an mlx_lm model (no config.json)")
+            raise UserError(f"{path} is a folder but not an mlx_lm model (no config.json); "
+                            "pass a folder holding config.json and *.safetensors, or a .gguf file")
         return path
     if path.is_file():
         with open(path, "rb") as f:
@@ -358,7 +359,7 @@ def resolve(spec, progress: Progress | None = None) -> Path:
             return _gguf_folder(path, progress)
         raise UserError(f"{path} is neither an mlx_lm folder nor a .gguf file")
     if _looks_like_path(spec):
-        raise UserError(f"no such file or folder: {spec}")
+        raise UserError(f"no such file or folder: {spec}; check the path, or pass a preset name")
     if "/" not in spec:
         raise _unknown(spec)
     if not _HF_REPO.match(spec):

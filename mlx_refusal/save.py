@@ -182,7 +182,8 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
                   "quantization": config.get("quantization"), "source": str(source_dir)},
     })
 
-    with atomic_directory(out_dir, force, is_model_folder, "a model folder") as tmp:
+    size = sum(v.nbytes for v in weights.values())
+    with atomic_directory(out_dir, force, is_model_folder, "a model folder", size=size, note=say) as tmp:
         say("writing weights")
         record["saved"]["weight_files"] = _write_weights(weights, tmp)
         del weights

@@ -284,17 +284,18 @@ def make_server(
     if not webdir.is_dir():
         raise UserError(f"{webdir} is not a folder; pass the folder written by `export-onnx --out`")
     site = Site(webdir.resolve(), Path(page_dir), Path(node_modules))
-    missing = site.missing()
-    if missing:
-        raise UserError(
-            "cannot serve the page, missing: " + "; ".join(missing)
-            + ". Fix: run `bash scripts/setup_web.sh` (installs the pinned JS runtime into export/node_modules)"
-        )
     handler = type("Handler", (PageRequestHandler,), {"site": site, "log": staticmethod(log) if log else None})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
+    missing = site.missing()
+    if missing:
+        server.server_close()
+        raise UserError(
+            "cannot serve the page, missing: " + "; ".join(missing)
+            + ". Fix: run `bash scripts/setup_web.sh` (installs the pinned JS runtime into export/node_modules)"
+        )
     server.daemon_threads = True
     return server
 

@@ -111,7 +111,7 @@ def export_onnx(
     model_type = web_model_type(src)
     _check_tokenizer(src.path)  # before minutes of graph building, not after
 
-    with atomic_directory(out_dir, force, _is_export, "an ONNX export") as tmp:
+    with atomic_directory(out_dir, force, _is_export, "an ONNX export", note=say) as tmp:
         (tmp / "onnx").mkdir()
         external: dict[str, int] = {}
         steered = src.steering is not None
