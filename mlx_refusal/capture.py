@@ -27,7 +27,7 @@ import numpy as np
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from . import arch
+from . import arch, distributed
 from .errors import UserError
 from .interventions import hooked_layers
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
@@ -159,7 +159,16 @@ def capture_residuals(
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
     "post-instruction"), one row per layer input plus the final residual."""
     encoded = encode_prompts(tokenizer, prompts, positions, system)
-    return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    group = distributed.data_group(model)
+    if group is None:
+        return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    # Data parallel: this rank's share, then every rank's sums and counts added together.
+    mine = distributed.share(encoded, group)
+    if not mine:
+        raise UserError(f"{len(encoded)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all, progress),
+                                        len(encoded), group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +230,13 @@ def cached_capture(
     root = cache_dir("activations")
     if use_cache:
         hit = load_cached(root, key)
-        if hit is not None and (hit.acts is not None or not keep_all):
+        usable = hit is not None and (hit.acts is not None or not keep_all)
+        # every rank must take the same branch: a capture runs collectives
+        if distributed.everyone(usable, distributed.world()):
             if not keep_all:
                 hit.acts = None
             return hit, True
     cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
-    if use_cache:
+    if use_cache and distributed.is_writer():
         store_cached(root, key, cap)
     return cap, False

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
-from . import arch
+from . import arch, distributed
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .errors import UserError
 from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
@@ -182,17 +182,22 @@ def generate(
     system: str | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy answers to `prompts` (user turns in the chat template), in input order."""
-    ids = generate_tokens(
-        model,
-        encode_chat(tokenizer, prompts, system),
-        max_tokens=max_tokens,
-        eos_ids=eos_token_ids(tokenizer),
-        batch_size=batch_size,
-        pad_id=_pad_id(tokenizer),
-        progress=progress,
-    )
-    return [tokenizer.decode(t) for t in ids]
+    """Greedy answers to `prompts` (user turns in the chat template), in input order. Under
+    `mlx.launch` each data-parallel rank answers its share and every rank gets all answers."""
+
+    def answer(part: list[str]) -> list[str]:
+        ids = generate_tokens(
+            model,
+            encode_chat(tokenizer, part, system),
+            max_tokens=max_tokens,
+            eos_ids=eos_token_ids(tokenizer),
+            batch_size=batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress,
+        )
+        return [tokenizer.decode(t) for t in ids]
+
+    return distributed.map_prompts(model, answer, prompts, gather="json")
 
 
 def first_token_logprobs(
@@ -203,7 +208,14 @@ def first_token_logprobs(
     system: str | None = None,
     progress: Progress | None = None,
 ) -> mx.array:
-    """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab]."""
+    """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab].
+    Under `mlx.launch` each data-parallel rank computes its share's rows."""
+    return distributed.map_prompts(
+        model, lambda part: _first_token_logprobs(model, tokenizer, part, batch_size, system, progress),
+        prompts, gather="rows")
+
+
+def _first_token_logprobs(model, tokenizer, prompts, batch_size, system, progress) -> mx.array:
     prompt_ids = encode_chat(tokenizer, prompts, system)
     _check_nonempty(prompt_ids)
     rows: list[mx.array | None] = [None] * len(prompt_ids)
@@ -420,17 +432,22 @@ def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pr
                                    "template": getattr(tokenizer, "chat_template", None),
                                    "texts": list(texts)}).encode()).hexdigest()
     path = cache_dir("generations") / f"{h}.json"
+    answers = None
     if path.exists():
         try:
             answers = json.loads(path.read_text())
-            if len(answers) == len(texts):
-                if progress:
-                    progress(len(texts), len(texts))
-                return answers
+            if len(answers) != len(texts):
+                answers = None
         except (OSError, ValueError):
-            pass  # a damaged entry is regenerated, not trusted
+            answers = None  # a damaged entry is regenerated, not trusted
+    # every rank must take the same branch: generating runs collectives
+    if distributed.everyone(answers is not None, distributed.world()):
+        if progress:
+            progress(len(texts), len(texts))
+        return answers
     answers = generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    write_text_atomic(path, json.dumps(answers))
+    if distributed.is_writer():
+        write_text_atomic(path, json.dumps(answers))
     return answers
 
 

@@ -391,9 +391,10 @@ def stored_dtype(path) -> str:
     return names.get(best, str(best).lower())
 
 
-def cast_for_compute(model, stored: str | None = None) -> None:
+def cast_for_compute(model, stored: str | None = None, evaluate: bool = True) -> None:
     """Cast floating parameters to the compute dtype (float32 on the CPU), leaving quantized
-    layers (packed weights, scales, biases) as they are."""
+    layers (packed weights, scales, biases) as they are. evaluate=False leaves the casts lazy
+    (a streamed edit evaluates one tensor at a time)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
@@ -409,12 +410,16 @@ def cast_for_compute(model, stored: str | None = None) -> None:
             updates.append((name, value.astype(target)))
     if updates:
         model.update(tree_unflatten(updates))
-        mx.eval(model.parameters())
+        if evaluate:
+            mx.eval(model.parameters())
 
 
-def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None):
+def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_parallel: bool = False):
     """Load `spec` -> (model, tokenizer, ModelInfo). The model computes in float32 on the CPU
-    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper."""
+    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper.
+
+    tensor_parallel: under `mlx.launch`, load only this rank's slice of every block with
+    mlx_lm's `sharded_load` (see distributed.py)."""
     import mlx_lm
     from mlx_lm.utils import get_total_parameters
 
@@ -430,7 +435,12 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None):
     if progress:
         progress(f"loading {path}")
     try:
-        model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": False})
+        if tensor_parallel:
+            from .distributed import sharded_load
+
+            model, tokenizer = sharded_load(path)
+        else:
+            model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": False})
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)

@@ -1,0 +1,214 @@
+"""Edit a model folder shard by shard, for a model that does not fit in memory.
+
+The weight edits (edit.ablate, edit.add_steering_bias) need nothing but the directions and the
+matrices they touch, so the model never has to be loaded whole. For each safetensors file of
+the source, a fresh *lazy* mlx_lm model is built (`mx.load` reads headers only; a tensor's bytes
+are read when it is evaluated), the edits of the writers stored in that file are applied, and
+exactly that file's tensors are evaluated and written. At most one shard's tensors are in memory.
+
+Bit-identical to editing in memory and `save.save_model`, by construction: the same model
+class, the same cast to the compute dtype (`loading.cast_for_compute`, left lazy), the same edit
+functions (quantized writers are dequantized, edited and re-quantized there), and the same
+`save.stock_weights_and_config` for the saved dtype, config and zero biases. Only what
+differs per file changes: which writers are evaluated. Structural changes (an untied output
+head, a steering bias and the config it implies) are made in every pass, lazily, so every pass
+sees the same parameter names.
+
+Output files keep the source's names and split; tensors the edit adds go in the file of their
+module's weight (the untied `lm_head` beside `embed_tokens`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import mlx.core as mx
+
+from . import arch
+from .edit import ablate, add_steering_bias, site_directions, untie_embeddings
+from .errors import UserError
+from .loading import cast_for_compute, stored_dtype
+from .save import _DTYPES, check_target, stock_weights_and_config, write_index, write_model_folder
+
+
+@dataclass(frozen=True)
+class Projection:
+    """ablate (scale 1) / project: the arguments of `edit.ablate`."""
+
+    directions: np.ndarray  # [hidden] or [num_layers + 1, hidden]
+    scale: float = 1.0
+    layers: tuple[int, ...] | None = None
+    norm_preserve: bool = False
+    include_embedding: bool = True
+
+
+@dataclass(frozen=True)
+class Steering:
+    """steer: the arguments of `edit.add_steering_bias`."""
+
+    layer: int
+    direction: np.ndarray  # [hidden] unit direction
+    alpha: float
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.alpha * np.asarray(self.direction, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and the automatic choice.
+
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MiB', '2.5G', '1000000' -> bytes."""
+    t = str(text).strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    try:
+        return int(float(num) * _UNITS[t[len(num):]])
+    except (ValueError, KeyError):
+        raise UserError(f"--max-memory {text!r} is not a size like 1GB, 512MiB or 2.5G") from None
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The source's safetensors files, in order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = sorted(p.name for p in folder.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no model*.safetensors weights")
+    return files
+
+
+def in_memory_bytes(folder: Path) -> int:
+    """What an in-memory edit holds at its peak: the model in the compute dtype (float32 on the
+    CPU, twice a 16-bit model's file) plus the copy cast back for saving."""
+    folder = Path(folder)
+    stored = sum((folder / f).stat().st_size for f in weight_files(folder))
+    widen = 2 if stored_dtype(folder) in ("bfloat16", "float16") else 1
+    return stored * widen + stored
+
+
+def largest_shard_bytes(folder: Path) -> int:
+    return max((Path(folder) / f).stat().st_size for f in weight_files(Path(folder)))
+
+
+def free_memory() -> int | None:
+    """Bytes the OS can give this process now (MemAvailable on Linux), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def should_stream(folder: Path, max_memory: int | None) -> bool:
+    """Stream when the in-memory edit would not fit in `max_memory` (given) or in free memory."""
+    limit = max_memory if max_memory is not None else free_memory()
+    return limit is not None and in_memory_bytes(folder) > limit
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed edit.
+
+
+def _lazy_model(folder: Path, dtype: str):
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(folder, lazy=True)
+    cast_for_compute(model, dtype, evaluate=False)
+    return model
+
+
+def _apply(model, edit: Projection | Steering, here: set[str]) -> None:
+    """The edit, evaluating only the writers whose weight is stored in `here`; structure
+    (untied head, steering bias) changes whatever `here` is."""
+    emb_here = any(n.startswith("model.embed_tokens.") for n in here)
+    if isinstance(edit, Steering):
+        if edit.layer > 0 or emb_here:
+            add_steering_bias(model, edit.layer, edit.vector)
+        else:
+            untie_embeddings(model)
+        return
+    n = arch.num_layers(model)
+    layers = range(n) if edit.layers is None else edit.layers
+    writers = arch.residual_writers(model, list(layers), include_embedding=False)
+    # a quantized writer's weight, scales and biases may sit in different files: each one's pass edits it
+    layers_here = sorted({w.layer for w in writers if any(n.startswith(f"{w.path}.") for n in here)})
+    edit_embedding = edit.include_embedding and site_directions(edit.directions, n, arch.hidden_size(model))[0] is not None
+    ablate(model, edit.directions, layers=layers_here, scale=edit.scale, norm_preserve=edit.norm_preserve,
+           include_embedding=edit.include_embedding and emb_here)
+    if edit_embedding and not emb_here:
+        untie_embeddings(model)
+
+
+def _home(name: str, home: dict[str, str]) -> str:
+    """The file a tensor of the edited model goes in."""
+    if name in home:
+        return home[name]
+    module, leaf = name.rsplit(".", 1)
+    if module == "lm_head":  # the untied head, beside the embedding it copies
+        return home.get(f"model.embed_tokens.{leaf}") or home["model.embed_tokens.weight"]
+    if f"{module}.weight" in home:  # a bias the edit (or the stock config) adds
+        return home[f"{module}.weight"]
+    raise UserError(f"the edited model has a tensor {name} with no source file to put it in")
+
+
+def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
+                progress: Callable[[int, int], None] | None = None, say: Callable[[str], None] | None = None) -> Path:
+    """Write `edit` of the mlx_lm folder `source_dir` to `out_dir`, one source shard at a time;
+    the folder is the one `save.save_model` writes after the same edit in memory.
+
+    progress(done, total) counts shards written.
+    """
+    source_dir, out_dir = check_target(source_dir, out_dir, force)
+    say = say or (lambda _msg: None)
+    dtype = stored_dtype(source_dir)
+    if dtype not in _DTYPES:
+        raise UserError(f"{source_dir} stores its weights as {dtype}; a streamed edit needs float32, "
+                        "bfloat16 or float16 weights (or quantized ones with such scales)")
+    source_config = json.loads((source_dir / "config.json").read_text())
+    arch.family(source_config.get("model_type", ""))
+    files = weight_files(source_dir)
+    names = {f: set(mx.load(str(source_dir / f)).keys()) for f in files}
+    home = {n: f for f, ns in names.items() for n in ns}
+
+    # The config (and so the record) follows from the structure alone: a pass that evaluates nothing.
+    skeleton = _lazy_model(source_dir, dtype)
+    _apply(skeleton, edit, set())
+    _, config = stock_weights_and_config(skeleton, source_config, _DTYPES[dtype])
+    del skeleton
+
+    def write_weights(folder: Path) -> list[str]:
+        weight_map, total = {}, 0
+        for k, f in enumerate(files):
+            model = _lazy_model(source_dir, dtype)
+            _apply(model, edit, names[f])
+            weights, _ = stock_weights_and_config(model, source_config, _DTYPES[dtype])
+            mine = {n: v for n, v in weights.items() if _home(n, home) == f}
+            mx.save_safetensors(str(folder / f), mine, metadata={"format": "mlx"})
+            weight_map.update({n: f for n in mine})
+            total += sum(v.nbytes for v in mine.values())
+            del model, weights, mine
+            if progress:
+                progress(k + 1, len(files))
+        write_index(folder, weight_map, total)
+        return files
+
+    steering = (edit.layer, np.asarray(edit.direction, np.float32), edit.vector) if isinstance(edit, Steering) else None
+    return write_model_folder(source_dir, out_dir, config, dtype, {**edit_record, "streamed": True},
+                              write_weights, steering, force, say)
