@@ -36,6 +36,12 @@ class _Group(click.Group):
 def main():
     """RefusaLLM toolkit: find the refusal direction of a chat model in MLX, then ablate it
     (the model stops refusing) or steer along it (the model refuses everything, coherently)."""
+    import os
+
+    if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
+        # under mlx.launch every rank runs this command; rank 0 alone reports (errors still show)
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 model_option = click.option(
@@ -118,11 +124,27 @@ cache_option = click.option("--no-cache", is_flag=True,
                             help="Recompute activations instead of reusing the on-disk cache.")
 
 
-def _load_model(spec: str):
+tensor_parallel_option = click.option(
+    "--tensor-parallel", is_flag=True,
+    help="Under mlx.launch: split every block across the ranks with mlx_lm's shard(), for a model bigger "
+         "than one host. Without it each rank holds the whole model and takes its share of the prompts.")
+
+
+def _load_model(spec: str, tensor_parallel: bool = False):
+    from mlx_refusal import distributed
     from mlx_refusal.loading import load
 
-    click.echo(f"loading {spec} ...", err=True)
-    return load(spec)
+    if tensor_parallel and distributed.size() == 1:
+        raise UserError("--tensor-parallel needs several ranks: start the command with mlx.launch -n N ...")
+    click.echo(f"loading {spec}{' (tensor parallel)' if tensor_parallel else ''} ...", err=True)
+    return load(spec, tensor_parallel=tensor_parallel)
+
+
+def _is_writer() -> bool:
+    """Under mlx.launch every rank computes the same result; rank 0 alone writes it."""
+    from mlx_refusal import distributed
+
+    return distributed.is_writer()
 
 
 def _prompt_sets(harmful: str, harmless: str, split: str):
@@ -164,7 +186,9 @@ def _directions_for(model, tok, info, harmful, harmless, split, positions, syste
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: runs/<model>/directions].")
 @click.option("--top", default=10, show_default=True, help="Rows of the ranking table to print.")
-def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top):
+@tensor_parallel_option
+def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top,
+               tensor_parallel):
     """Capture residual activations for harmful and harmless prompts and write one candidate
     refusal direction per layer (directions.safetensors), ranked (ranking.json, ranking.png)."""
     import time
@@ -175,12 +199,14 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     from mlx_refusal.workflow import write_provenance
 
     t0 = time.perf_counter()
-    model, tok, info = _load_model(model_spec)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     d, run = _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache)
     out = out or _default_out(info, "directions")
-    path = save_directions(d, out)
     scores = heuristic_scores(d)
     ranked = rank_heuristic(d)
+    if not _is_writer():
+        return
+    path = save_directions(d, out)
     jpath, ppath = write_ranking(scores, ranked, out)
     write_provenance(out, {**d.metadata, "split": split, "run": run, "outputs": [path.name, jpath.name, ppath.name]})
     rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] for r in ranked[:top]]
@@ -276,8 +302,9 @@ def _spread(pset, limit: int | None):
 @click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
               help="Write the report (tables and every answer) as Markdown.")
 @click.option("--examples", default=3, show_default=True, help="Answers per set to print.")
+@tensor_parallel_option
 def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit, system, batch_size,
-             json_out, md_out, examples):
+             json_out, md_out, examples, tensor_parallel):
     """Generate greedy answers to harmful and harmless prompts and report refusal rates (per set
     and per category), coherence and, with --base, the first-token KL against the unedited model."""
     import json
@@ -287,10 +314,10 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     from mlx_refusal.evaluate import evaluate, report_json, report_markdown
 
     t0 = time.perf_counter()
-    model, tok, info = _load_model(model_spec)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     base = None
     if base_spec:
-        base_model, base_tok, base_info = _load_model(base_spec)
+        base_model, base_tok, base_info = _load_model(base_spec, tensor_parallel)
         base = (base_model, base_tok)
     hset, lset = _prompt_sets(harmful, harmless, split)
     hset, lset = _spread(hset, limit), _spread(lset, limit)
@@ -336,10 +363,14 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     doc["base"] = None if not base_spec else {"spec": str(base_info.spec), "fingerprint": base_info.fingerprint}
     doc["prompts"] = {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
                       for k, p in (("harmful", hset), ("harmless", lset))}
-    if json_out:
+    from mlx_refusal import distributed
+
+    if distributed.describe(model):
+        doc["distributed"] = distributed.describe(model)
+    if json_out and _is_writer():
         write_text_atomic(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_out}")
-    if md_out:
+    if md_out and _is_writer():
         write_text_atomic(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
         click.echo(f"wrote {md_out}")
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
@@ -432,6 +463,76 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
     write_text_atomic(report_dir / "report.md", md)
 
 
+directions_file_option = click.option(
+    "--directions", "directions_file", type=click.Path(path_type=Path), default=None,
+    help="Use this directions file (or the folder holding directions.safetensors, from `directions`) "
+         "instead of capturing activations.")
+max_memory_option = click.option(
+    "--max-memory", default=None, metavar="SIZE",
+    help="Memory the edit may use, e.g. 1GB. If the in-memory edit needs more, the model's safetensors "
+         "shards are rewritten one at a time from --directions (bit-identical result, no before/after "
+         "report). Without it this happens when the model does not fit in free memory.")
+
+
+def _scale_out_options(f):
+    for opt in (max_memory_option, directions_file_option, tensor_parallel_option):
+        f = opt(f)
+    return f
+
+
+def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: str | None) -> Path | None:
+    """The model folder if the edit is to be streamed shard by shard, else None: --max-memory
+    below what an in-memory edit needs, or, with --directions, less free memory than that."""
+    from mlx_refusal import stream_edit as se
+    from mlx_refusal.loading import resolve
+
+    limit = se.parse_size(max_memory) if max_memory else None
+    if limit is None and directions_file is None:
+        return None
+    folder = resolve(model_spec, progress=_progress)
+    if not se.should_stream(folder, limit):
+        return None
+    need = se.in_memory_bytes(folder)
+    budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.free_memory() / 1e9:.1f} GB)"
+    if directions_file is None:
+        raise UserError(f"editing {folder.name} in memory needs about {need / 1e9:.1f} GB, more than {budget}; "
+                        "pass --directions FILE (from `directions`) to rewrite its shards one at a time")
+    click.secho(f"streaming the edit shard by shard: in memory it would need about {need / 1e9:.1f} GB, more "
+                f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
+                "result with `eval --model OUT`.", fg="yellow", err=True)
+    if limit and se.largest_shard_bytes(folder) > limit:
+        click.secho(f"note: the largest shard is {se.largest_shard_bytes(folder) / 1e9:.1f} GB and is held "
+                    "whole while it is rewritten", fg="yellow", err=True)
+    return folder
+
+
+def _stream(folder: Path, out: Path, edit, record: dict, force: bool) -> None:
+    from mlx_refusal.console import progress_bar
+    from mlx_refusal.stream_edit import stream_edit
+
+    if not _is_writer():
+        return
+    with progress_bar("rewrite shards", 0, unit="shard") as update:
+        stream_edit(folder, out, edit, record, force, progress=lambda done, total: update(1))
+    click.secho(f"\nwrote {out} (streamed)", fg="green")
+
+
+def _given_directions(directions_file: Path, info):
+    from mlx_refusal.directions import load_directions
+
+    d = load_directions(directions_file)
+    if info is not None and d.directions.shape != (info.num_layers + 1, info.hidden_size):
+        raise UserError(f"{directions_file} holds directions of shape {d.directions.shape}, not "
+                        f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    return d
+
+
+def _model_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
 @main.command()
 @model_option
 @harmful_option
@@ -463,9 +564,10 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @eval_limit_option
 @max_tokens_option
 @gen_batch_option
+@_scale_out_options
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
           calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-          gen_batch_size):
+          gen_batch_size, tensor_parallel, directions_file, max_memory):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -484,12 +586,32 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         raise UserError("give --alpha or --alpha-multiple, not both")
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
+    folder = _streamed_folder(model_spec, directions_file, max_memory)
+    if folder is not None:
+        from mlx_refusal.stream_edit import Steering
+
+        if layer is None or (alpha is None and alpha_multiple is None):
+            raise UserError("a streamed steer needs --layer and --alpha or --alpha-multiple "
+                            "(choosing them runs the model)")
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / "steer"
+        _check_out(out, force)
+        direction = np.asarray(d.direction(layer), np.float32)
+        a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
+        record = {"edit": "steer", "layer": layer, "alpha": a, "alpha_multiple": a / float(d.mean_norm[layer]),
+                  "alpha_how": "given", "select": None, "scale": None, "seed": seed, "positions": positions,
+                  "system": system, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
+                  "direction_sha256": d.sha256(layer), "metrics": None}
+        return _stream(folder, out, Steering(layer, direction, a), record, force)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info, "steer")
     _check_out(out, force)
     if layer is not None and not 0 <= layer < info.num_layers:
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    if directions_file:
+        d = _given_directions(directions_file, info)
+    else:
+        d, _ = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
     hval, lval = _prompt_sets(harmful, harmless, "val")
 
     trials_seen = []
@@ -550,8 +672,19 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
             "before": {"harmful_refusal": before.harmful.refusal_rate,
                        "harmless_refusal": before.harmless.refusal_rate}},
     }
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Steering, stream_edit
+
+        stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force)
+    else:
+        save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
@@ -587,7 +720,7 @@ def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl):
+                     gen_batch_size, max_kl, tensor_parallel=False, directions_file=None, max_memory=None):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -599,13 +732,42 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
 
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
+    folder = _streamed_folder(model_spec, directions_file, max_memory)
+    if folder is not None:
+        from mlx_refusal.stream_edit import Projection
+
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / kind
+        _check_out(out, force)
+        writer_layers = _parse_layer_range(layers_text, int(_model_config(folder)["num_hidden_layers"]))
+        if per_layer:
+            chosen = None
+        elif layer is not None:
+            chosen = layer
+        elif select == "heuristic":
+            allowed = set(candidate_layers(d.num_layers))
+            chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+        else:
+            raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
+                            "(--select evaluate runs the model)")
+        record = {"edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
+                  "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
+                  "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+                  "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
+                  "summary": None, "metrics": None}
+        edit = Projection(d.directions if per_layer else d.direction(chosen), scale,
+                          None if writer_layers is None else tuple(writer_layers), norm_preserve)
+        return _stream(folder, out, edit, record, force)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info, kind)
     _check_out(out, force)
     if layer is not None and not 0 <= layer <= info.num_layers:
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
     writer_layers = _parse_layer_range(layers_text, info.num_layers)
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    if directions_file:
+        d = _given_directions(directions_file, info)
+    else:
+        d, _ = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
 
     evals = []
     if per_layer:
@@ -656,8 +818,20 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
             "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
                                                  "harmless_refusal": before.harmless.refusal_rate}},
     }
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, force=force)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Projection, stream_edit
+
+        stream_edit(info.path, out, Projection(directions, scale, None if writer_layers is None else
+                                               tuple(writer_layers), norm_preserve), record, force)
+    else:
+        save_model(model, info.path, out, record, force=force)
     if after is not None:
         _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
         click.echo(_before_after(before, after))
@@ -683,7 +857,8 @@ def _orthogonal_options(f):
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
         positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
-        eval_limit_option, max_tokens_option, gen_batch_option,
+        eval_limit_option, max_tokens_option, gen_batch_option, tensor_parallel_option, directions_file_option,
+        max_memory_option,
     ]):
         f = opt(f)
     return f
@@ -692,12 +867,13 @@ def _orthogonal_options(f):
 @main.command()
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
+           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, tensor_parallel,
+           directions_file, max_memory):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, tensor_parallel, directions_file, max_memory)
 
 
 @main.command()
@@ -706,12 +882,13 @@ def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, pe
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
+            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, tensor_parallel,
+            directions_file, max_memory, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, tensor_parallel, directions_file, max_memory)
 
 
 def _ensure(path: Path) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures
@@ -48,6 +48,8 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
         "date": now(),
     }
+    if distributed.describe(model):
+        meta["distributed"] = distributed.describe(model)
     return from_captures(caps["harmful"], caps["harmless"], meta), {"cache_hits": hits,
                                                                      "stats": {k: c.stats for k, c in caps.items()}}
 
