@@ -40,8 +40,12 @@ def main():
 
     if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
         # under mlx.launch every rank runs this command; rank 0 alone reports (errors still show)
+        import functools
+
+        import tqdm
+
         sys.stdout = open(os.devnull, "w")
-        os.environ["TQDM_DISABLE"] = "1"
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 model_option = click.option(
@@ -492,27 +496,27 @@ def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: 
     folder = resolve(model_spec, progress=_progress)
     if not se.should_stream(folder, limit):
         return None
-    need = se.in_memory_bytes(folder)
-    budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.free_memory() / 1e9:.1f} GB)"
+    need = se.format_size(se.in_memory_bytes(folder))
+    budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.format_size(se.free_memory())})"
     if directions_file is None:
-        raise UserError(f"editing {folder.name} in memory needs about {need / 1e9:.1f} GB, more than {budget}; "
+        raise UserError(f"editing {folder.name} in memory needs about {need}, more than {budget}; "
                         "pass --directions FILE (from `directions`) to rewrite its shards one at a time")
-    click.secho(f"streaming the edit shard by shard: in memory it would need about {need / 1e9:.1f} GB, more "
+    click.secho(f"streaming the edit shard by shard: in memory it would need about {need}, more "
                 f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
                 "result with `eval --model OUT`.", fg="yellow", err=True)
     if limit and se.largest_shard_bytes(folder) > limit:
-        click.secho(f"note: the largest shard is {se.largest_shard_bytes(folder) / 1e9:.1f} GB and is held "
+        click.secho(f"note: the largest shard is {se.format_size(se.largest_shard_bytes(folder))} and is held "
                     "whole while it is rewritten", fg="yellow", err=True)
     return folder
 
 
 def _stream(folder: Path, out: Path, edit, record: dict, force: bool) -> None:
     from mlx_refusal.console import progress_bar
-    from mlx_refusal.stream_edit import stream_edit
+    from mlx_refusal.stream_edit import stream_edit, weight_files
 
     if not _is_writer():
         return
-    with progress_bar("rewrite shards", 0, unit="shard") as update:
+    with progress_bar("rewrite shards", len(weight_files(folder)), unit="shard") as update:
         stream_edit(folder, out, edit, record, force, progress=lambda done, total: update(1))
     click.secho(f"\nwrote {out} (streamed)", fg="green")
 

@@ -167,8 +167,16 @@ def capture_residuals(
     if not mine:
         raise UserError(f"{len(encoded)} prompts cannot be split across {group.size()} ranks; "
                         "use fewer ranks or more prompts")
-    return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all, progress),
-                                        len(encoded), group)
+    done = [0]
+
+    def scaled(n: int, tokens: int) -> None:
+        # progress counts all prompts: this rank's share stands for the N ranks' (they run in step)
+        step = min(n * group.size(), len(encoded) - done[0])
+        done[0] += step
+        progress(step, tokens * group.size())
+
+    return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all,
+                                                        scaled if progress else None), len(encoded), group)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ def parse_size(text: str) -> int:
         raise UserError(f"--max-memory {text!r} is not a size like 1GB, 512MiB or 2.5G") from None
 
 
+def format_size(n: float) -> str:
+    """1.5e9 -> '1.50 GB', 3e5 -> '300 KB' (decimal units, as --max-memory reads them)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("TB", "GB") else f"{n / scale:.0f} {unit}"
+    return f"{int(n)} B"
+
+
 def weight_files(folder: Path) -> list[str]:
     """The source's safetensors files, in order."""
     index = folder / "model.safetensors.index.json"
