@@ -484,9 +484,9 @@ def _scale_out_options(f):
     return f
 
 
-def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: str | None) -> Path | None:
-    """The model folder if the edit is to be streamed shard by shard, else None: --max-memory
-    below what an in-memory edit needs, or, with --directions, less free memory than that."""
+def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: str | None) -> tuple | None:
+    """(model folder, memory budget in bytes) if the edit is to be streamed, else None:
+    --max-memory below what an in-memory edit needs, or, with --directions, less free memory."""
     from mlx_refusal import stream_edit as se
     from mlx_refusal.loading import resolve
 
@@ -496,6 +496,7 @@ def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: 
     folder = resolve(model_spec, progress=_progress)
     if not se.should_stream(folder, limit):
         return None
+    limit = limit or se.free_memory()
     need = se.format_size(se.in_memory_bytes(folder))
     budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.format_size(se.free_memory())})"
     if directions_file is None:
@@ -504,20 +505,18 @@ def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: 
     click.secho(f"streaming the edit shard by shard: in memory it would need about {need}, more "
                 f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
                 "result with `eval --model OUT`.", fg="yellow", err=True)
-    if limit and se.largest_shard_bytes(folder) > limit:
-        click.secho(f"note: the largest shard is {se.format_size(se.largest_shard_bytes(folder))} and is held "
-                    "whole while it is rewritten", fg="yellow", err=True)
-    return folder
+    return folder, limit
 
 
-def _stream(folder: Path, out: Path, edit, record: dict, force: bool) -> None:
+def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool) -> None:
     from mlx_refusal.console import progress_bar
-    from mlx_refusal.stream_edit import stream_edit, weight_files
+    from mlx_refusal.stream_edit import stream_edit
 
     if not _is_writer():
         return
-    with progress_bar("rewrite shards", len(weight_files(folder)), unit="shard") as update:
-        stream_edit(folder, out, edit, record, force, progress=lambda done, total: update(1))
+    folder, limit = streamed
+    with progress_bar("rewrite tensors", 0, unit="batch") as update:
+        stream_edit(folder, out, edit, record, force, max_memory=limit, progress=lambda done, total: update(1))
     click.secho(f"\nwrote {out} (streamed)", fg="green")
 
 
@@ -590,8 +589,9 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         raise UserError("give --alpha or --alpha-multiple, not both")
     t0 = time.perf_counter()
     _seed(seed)
-    folder = _streamed_folder(model_spec, directions_file, max_memory)
-    if folder is not None:
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
         from mlx_refusal.stream_edit import Steering
 
         if layer is None or (alpha is None and alpha_multiple is None):
@@ -606,7 +606,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                   "alpha_how": "given", "select": None, "scale": None, "seed": seed, "positions": positions,
                   "system": system, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
                   "direction_sha256": d.sha256(layer), "metrics": None}
-        return _stream(folder, out, Steering(layer, direction, a), record, force)
+        return _stream(streamed, out, Steering(layer, direction, a), record, force)
     model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info, "steer")
     _check_out(out, force)
@@ -668,7 +668,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
         "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
         "seed": seed, "positions": positions, "system": system,
-        "model": d.metadata["model"], "prompts": d.metadata["prompts"],
+        "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
         "direction_sha256": d.sha256(choice.layer),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
@@ -736,8 +736,9 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
 
     t0 = time.perf_counter()
     _seed(seed)
-    folder = _streamed_folder(model_spec, directions_file, max_memory)
-    if folder is not None:
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
         from mlx_refusal.stream_edit import Projection
 
         d = _given_directions(directions_file, None)
@@ -761,7 +762,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                   "summary": None, "metrics": None}
         edit = Projection(d.directions if per_layer else d.direction(chosen), scale,
                           None if writer_layers is None else tuple(writer_layers), norm_preserve)
-        return _stream(folder, out, edit, record, force)
+        return _stream(streamed, out, edit, record, force)
     model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info, kind)
     _check_out(out, force)
@@ -814,8 +815,8 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     record = {
         "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
         "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
-        "seed": seed, "positions": positions, "system": system, "model": d.metadata["model"],
-        "prompts": d.metadata["prompts"], "direction_sha256": d.sha256(None if per_layer else chosen),
+        "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+        "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
         "summary": summary.as_record(),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,

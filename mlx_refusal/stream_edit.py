@@ -1,10 +1,13 @@
-"""Edit a model folder shard by shard, for a model that does not fit in memory.
+"""Edit a model folder tensor by tensor, for a model that does not fit in memory.
 
 The weight edits (edit.ablate, edit.add_steering_bias) need nothing but the directions and the
-matrices they touch, so the model never has to be loaded whole. For each safetensors file of
-the source, a fresh *lazy* mlx_lm model is built (`mx.load` reads headers only; a tensor's bytes
-are read when it is evaluated), the edits of the writers stored in that file are applied, and
-exactly that file's tensors are evaluated and written. At most one shard's tensors are in memory.
+matrices they touch, so the model never has to be loaded whole. A *lazy* mlx_lm model is built
+(`mx.load` reads headers only; a tensor's bytes are read when it is evaluated), the edits of the
+writers in one batch of tensors are applied, and exactly that batch is evaluated and appended to
+its output file, whose safetensors header was written first from the shapes alone. The next
+batch starts from a fresh lazy model, so what was evaluated before is freed. A batch is a
+source file (the default: at most one shard in memory) or, under a memory limit, a run of
+tensors of at most a third of it.
 
 Bit-identical to editing in memory and `save.save_model`, by construction: the same model
 class, the same cast to the compute dtype (`loading.cast_for_compute`, left lazy), the same edit
@@ -176,12 +179,53 @@ def _home(name: str, home: dict[str, str]) -> str:
     raise UserError(f"the edited model has a tensor {name} with no source file to put it in")
 
 
-def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
-                progress: Callable[[int, int], None] | None = None, say: Callable[[str], None] | None = None) -> Path:
-    """Write `edit` of the mlx_lm folder `source_dir` to `out_dir`, one source shard at a time;
-    the folder is the one `save.save_model` writes after the same edit in memory.
+_SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
+                       mx.uint8: "U8", mx.int32: "I32", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16"}
 
-    progress(done, total) counts shards written.
+
+def _tensor_bytes(a: mx.array) -> bytes:
+    """The little-endian C-order bytes safetensors stores (evaluates `a`)."""
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: the same 2 bytes, as uint16
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.asarray(a)).tobytes()
+
+
+def _safetensors_header(layout: dict[str, mx.array]) -> bytes:
+    """A safetensors header for tensors of these shapes and dtypes, in this order (padded to 8 bytes)."""
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name, a in layout.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _batches(layout: dict[str, mx.array], max_bytes: int | None) -> list[list[str]]:
+    """Consecutive tensor names, at most `max_bytes` per batch (a bigger tensor alone)."""
+    if max_bytes is None:
+        return [list(layout)]
+    out, size = [[]], 0
+    for name, a in layout.items():
+        if out[-1] and size + a.nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += a.nbytes
+    return out
+
+
+def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
+                max_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
+                say: Callable[[str], None] | None = None) -> Path:
+    """Write `edit` of the mlx_lm folder `source_dir` to `out_dir` without loading it whole;
+    the tensors and config are the ones `save.save_model` writes after the same edit in memory.
+
+    Each output file is written tensor by tensor. max_memory: tensors are evaluated in batches
+    of at most a third of it (the float32 working copies of an edit take the rest), each batch
+    on a fresh lazy model; default: one batch per source file.
+    progress(done, total) counts batches written.
     """
     source_dir, out_dir = check_target(source_dir, out_dir, force)
     say = say or (lambda _msg: None)
@@ -192,29 +236,33 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
     source_config = json.loads((source_dir / "config.json").read_text())
     arch.family(source_config.get("model_type", ""))
     files = weight_files(source_dir)
-    names = {f: set(mx.load(str(source_dir / f)).keys()) for f in files}
-    home = {n: f for f, ns in names.items() for n in ns}
+    home = {n: f for f in files for n in mx.load(str(source_dir / f))}
 
-    # The config (and so the record) follows from the structure alone: a pass that evaluates nothing.
+    # Names, shapes, dtypes and the config follow from the structure alone: a pass that evaluates nothing.
     skeleton = _lazy_model(source_dir, dtype)
     _apply(skeleton, edit, set())
-    _, config = stock_weights_and_config(skeleton, source_config, _DTYPES[dtype])
-    del skeleton
+    structure, config = stock_weights_and_config(skeleton, source_config, _DTYPES[dtype])
+    layouts = {f: {n: a for n, a in structure.items() if _home(n, home) == f} for f in files}
+    del skeleton, structure
+    plan = [(f, batch) for f in files for batch in _batches(layouts[f], None if max_memory is None else max_memory // 3)]
 
     def write_weights(folder: Path) -> list[str]:
-        weight_map, total = {}, 0
-        for k, f in enumerate(files):
-            model = _lazy_model(source_dir, dtype)
-            _apply(model, edit, names[f])
-            weights, _ = stock_weights_and_config(model, source_config, _DTYPES[dtype])
-            mine = {n: v for n, v in weights.items() if _home(n, home) == f}
-            mx.save_safetensors(str(folder / f), mine, metadata={"format": "mlx"})
-            weight_map.update({n: f for n in mine})
-            total += sum(v.nbytes for v in mine.values())
-            del model, weights, mine
-            if progress:
-                progress(k + 1, len(files))
-        write_index(folder, weight_map, total)
+        done = 0
+        for f in files:
+            with open(folder / f, "wb") as fh:
+                fh.write(_safetensors_header(layouts[f]))
+                for _, batch in (item for item in plan if item[0] == f):
+                    model = _lazy_model(source_dir, dtype)
+                    _apply(model, edit, set(batch))
+                    weights, _ = stock_weights_and_config(model, source_config, _DTYPES[dtype])
+                    for name in batch:
+                        fh.write(_tensor_bytes(weights[name]))
+                    del model, weights
+                    done += 1
+                    if progress:
+                        progress(done, len(plan))
+        write_index(folder, {n: f for f in files for n in layouts[f]},
+                    sum(a.nbytes for f in files for a in layouts[f].values()))
         return files
 
     steering = (edit.layer, np.asarray(edit.direction, np.float32), edit.vector) if isinstance(edit, Steering) else None

@@ -111,12 +111,17 @@ def edits(num_layers: int, hidden: int):
     }
 
 
-@pytest.mark.parametrize("source", ["untied", "tied", "q4_tied", "sharded", "q4_sharded"])
+@pytest.mark.parametrize("source,max_memory", [
+    ("untied", None), ("tied", None), ("q4_tied", None), ("sharded", None), ("q4_sharded", None),
+    # a limit cuts each file into several batches of tensors (100 KB, 20 KB here), each on a fresh lazy model
+    ("tied", 300_000), ("q4_sharded", 60_000)])
 @pytest.mark.parametrize("edit", list(edits(4, 64)))
-def test_streamed_edit_is_bit_identical_to_in_memory(sources, source, edit, tmp_path):
+def test_streamed_edit_is_bit_identical_to_in_memory(sources, source, edit, max_memory, tmp_path):
     spec = edits(4, 64)[edit]
     a = in_memory(sources[source], spec, tmp_path / "memory")
-    b = se.stream_edit(sources[source], tmp_path / "streamed", spec, {"edit": "test"})
+    b = se.stream_edit(sources[source], tmp_path / "streamed", spec, {"edit": "test"}, max_memory=max_memory)
+    if max_memory:
+        assert len(se._batches(tensors(a), max_memory // 3)) > len(se.weight_files(sources[source]))
     assert_bit_identical(a, b)
     assert sorted(p.name for p in b.glob("model*.safetensors")) == se.weight_files(sources[source])
     assert json.loads((b / "refusal_edit.json").read_text())["streamed"] is True
@@ -157,3 +162,34 @@ def test_streamed_edit_of_the_default_model_is_bit_identical(tmp_path):
     b = se.stream_edit(src, tmp_path / "streamed", spec, {"edit": "ablate"})
     a = in_memory(src, spec, tmp_path / "memory")
     assert_bit_identical(a, b)
+
+
+def test_cli_max_memory_streams_and_matches_the_in_memory_cli(tiny_qwen2_tied, tmp_path):
+    """`ablate --directions D --max-memory 1KB` rewrites the shards; without the limit the same
+    command edits in memory; the two folders are bit-identical."""
+    from conftest import run_cli
+    from mlx_refusal.directions import Directions, save_directions
+
+    rows = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32)), tmp_path / "d")
+    common = ["--model", tiny_qwen2_tied, "--directions", tmp_path / "d", "--layer", "2"]
+    run_cli("ablate", *common, "--max-memory", "1KB", "--out", tmp_path / "streamed")
+    run_cli("ablate", *common, "--max-memory", "1TB", "--eval-limit", "0", "--out", tmp_path / "memory")
+    assert json.loads((tmp_path / "streamed" / "refusal_edit.json").read_text())["streamed"] is True
+    assert "streamed" not in json.loads((tmp_path / "memory" / "refusal_edit.json").read_text())
+    assert_bit_identical(tmp_path / "memory", tmp_path / "streamed")
+
+
+def test_cli_max_memory_without_directions_is_one_line_error(tiny_qwen2, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "ablate", "--model", str(tiny_qwen2),
+                           "--max-memory", "1KB", "--out", str(tmp_path / "x")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "--directions" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
