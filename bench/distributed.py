@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 
 
-def _run_measured(cmd: list[str]) -> tuple[float, float]:
+def _run_measured(cmd: list[str], **env_extra) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one child process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -103,15 +103,21 @@ def bench_ranks(model: str, prompts: int, gen_prompts: int, tokens: int, tmp: Pa
     args = ["--worker", "--model", model, "--prompts", str(prompts), "--gen-prompts", str(gen_prompts),
             "--tokens", str(tokens)]
     _run_measured([sys.executable, me, *args, "--out", str(tmp / "one.json")])
-    _run_measured([sys.executable, "-c", LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable,
-                   me, *args, "--out", str(tmp / "two.json")])
-    one, two = (json.loads((tmp / f).read_text()) for f in ("one.json", "two.json"))
+    two = [sys.executable, "-c", LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, me, *args]
+    _run_measured(two + ["--out", str(tmp / "two.json")])
+    # ranks sharing one host's cores: give each rank's BLAS its share of the threads
+    per_rank = str(max(1, (os.cpu_count() or 2) // 2))
+    _run_measured(two + ["--out", str(tmp / "two_split.json")], OPENBLAS_NUM_THREADS=per_rank,
+                  OMP_NUM_THREADS=per_rank)
+    one, *twos = (json.loads((tmp / f).read_text()) for f in ("one.json", "two.json", "two_split.json"))
     print(f"\n1 vs 2 local ranks on {os.cpu_count()} cores, {model} (model loading excluded):")
-    print(f"  capture of {prompts} prompts     : {one['capture_s']:6.1f} s -> {two['capture_s']:6.1f} s "
-          f"(speed-up x{one['capture_s'] / two['capture_s']:.2f})")
-    print(f"  generation {gen_prompts} x {tokens} tokens : {one['generate_s']:6.1f} s -> {two['generate_s']:6.1f} s "
-          f"(speed-up x{one['generate_s'] / two['generate_s']:.2f})")
-    print(f"  answers identical: {one['answers'] == two['answers']}")
+    for label, two in zip(("2 ranks", f"2 ranks, {per_rank} BLAS thread(s) each"), twos):
+        print(f"  {label}:")
+        print(f"    capture of {prompts} prompts      : {one['capture_s']:6.1f} s -> {two['capture_s']:6.1f} s "
+              f"(speed-up x{one['capture_s'] / two['capture_s']:.2f})")
+        print(f"    generation {gen_prompts} x {tokens} tokens : {one['generate_s']:6.1f} s -> "
+              f"{two['generate_s']:6.1f} s (speed-up x{one['generate_s'] / two['generate_s']:.2f})")
+        print(f"    answers identical to 1 rank: {one['answers'] == two['answers']}")
 
 
 def main() -> None:
