@@ -722,6 +722,21 @@ def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
     return layers
 
 
+def _layer_without_running(d, per_layer: bool, layer: int | None, select: str) -> tuple[bool, int | None]:
+    """(decided, layer whose direction is used; None = each layer's own) when the choice needs no
+    model run: --per-layer, --layer or --select heuristic. (False, None) for --select evaluate."""
+    from mlx_refusal.select import candidate_layers, rank_heuristic
+
+    if per_layer:
+        return True, None
+    if layer is not None:
+        return True, layer
+    if select == "heuristic":
+        allowed = set(candidate_layers(d.num_layers))
+        return True, next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+    return False, None
+
+
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
                      gen_batch_size, max_kl, tensor_parallel=False, directions_file=None, max_memory=None):
@@ -732,7 +747,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     from mlx_refusal.edit import ablate
     from mlx_refusal.evaluate import first_token_logprobs
     from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated, rank_heuristic
+    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated
 
     t0 = time.perf_counter()
     _seed(seed)
@@ -745,14 +760,8 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
         out = out or Path("runs") / folder.name / kind
         _check_out(out, force)
         writer_layers = _parse_layer_range(layers_text, int(_model_config(folder)["num_hidden_layers"]))
-        if per_layer:
-            chosen = None
-        elif layer is not None:
-            chosen = layer
-        elif select == "heuristic":
-            allowed = set(candidate_layers(d.num_layers))
-            chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
-        else:
+        decided, chosen = _layer_without_running(d, per_layer, layer, select)
+        if not decided:
             raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
                             "(--select evaluate runs the model)")
         record = {"edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
@@ -775,14 +784,8 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
         d, _ = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
 
     evals = []
-    if per_layer:
-        chosen = None
-    elif layer is not None:
-        chosen = layer
-    elif select == "heuristic":
-        allowed = set(candidate_layers(d.num_layers))
-        chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
-    else:
+    decided, chosen = _layer_without_running(d, per_layer, layer, select)
+    if not decided:
         hval, lval = _prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
         with progress_bar("score layers", len(layers), unit="layer") as update:
