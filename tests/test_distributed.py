@@ -135,3 +135,22 @@ def test_cli_directions_on_two_ranks(tiny_qwen2, tmp_path):
     got = load_directions(tmp_path / "two")
     assert got.degenerate == ref.degenerate
     assert min(cosines(got.directions, ref.directions)) >= 0.99999
+
+
+def test_cli_tensor_parallel_ablate_saves_the_unsharded_edit(tiny_qwen2, tmp_path):
+    """`mlx.launch -n 2 ... cli.py ablate --tensor-parallel`: evaluated on the sharded model, saved
+    by rank 0 (rewritten from the source): the folder one process writes, tensor for tensor."""
+    from test_stream_edit import assert_bit_identical
+
+    from conftest import run_cli
+    from mlx_refusal.directions import Directions, save_directions
+
+    rows = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32)), tmp_path / "d")
+    common = ["ablate", "--model", tiny_qwen2, "--directions", tmp_path / "d", "--layer", "2", "--max-memory", "1TB"]
+    launch(REPO / "cli.py", *common, "--tensor-parallel", "--eval-limit", "2", "--max-tokens", "4",
+           "--out", tmp_path / "two")
+    run_cli(*common, "--eval-limit", "0", "--out", tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "refusal_edit.json").read_text())["distributed"]["mode"] == "tensor"
+    assert_bit_identical(tmp_path / "two", tmp_path / "one")
