@@ -1,29 +1,17 @@
-"""The one place that knows architecture details.
+"""Questions about a loaded model's structure, answered from its family (see families/).
 
 Everything else asks this module where the decoder layers are, which matrices write into the
-residual stream, and how to save an edited model so that *stock* mlx_lm loads it. Nothing else
-tests model names.
+residual stream, and how to save an edited model so that *stock* mlx_lm loads it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from . import families
+from .families import Family, UnsupportedArchitecture
 
 
-class UnsupportedArchitecture(UserError, ValueError):
-    pass
-
-
-# mlx_lm model_type -> family. Families share the decoder layout
-# model.model.{embed_tokens, layers[i].{self_attn.o_proj, mlp.down_proj}, norm}.
-_FAMILIES = {
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "llama": "llama",
-    "mistral": "llama",
-}
-SUPPORTED = tuple(sorted(_FAMILIES))
+SUPPORTED = families.SUPPORTED
 
 
 @dataclass(frozen=True)
@@ -35,20 +23,15 @@ class Writer:
     layer: int  # -1 for the embedding (it writes before layer 0)
 
 
-def family(model_type: str) -> str:
-    try:
-        return _FAMILIES[model_type]
-    except KeyError:
-        raise UnsupportedArchitecture(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED)}"
-        ) from None
+def family(model_type: str) -> Family:
+    return families.get(model_type)
 
 
 def model_type_of(model) -> str:
     return getattr(model, "model_type", None) or model.args.model_type
 
 
-def check_supported(model) -> str:
+def check_supported(model) -> Family:
     return family(model_type_of(model))
 
 
@@ -105,40 +88,12 @@ def steering_site(layer: int) -> str:
 
 
 def stock_config(config: dict, needs_output_bias: bool) -> dict:
-    """A config that stock mlx_lm loads, exactly equivalent to the edited model.
-
-    mlx_lm loads strictly, and Qwen2 has no MLP biases. Its `llama` architecture with
-    `attention_bias: true` (q/k/v/o biases) and `mlp_bias: true` (gate/up/down biases) is
-    exactly Qwen2 plus those biases, so a steered Qwen2 is saved as that, with zeros for every
-    bias the source lacks except the steering bias itself.
-    """
+    """A config that stock mlx_lm loads, exactly equivalent to the edited model: the source's own
+    config, or, when the edit added output biases the source architecture lacks, the family's
+    nearest stock architecture that has them (mlx_lm loads strictly)."""
     fam = family(config.get("model_type", ""))
     if not needs_output_bias:
         return dict(config)
-    if fam == "qwen3":
-        raise UnsupportedArchitecture(
-            "a steering bias on qwen3 has no exact stock mlx_lm equivalent (its q/k norms have no "
-            "llama counterpart); steer at layer 0 (an embedding edit) or use ablate/project instead"
-        )
-    keep = [
-        "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-        "num_key_value_heads", "rms_norm_eps", "vocab_size", "rope_theta", "rope_traditional",
-        "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "head_dim",
-        "quantization", "quantization_config", "bos_token_id", "eos_token_id", "torch_dtype",
-    ]
-    out = {k: config[k] for k in keep if k in config}
-    out["model_type"] = "llama"
-    out["architectures"] = ["LlamaForCausalLM"]
-    out["attention_bias"] = fam == "qwen2" or bool(config.get("attention_bias", False))
-    out["mlp_bias"] = True
-    if fam == "qwen2":
-        # defaults that the qwen2 ModelArgs assumes when the key is absent
-        out.setdefault("rope_theta", 1000000.0)
-        out.setdefault("max_position_embeddings", 32768)
-        out.setdefault("tie_word_embeddings", True)
-    else:
-        out.setdefault("rope_theta", 10000.0)
-        out.setdefault("tie_word_embeddings", True)
-    out.setdefault("num_key_value_heads", config["num_attention_heads"])
-    out["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return out
+    if fam.steering_config is None:
+        raise UnsupportedArchitecture(fam.steering_impossible)
+    return fam.steering_config(config)

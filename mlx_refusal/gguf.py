@@ -26,54 +26,16 @@ from typing import Callable
 import numpy as np
 
 from .atomic import atomic_directory
+from . import families
 from .errors import UserError
+from .gguf_tokenizer import build_tokenizer
 
 CONVERTER_VERSION = 1  # bump when the output of `convert` changes (it keys the cache)
 
 GGUF_MAGIC = b"GGUF"
 
-# general.architecture -> mlx_lm model_type. Only decoder layouts that map 1:1 onto mlx_lm.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
 # Default rope base when a GGUF omits `<arch>.rope.freq_base` (llama.cpp's own default).
 _DEFAULT_ROPE_BASE = 10000.0
-
-# tokenizer.ggml.pre -> the pre-tokenizer split regex of the original HF tokenizer.
-# None means GPT-2's own regex (the `tokenizers` ByteLevel pre-tokenizer with use_regex=True).
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-@dataclass(frozen=True)
-class PreTokenizer:
-    regex: str | None  # None: GPT-2's regex, built into the ByteLevel pre-tokenizer
-    nfc: bool = False  # Qwen2's HF tokenizer NFC-normalizes its input
-    ignore_merges: bool = False  # Llama 3 looks whole pre-tokens up in the vocab before merging
-
-
-PRE_TOKENIZERS = {
-    "gpt-2": PreTokenizer(None),
-    "qwen2": PreTokenizer(_QWEN2_REGEX, nfc=True),
-    "deepseek-r1-qwen": PreTokenizer(_QWEN2_REGEX, nfc=True),
-    "llama-bpe": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
-    "llama3": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
-    "smaug-bpe": PreTokenizer(_LLAMA3_REGEX, ignore_merges=True),
-}
-
-# llama.cpp's token types (tokenizer.ggml.token_type)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Control tokens that end a turn even when the GGUF names a different eos (llama.cpp treats
-# these as end-of-generation too); they go into generation_config's eos list.
-_END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>")
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -131,15 +93,12 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
-def _arch(meta: dict) -> str:
+def _family(meta: dict) -> families.Family:
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UserError(
-            f"unsupported GGUF architecture '{arch}'; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+    fam = families.from_gguf(arch)
     if meta.get(f"{arch}.expert_count"):
         raise UserError(f"mixture-of-experts GGUF models are not supported (found {arch}.expert_count)")
-    return arch
+    return fam
 
 
 def _int_hparam(meta: dict, key: str, default=None) -> int:
@@ -153,8 +112,8 @@ def _int_hparam(meta: dict, key: str, default=None) -> int:
 
 def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
     """config.json (HF field names, which mlx_lm reads) from `<arch>.*` metadata."""
-    arch = _arch(meta)
-    p = arch + "."
+    fam = _family(meta)
+    p = fam.gguf_architecture + "."
     hidden = _int_hparam(meta, p + "embedding_length")
     heads = _int_hparam(meta, p + "attention.head_count")
     kv_heads = _int_hparam(meta, p + "attention.head_count_kv", heads)
@@ -162,8 +121,8 @@ def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
     if eps is None:
         raise UserError(f"GGUF metadata lacks '{p}attention.layer_norm_rms_epsilon' (RMSNorm models only)")
     cfg = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
-        "model_type": ARCHITECTURES[arch],
+        "architectures": [fam.hf_architecture],
+        "model_type": fam.model_types[0],
         "hidden_size": hidden,
         "num_hidden_layers": _int_hparam(meta, p + "block_count"),
         "intermediate_size": _int_hparam(meta, p + "feed_forward_length"),
@@ -176,15 +135,9 @@ def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
     key_length = meta.get(p + "attention.key_length")
-    if key_length is not None and (arch == "qwen3" or int(key_length) != hidden // heads):
+    if key_length is not None and int(key_length) != hidden // heads:
         cfg["head_dim"] = int(key_length)
-    elif arch == "qwen3":
-        cfg["head_dim"] = hidden // heads
-    if arch == "qwen2" and cfg.get("head_dim", hidden // heads) != hidden // heads:
-        raise UserError("this qwen2 GGUF has head_dim != hidden/heads, which mlx_lm's qwen2 cannot express")
-    if arch == "llama":
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-        cfg["mlp_bias"] = "blk.0.ffn_down.bias" in tensor_names
+    cfg.update(fam.gguf_config(cfg, meta, tensor_names))
     scaling = _rope_scaling(meta, p)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
@@ -315,7 +268,7 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
     the llama3 `rope_freqs` divisors or None)."""
     from gguf.quants import dequantize
 
-    arch = config["model_type"]
+    permuted = families.get(config["model_type"]).gguf_qk_permuted
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     weights, types, rope_freqs = {}, Counter(), None
     total = len(reader.tensors)
@@ -334,7 +287,7 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
             rope_freqs = arr
             continue
         name = hf_name(t.name)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+        if permuted and (".q_proj." in name or ".k_proj." in name):
             arr = unpermute_qk(arr, heads if ".q_proj." in name else kv_heads)
         weights[name] = arr
         if progress and (i + 1) % max(1, total // 4) == 0:
@@ -354,104 +307,6 @@ def _check_weights(weights: dict, config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def build_tokenizer(meta: dict):
-    """A `tokenizers.Tokenizer` equal to the model's original HF byte-level BPE tokenizer,
-    plus tokenizer_config.json and generation_config.json contents."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UserError(
-            f"unsupported GGUF tokenizer '{kind}'; supported: gpt2 (byte-level BPE, as in Qwen2 and Llama 3)"
-        )
-    pre_name = meta.get("tokenizer.ggml.pre")
-    if pre_name not in PRE_TOKENIZERS:
-        raise UserError(
-            f"unsupported GGUF pre-tokenizer '{pre_name}'; supported: {', '.join(sorted(PRE_TOKENIZERS))}"
-        )
-    pre = PRE_TOKENIZERS[pre_name]
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)  # a duplicated (padding) entry keeps its first id
-    model = models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges)
-    tk = Tokenizer(model)
-    if pre.nfc:
-        tk.normalizer = normalizers.NFC()
-    if pre.regex is None:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pre.regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    tk.decoder = decoders.ByteLevel()
-
-    # CONTROL tokens are special (skipped when decoding with skip_special_tokens), USER_DEFINED
-    # ones are matched verbatim in text but decoded like ordinary tokens.
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
-    if special:
-        tk.add_special_tokens(special)
-    if user:
-        tk.add_tokens(user)
-
-    def token_at(key):
-        i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-        pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
-        ids = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None) if t}
-        tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
-    else:
-        tk.post_processor = processors.ByteLevel(trim_offsets=False)
-
-    chat_template = meta.get("tokenizer.chat_template")
-    # bos_token is only named when the tokenizer adds it or the template prints it: Qwen's GGUF
-    # records a bos id that its HF tokenizer never uses.
-    name_bos = add_bos or (chat_template is not None and "bos_token" in chat_template)
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos if name_bos else None,
-        "eos_token": eos,
-        "pad_token": token_at("tokenizer.ggml.padding_token_id"),
-        "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 4096)),
-    }
-    if chat_template is not None:
-        tokenizer_config["chat_template"] = chat_template
-
-    eos_ids = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if meta.get(key) is not None and int(meta[key]) not in eos_ids:
-            eos_ids.append(int(meta[key]))
-    for t in _END_OF_TURN_TOKENS:
-        i = vocab.get(t)
-        if i is not None and types[i] == TOKEN_CONTROL and i not in eos_ids:
-            eos_ids.append(i)
-    generation_config = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
-    if bos is not None and name_bos:
-        generation_config["bos_token_id"] = vocab[bos]
-    if meta.get("tokenizer.ggml.padding_token_id") is not None:
-        generation_config["pad_token_id"] = int(meta["tokenizer.ggml.padding_token_id"])
-    return tk, tokenizer_config, generation_config
-
-
-# ---------------------------------------------------------------------------------------------
 # the whole conversion
 
 
@@ -459,7 +314,7 @@ def read(path, progress: Progress | None = None) -> GGUFContents:
     """Everything in a GGUF as an mlx_lm model: config, float32 weights and tokenizer."""
     reader = open_reader(path)
     meta = metadata(reader)
-    _arch(meta)  # fail on an unsupported architecture before touching the tensors
+    _family(meta)  # fail on an unsupported architecture before touching the tensors
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:

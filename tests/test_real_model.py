@@ -12,6 +12,8 @@ import pytest
 
 from mlx_refusal import loading
 
+from reference_tokenizers import ReferenceBPE
+
 pytestmark = pytest.mark.real
 
 PRESET = "qwen2.5-coder-0.5b"
@@ -91,70 +93,7 @@ def test_chat_template_renders_exact_chatml(qwen):
     )
 
 
-# --- an independent tokenizer: GPT-2 byte-level BPE written out from the GGUF's own arrays ---
-
-# Qwen2's pre-tokenizer split pattern (from its tokenizer), applied with the `regex` module.
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-class ReferenceBPE:
-    """Greedy BPE from the GGUF's tokens and merges: split out special tokens, NFC-normalize
-    (as Qwen2's tokenizer does), split with the pre-tokenizer regex, map bytes to GPT-2's
-    printable alphabet, then repeatedly merge the adjacent pair of lowest merge rank."""
-
-    def __init__(self, tokens, merges, token_types):
-        import regex
-
-        self.vocab = {t: i for i, t in enumerate(tokens)}
-        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
-        specials = sorted((t for t, ty in zip(tokens, token_types) if ty in (3, 4)), key=len, reverse=True)
-        self.special_re = regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
-        self.split_re = regex.compile(_QWEN2_SPLIT)
-        self.byte_char = _bytes_to_unicode()
-
-    def _bpe(self, word: list[str]) -> list[str]:
-        while len(word) > 1:
-            pairs = [(self.ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
-            rank, _ = min(pairs)
-            if rank == float("inf"):
-                break
-            first, second = next((word[i], word[i + 1]) for r, i in pairs if r == rank)
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        return word
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for chunk in self.special_re.split(text):
-            if not chunk:
-                continue
-            if chunk in self.vocab and self.special_re.fullmatch(chunk):
-                ids.append(self.vocab[chunk])
-                continue
-            for piece in self.split_re.findall(unicodedata.normalize("NFC", chunk)):
-                symbols = [self.byte_char[b] for b in piece.encode("utf-8")]
-                ids.extend(self.vocab[s] for s in self._bpe(symbols))
-        return ids
+# --- an independent tokenizer: byte-level BPE written out from the GGUF's own arrays ---
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +104,8 @@ def reference_bpe():
     reader = gguf.GGUFReader(str(path), "r")
     f = reader.fields
     assert f["tokenizer.ggml.pre"].contents() == "qwen2"
-    return ReferenceBPE(f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.merges"].contents(),
-                        f["tokenizer.ggml.token_type"].contents())
+    return ReferenceBPE.for_pre("qwen2", f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.merges"].contents(),
+                                f["tokenizer.ggml.token_type"].contents())
 
 
 def test_tokenizer_matches_reference_bpe(qwen, reference_bpe):
