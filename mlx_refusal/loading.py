@@ -414,8 +414,8 @@ def cast_for_compute(model, stored: str | None = None, evaluate: bool = True) ->
     from mlx.utils import tree_flatten, tree_unflatten
 
     target = backend.compute_dtype(getattr(mx, stored) if stored in ("float16", "bfloat16", "float32") else None)
-    quantized = [name for name, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and name]
+    # "scales" marks every quantized layer, the tensor-parallel ones (QuantizedShardedToAllLinear ...) too
+    quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Module) and "scales" in m and name]
     updates = []
     for name, value in tree_flatten(model.parameters()):
         if any(name == q or name.startswith(q + ".") for q in quantized):
