@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `mlx.launch -n 2 --backend ring`: the same work as a
 single process, data parallel and tensor parallel; rank 0 writes what it got to OUT.
 
-usage: mlx.launch -n 2 --backend ring --python PY distributed_worker.py MODEL_DIR OUT
+usage: mlx.launch -n 2 --backend ring --python PY distributed_worker.py MODEL_DIR OUT [QUANTIZED_DIR]
 """
 import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 
@@ -64,7 +64,7 @@ def edited(model, how: str) -> tuple[dict, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}, logits
 
 
-def main(model_dir: Path, out: Path) -> None:
+def main(model_dir: Path, out: Path, quantized_dir: Path | None = None) -> None:
     from mlx_refusal import distributed
     from mlx_refusal.loading import load
 
@@ -76,17 +76,20 @@ def main(model_dir: Path, out: Path) -> None:
         if how == "ablate":  # the residual stream is whole between sharded blocks: capture is unchanged
             results["tensor"] = single_process_results(model, tok)
         results[how] = edited(model, how)
+    if quantized_dir is not None:  # quantized layers sharded: dequantize, edit, re-quantize each slice
+        model, tok, _ = load(str(quantized_dir), tensor_parallel=True)
+        results["ablate_q4"] = edited(model, "ablate")
     if distributed.is_writer():
         out.mkdir(parents=True, exist_ok=True)
         for key in ("data", "tensor"):
             r = results[key]
             np.savez(out / f"{key}.npz", directions=r["directions"], mean_norm=r["mean_norm"], logprobs=r["logprobs"])
             (out / f"{key}_records.json").write_text(json.dumps(r["records"]))
-        for how in ("ablate", "steer"):
+        for how in [k for k in ("ablate", "steer", "ablate_q4") if k in results]:
             weights, logits = results[how]
             np.savez(out / f"{how}.npz", __logits__=logits, **weights)
         (out / "ranks.json").write_text(json.dumps(results["ranks"]))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

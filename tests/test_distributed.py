@@ -65,9 +65,16 @@ def test_one_process_is_a_pass_through(tiny_qwen2):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_qwen2, tmp_path_factory):
+def tiny_q4(tiny_qwen2, tmp_path_factory):
+    from test_stream_edit import quantized_folder
+
+    return quantized_folder(tiny_qwen2, tmp_path_factory.mktemp("tiny_q4") / "q4")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_qwen2, tiny_q4, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
-    launch(Path(worker.__file__), tiny_qwen2, out)
+    launch(Path(worker.__file__), tiny_qwen2, out, tiny_q4)
     assert json.loads((out / "ranks.json").read_text()) == 2
     return out
 
@@ -98,12 +105,13 @@ def test_evaluation_verdicts_and_answers_are_identical(two_ranks, one_process, m
     np.testing.assert_allclose(np.load(two_ranks / f"{mode}.npz")["logprobs"], one_process["logprobs"], atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["ablate", "steer"])
-def test_tensor_parallel_edit_equals_the_unsharded_edit(two_ranks, tiny_qwen2, how):
-    """Orthogonalising each rank's column slice of o_proj/down_proj is the whole edit; the
-    steering bias sits whole on every rank (ShardedToAllLinear adds it after the all_sum)."""
-    model, _, _ = load(str(tiny_qwen2))
-    weights, logits = worker.edited(model, how)
+@pytest.mark.parametrize("how", ["ablate", "steer", "ablate_q4"])
+def test_tensor_parallel_edit_equals_the_unsharded_edit(two_ranks, tiny_qwen2, tiny_q4, how):
+    """Orthogonalising each rank's column slice of o_proj/down_proj is the whole edit (quantized
+    slices too: groups never straddle ranks); the steering bias sits whole on every rank
+    (ShardedToAllLinear adds it after the all_sum)."""
+    model, _, _ = load(str(tiny_q4 if how == "ablate_q4" else tiny_qwen2))
+    weights, logits = worker.edited(model, how.removesuffix("_q4"))
     got = np.load(two_ranks / f"{how}.npz")
     assert set(got.files) - {"__logits__"} == set(weights)
     for name, value in weights.items():
