@@ -6,7 +6,7 @@ Two ways to use N ranks, chosen per model:
   every N-th prompt. Capture sums (float64) and counts are added with `all_sum`; generated
   answers and per-prompt arrays are gathered back into prompt order. Every rank then holds the
   same result, so every rank takes the same next step, and rank 0 alone writes files.
-- Tensor parallel (`shard_model`, for a model bigger than one host): mlx_lm's own `shard()`
+- Tensor parallel (`sharded_load`, for a model bigger than one host): mlx_lm's own `shard()`
   splits each block's projections across the ranks (q/k/v/gate/up by output rows, o/down by
   input columns, summed with `all_sum` inside the layer). Every rank runs every prompt. The
   residual stream between blocks is whole on every rank, so the capture hooks read it as is.
@@ -20,6 +20,8 @@ do unchanged on a sharded model):
 - Bias: mlx's `ShardedToAllLinear` keeps the whole bias on every rank and adds it *after* the
   `all_sum`. So the steering bias goes in full on every rank (not divided by N: that would be
   right only for a bias added before the sum).
+- Saving: no rank holds the whole model, so rank 0 rewrites the same edit from the source folder
+  with `stream_edit` (bit-identical to the in-memory edit).
 
 Nothing here prints; every function is a no-op pass-through on a single process.
 """
@@ -188,12 +190,6 @@ def combined_capture(cap, n: int, group):
 # Tensor parallelism: mlx_lm's own shard().
 
 
-def _check_divisible(heads: int, kv_heads: int, n: int) -> None:
-    if heads % n or kv_heads % n:
-        raise UserError(f"{heads} attention heads ({kv_heads} key/value heads) cannot be split across "
-                        f"{n} ranks; use a rank count that divides both")
-
-
 def sharded_load(path):
     """(model, tokenizer) with this rank's slice of every block, by mlx_lm's `sharded_load`
     (lazy load, `shard()`, then only the slice is read and evaluated)."""
@@ -201,25 +197,14 @@ def sharded_load(path):
 
     config = json.loads((path / "config.json").read_text())
     heads = int(config["num_attention_heads"])
-    _check_divisible(heads, int(config.get("num_key_value_heads") or heads), size())
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    if heads % size() or kv_heads % size():
+        raise UserError(f"{heads} attention heads ({kv_heads} key/value heads) cannot be split across "
+                        f"{size()} ranks; use a rank count that divides both")
     try:
         return mlx_sharded_load(str(path), tensor_group=world(), tokenizer_config={"trust_remote_code": False})
     except ValueError as exc:  # mlx_lm's "does not support tensor parallelism"
         raise UserError(f"{path}: {exc}; run without --tensor-parallel (data parallel)") from None
-
-
-def shard_model(model, group=None) -> None:
-    """Split `model` across the ranks in place with mlx_lm's `shard()` (as `mlx_lm.sharded_load`
-    does), then evaluate each rank's slice and wait for every rank."""
-    group = group or world()
-    if not hasattr(model, "shard"):
-        raise UserError(f"mlx_lm has no tensor parallelism for '{arch.model_type_of(model)}' models; "
-                        "run without --tensor-parallel (data parallel) on hosts that each hold the model")
-    heads = int(model.args.num_attention_heads)
-    _check_divisible(heads, int(getattr(model.args, "num_key_value_heads", None) or heads), group.size())
-    model.shard(group)
-    mx.eval(model.parameters())
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
 def gather_sharded(model, group=None) -> dict[str, mx.array]:
