@@ -87,7 +87,7 @@ def worker(model: str, prompts: int, gen_prompts: int, tokens: int, out: Path) -
     barrier = lambda: mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # noqa: E731
     barrier()
     t0 = time.perf_counter()
-    capture_residuals(m, tok, texts[:prompts], batch_size=32)
+    cap = capture_residuals(m, tok, texts[:prompts], batch_size=32)
     barrier()
     t1 = time.perf_counter()
     answers = generate(m, tok, texts[:gen_prompts], max_tokens=tokens, batch_size=64)
@@ -95,6 +95,7 @@ def worker(model: str, prompts: int, gen_prompts: int, tokens: int, out: Path) -
     t2 = time.perf_counter()
     if distributed.is_writer():
         out.write_text(json.dumps({"capture_s": t1 - t0, "generate_s": t2 - t1, "answers": answers,
+                                   "mean": cap.mean.tolist(),
                                    "ranks": distributed.size()}))
 
 
@@ -117,7 +118,10 @@ def bench_ranks(model: str, prompts: int, gen_prompts: int, tokens: int, tmp: Pa
               f"(speed-up x{one['capture_s'] / two['capture_s']:.2f})")
         print(f"    generation {gen_prompts} x {tokens} tokens : {one['generate_s']:6.1f} s -> "
               f"{two['generate_s']:6.1f} s (speed-up x{one['generate_s'] / two['generate_s']:.2f})")
-        print(f"    answers identical to 1 rank: {one['answers'] == two['answers']}")
+        a, b = np.array(one["mean"]), np.array(two["mean"])
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        print(f"    answers identical to 1 rank: {one['answers'] == two['answers']}; "
+              f"captured means: min cosine over sites {cos.min():.7f}, max |diff| {np.abs(a - b).max():.2e}")
 
 
 def main() -> None:
