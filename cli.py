@@ -505,6 +505,9 @@ def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: 
     click.secho(f"streaming the edit shard by shard: in memory it would need about {need}, more "
                 f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
                 "result with `eval --model OUT`.", fg="yellow", err=True)
+    if 2 * se.largest_tensor_bytes(folder) > limit:
+        click.secho(f"note: the largest tensor is {se.format_size(se.largest_tensor_bytes(folder))}; with its "
+                    f"float32 edit the peak will exceed {se.format_size(limit)}", fg="yellow", err=True)
     return folder, limit
 
 

@@ -108,8 +108,10 @@ def in_memory_bytes(folder: Path) -> int:
     return stored * widen + stored
 
 
-def largest_shard_bytes(folder: Path) -> int:
-    return max((Path(folder) / f).stat().st_size for f in weight_files(Path(folder)))
+def largest_tensor_bytes(folder: Path) -> int:
+    """The biggest stored tensor (headers only): a streamed edit holds it and its float32 copy."""
+    folder = Path(folder)
+    return max(a.nbytes for f in weight_files(folder) for a in mx.load(str(folder / f)).values())
 
 
 def free_memory() -> int | None:

@@ -144,6 +144,7 @@ def test_sizes_and_the_automatic_choice(sources):
         se.parse_size("lots")
     need = se.in_memory_bytes(sources["tied"])
     assert se.should_stream(sources["tied"], need - 1) and not se.should_stream(sources["tied"], need)
+    assert se.largest_tensor_bytes(sources["tied"]) == 384 * 64 * 4  # the embedding
 
 
 def test_streamed_edit_refuses_its_own_source(sources):
