@@ -474,8 +474,9 @@ directions_file_option = click.option(
 max_memory_option = click.option(
     "--max-memory", default=None, metavar="SIZE",
     help="Memory the edit may use, e.g. 1GB. If the in-memory edit needs more, the model's safetensors "
-         "shards are rewritten one at a time from --directions (bit-identical result, no before/after "
-         "report). Without it this happens when the model does not fit in free memory.")
+         "files are rewritten a few tensors at a time from --directions (bit-identical result, no "
+         "before/after report). Without it this happens, given --directions, when the model does not fit "
+         "in free memory.")
 
 
 def _scale_out_options(f):
