@@ -51,6 +51,16 @@ def _note(message, category, filename, lineno, file=None, line=None):
 def main():
     """RefusaLLM toolkit: find the refusal direction of a chat model in MLX, then ablate it
     (the model stops refusing) or steer along it (the model refuses everything, coherently)."""
+    import os
+
+    if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
+        # under mlx.launch every rank runs this command; rank 0 alone reports (errors still show)
+        import functools
+
+        import tqdm
+
+        sys.stdout = open(os.devnull, "w")
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 model_option = click.option(
@@ -180,11 +190,27 @@ def _preflight(model_spec: str, harmful: str, harmless: str, out: Path | None, f
     return folder
 
 
-def _load_model(spec: str):
+tensor_parallel_option = click.option(
+    "--tensor-parallel", is_flag=True,
+    help="Under mlx.launch: split every block across the ranks with mlx_lm's shard(), for a model bigger "
+         "than one host. Without it each rank holds the whole model and takes its share of the prompts.")
+
+
+def _load_model(spec: str, tensor_parallel: bool = False):
+    from mlx_refusal import distributed
     from mlx_refusal.loading import load
 
-    click.echo(f"loading {spec} ...", err=True)
-    return load(spec)
+    if tensor_parallel and distributed.size() == 1:
+        raise UserError("--tensor-parallel needs several ranks: start the command with mlx.launch -n N ...")
+    click.echo(f"loading {spec}{' (tensor parallel)' if tensor_parallel else ''} ...", err=True)
+    return load(spec, tensor_parallel=tensor_parallel)
+
+
+def _is_writer() -> bool:
+    """Under mlx.launch every rank computes the same result; rank 0 alone writes it."""
+    from mlx_refusal import distributed
+
+    return distributed.is_writer()
 
 
 def _prompt_sets(harmful: str, harmless: str, split: str):
@@ -272,7 +298,9 @@ def _held_back_separation(model, tok, d, harmful, harmless, split, system, batch
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: runs/<model>/directions].")
 @click.option("--top", default=10, show_default=True, help="Rows of the ranking table to print.")
-def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top):
+@tensor_parallel_option
+def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top,
+               tensor_parallel):
     """Capture residual activations for harmful and harmless prompts and write one candidate
     refusal direction per layer (directions.safetensors), ranked (ranking.json, ranking.png)."""
     import time
@@ -284,12 +312,14 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
 
     t0 = time.perf_counter()
     _preflight(model_spec, harmful, harmless, out, True, what="directions", system=system, out_kind="directions")
-    model, tok, info = _load_model(model_spec)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     d, run = _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache)
     out = out or _default_out(info.spec, "directions")
-    path = save_directions(d, out)
     scores = heuristic_scores(d)
     ranked = rank_heuristic(d)
+    if not _is_writer():
+        return
+    path = save_directions(d, out)
     jpath, ppath = write_ranking(scores, ranked, out)
     from mlx_refusal.prompts import directions_split
 
@@ -401,8 +431,9 @@ def _spread(pset, limit: int | None):
 @click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
               help="Write the report (tables and every answer) as Markdown.")
 @click.option("--examples", default=3, show_default=True, help="Answers per set to print.")
+@tensor_parallel_option
 def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit, system, batch_size,
-             json_out, md_out, examples):
+             json_out, md_out, examples, tensor_parallel):
     """Generate greedy answers to harmful and harmless prompts and report refusal rates (per set
     and per category), coherence and, with --base, the first-token KL against the unedited model."""
     import json
@@ -412,10 +443,10 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     from mlx_refusal.evaluate import evaluate, report_json, report_markdown
 
     t0 = time.perf_counter()
-    model, tok, info = _load_model(model_spec)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     base = None
     if base_spec:
-        base_model, base_tok, base_info = _load_model(base_spec)
+        base_model, base_tok, base_info = _load_model(base_spec, tensor_parallel)
         base = (base_model, base_tok)
     hset, lset = _prompt_sets(harmful, harmless, split)
     hset, lset = _spread(hset, limit), _spread(lset, limit)
@@ -461,10 +492,14 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     doc["base"] = None if not base_spec else {"spec": str(base_info.spec), "fingerprint": base_info.fingerprint}
     doc["prompts"] = {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
                       for k, p in (("harmful", hset), ("harmless", lset))}
-    if json_out:
+    from mlx_refusal import distributed
+
+    if distributed.describe(model):
+        doc["distributed"] = distributed.describe(model)
+    if json_out and _is_writer():
         write_text_atomic(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_out}")
-    if md_out:
+    if md_out and _is_writer():
         write_text_atomic(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
         click.echo(f"wrote {md_out}")
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
@@ -556,6 +591,75 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
     write_text_atomic(report_dir / "report.md", md)
 
 
+max_memory_option = click.option(
+    "--max-memory", default=None, metavar="SIZE",
+    help="Memory the edit may use, e.g. 1GB. If the in-memory edit needs more, the model's safetensors "
+         "files are rewritten a few tensors at a time from --directions (bit-identical result, no "
+         "before/after report). Without it this happens, given --directions, when the model does not fit "
+         "in free memory.")
+
+
+def _scale_out_options(f):
+    for opt in (max_memory_option, tensor_parallel_option):
+        f = opt(f)
+    return f
+
+
+def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: str | None) -> tuple | None:
+    """(model folder, memory budget in bytes) if the edit is to be streamed, else None:
+    --max-memory below what an in-memory edit needs, or, with --directions, less free memory."""
+    from mlx_refusal import stream_edit as se
+    from mlx_refusal.loading import resolve
+
+    limit = se.parse_size(max_memory) if max_memory else None
+    if limit is None and directions_file is None:
+        return None
+    folder = resolve(model_spec, progress=_progress)
+    if not se.should_stream(folder, limit):
+        return None
+    limit = limit or se.free_memory()
+    need = se.format_size(se.in_memory_bytes(folder))
+    budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.format_size(se.free_memory())})"
+    if directions_file is None:
+        raise UserError(f"editing {folder.name} in memory needs about {need}, more than {budget}; "
+                        "pass --directions FILE (from `directions`) to rewrite its shards one at a time")
+    click.secho(f"streaming the edit shard by shard: in memory it would need about {need}, more "
+                f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
+                "result with `eval --model OUT`.", fg="yellow", err=True)
+    if 2 * se.largest_tensor_bytes(folder) > limit:
+        click.secho(f"note: the largest tensor is {se.format_size(se.largest_tensor_bytes(folder))}; with its "
+                    f"float32 edit the peak will exceed {se.format_size(limit)}", fg="yellow", err=True)
+    return folder, limit
+
+
+def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool) -> None:
+    from mlx_refusal.console import progress_bar
+    from mlx_refusal.stream_edit import stream_edit
+
+    if not _is_writer():
+        return
+    folder, limit = streamed
+    with progress_bar("rewrite tensors", 0, unit="batch") as update:
+        stream_edit(folder, out, edit, record, force, max_memory=limit, progress=lambda done, total: update(1))
+    click.secho(f"\nwrote {out} (streamed)", fg="green")
+
+
+def _given_directions(directions_file: Path, info):
+    from mlx_refusal.directions import load_directions
+
+    d = load_directions(directions_file)
+    if info is not None and d.directions.shape != (info.num_layers + 1, info.hidden_size):
+        raise UserError(f"{directions_file} holds directions of shape {d.directions.shape}, not "
+                        f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    return d
+
+
+def _model_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
 @main.command()
 @model_option
 @harmful_option
@@ -589,9 +693,10 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
 @max_tokens_option
 @gen_batch_option
 @save_dtype_option
+@_scale_out_options
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
           calibration_prompts, positions, system, batch_size, no_cache, directions_file, out, force, seed, eval_limit,
-          max_tokens, gen_batch_size, save_dtype):
+          max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -616,7 +721,24 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
+        from mlx_refusal.stream_edit import Steering
+
+        if layer is None or (alpha is None and alpha_multiple is None):
+            raise UserError("a streamed steer needs --layer and --alpha or --alpha-multiple "
+                            "(choosing them runs the model)")
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / "steer"
+        direction = np.asarray(d.direction(layer), np.float32)
+        a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
+        record = {"edit": "steer", "layer": layer, "alpha": a, "alpha_multiple": a / float(d.mean_norm[layer]),
+                  "alpha_how": "given", "select": None, "scale": None, "seed": seed, "positions": positions,
+                  "system": system, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
+                  "direction_sha256": d.sha256(layer), "metrics": None}
+        return _stream(streamed, out, Steering(layer, direction, a), record, force)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info.spec, "steer")
     validate.layer("--layer", layer, info.num_layers)
     d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
@@ -677,7 +799,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
         "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
         "seed": seed, "positions": positions, "system": system,
-        "model": d.metadata["model"], "prompts": d.metadata["prompts"],
+        "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
         "direction_sha256": d.sha256(choice.layer),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
@@ -685,9 +807,20 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
             "before": {"harmful_refusal": before.harmful.refusal_rate,
                        "harmless_refusal": before.harmless.refusal_rate}},
     }
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force,
-               dtype=save_dtype)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Steering, stream_edit
+
+        stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force)
+    else:
+        save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force,
+                   dtype=save_dtype)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
@@ -703,9 +836,25 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
 
 
+def _layer_without_running(d, per_layer: bool, layer: int | None, select: str) -> tuple[bool, int | None]:
+    """(decided, layer whose direction is used; None = each layer's own) when the choice needs no
+    model run: --per-layer, --layer or --select heuristic. (False, None) for --select evaluate."""
+    from mlx_refusal.select import candidate_layers, rank_heuristic
+
+    if per_layer:
+        return True, None
+    if layer is not None:
+        return True, layer
+    if select == "heuristic":
+        allowed = set(candidate_layers(d.num_layers))
+        return True, next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+    return False, None
+
+
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype, directions_file=None):
+                     gen_batch_size, max_kl, save_dtype, directions_file=None, tensor_parallel=False,
+                     max_memory=None):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -713,7 +862,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     from mlx_refusal.edit import ablate
     from mlx_refusal.evaluate import first_token_logprobs
     from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated, rank_heuristic
+    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated
 
     from mlx_refusal import validate
 
@@ -722,7 +871,27 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
+        from mlx_refusal.stream_edit import Projection
+
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / kind
+        writer_layers = validate.layer_range(layers_text, int(_model_config(folder)["num_hidden_layers"]))
+        decided, chosen = _layer_without_running(d, per_layer, layer, select)
+        if not decided:
+            raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
+                            "(--select evaluate runs the model)")
+        record = {"edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
+                  "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
+                  "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+                  "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
+                  "summary": None, "metrics": None}
+        edit = Projection(d.directions if per_layer else d.direction(chosen), scale,
+                          None if writer_layers is None else tuple(writer_layers), norm_preserve)
+        return _stream(streamed, out, edit, record, force)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info.spec, kind)
     validate.layer("--layer", layer, info.num_layers)
     writer_layers = validate.layer_range(layers_text, info.num_layers)
@@ -730,14 +899,8 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                              directions_file)
 
     evals = []
-    if per_layer:
-        chosen = None
-    elif layer is not None:
-        chosen = layer
-    elif select == "heuristic":
-        allowed = set(candidate_layers(d.num_layers))
-        chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
-    else:
+    decided, chosen = _layer_without_running(d, per_layer, layer, select)
+    if not decided:
         hval, lval = _prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
         with progress_bar("score layers", len(layers), unit="layer") as update:
@@ -770,16 +933,28 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     record = {
         "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
         "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
-        "seed": seed, "positions": positions, "system": system, "model": d.metadata["model"],
-        "prompts": d.metadata["prompts"], "direction_sha256": d.sha256(None if per_layer else chosen),
+        "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+        "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
         "summary": summary.as_record(),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
             "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
                                                  "harmless_refusal": before.harmless.refusal_rate}},
     }
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, force=force, dtype=save_dtype)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Projection, stream_edit
+
+        stream_edit(info.path, out, Projection(directions, scale, None if writer_layers is None else
+                                               tuple(writer_layers), norm_preserve), record, force)
+    else:
+        save_model(model, info.path, out, record, force=force, dtype=save_dtype)
     if after is not None:
         _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
         click.echo(_before_after(before, after))
@@ -806,6 +981,7 @@ def _orthogonal_options(f):
                      help="Rescale every written vector back to its original norm after the projection."),
         positions_option, system_option, batch_option, cache_option, directions_file_option, edit_out_option,
         force_option, seed_option, eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
+        tensor_parallel_option, max_memory_option,
     ]):
         f = opt(f)
     return f
@@ -815,12 +991,12 @@ def _orthogonal_options(f):
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
            system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
-           save_dtype):
+           save_dtype, tensor_parallel, max_memory):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype, directions_file)
+                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory)
 
 
 @main.command()
@@ -830,12 +1006,12 @@ def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, pe
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
             system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
-            save_dtype, scale):
+            save_dtype, tensor_parallel, max_memory, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype, directions_file)
+                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory)
 
 
 def _ensure(path: Path) -> Path:

@@ -27,7 +27,7 @@ import numpy as np
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from . import arch
+from . import arch, distributed
 from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
@@ -159,8 +159,32 @@ def capture_residuals(
 ) -> Capture:
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
     "post-instruction"), one row per layer input plus the final residual."""
-    encoded = encode_prompts(tokenizer, prompts, positions, system)
-    return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    return capture_shared(model, encode_prompts(tokenizer, prompts, positions, system), batch_size, keep_all,
+                          progress)
+
+
+def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Capture:
+    """`capture_encoded`, split across the data-parallel ranks under `mlx.launch` (each runs
+    every N-th prompt; the float64 sums and counts are added); on one process, just that."""
+    group = distributed.data_group(model)
+    if group is None:
+        return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    # Data parallel: this rank's share, then every rank's sums and counts added together.
+    mine = distributed.share(encoded, group)
+    if not mine:
+        raise UserError(f"{len(encoded)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    done = [0]
+
+    def scaled(n: int, tokens: int) -> None:
+        # progress counts all prompts: this rank's share stands for the N ranks' (they run in step)
+        step = min(n * group.size(), len(encoded) - done[0])
+        done[0] += step
+        progress(step, tokens * group.size())
+
+    return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all,
+                                                        scaled if progress else None), len(encoded), group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,15 +260,17 @@ def cached_capture(
     root = cache_dir("activations")
     if use_cache:
         hit = load_cached(root, key)
-        if hit is not None and (hit.acts is not None or not keep_all):
+        usable = hit is not None and (hit.acts is not None or not keep_all)
+        # every rank must take the same branch: a capture runs collectives
+        if distributed.everyone(usable, distributed.world()):
             if not keep_all:
                 hit.acts = None
             return hit, True
     if prefill is None:
         cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
     else:
-        cap = capture_encoded(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
-                              progress)
-    if use_cache:
+        cap = capture_shared(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
+                             progress)
+    if use_cache and distributed.is_writer():
         store_cached(root, key, cap)
     return cap, False

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
-from . import arch
+from . import arch, distributed
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .errors import UserError
 from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
@@ -232,9 +232,23 @@ def generate_tokens(
 
 
 def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs):
-    ids, firsts = _generate(model, encode_chat(tokenizer, prompts, system), max_tokens, eos_token_ids(tokenizer),
-                            batch_size, _pad_id(tokenizer), progress, stop, first_logprobs)
-    return [tokenizer.decode(t) for t in ids], firsts
+    """(answers, first-token log-probs or None) in prompt order. Under `mlx.launch` each
+    data-parallel rank generates its share and every rank gets all of both."""
+    def run(part):
+        ids, firsts = _generate(model, encode_chat(tokenizer, part, system), max_tokens, eos_token_ids(tokenizer),
+                                batch_size, _pad_id(tokenizer), progress, stop, first_logprobs)
+        return [tokenizer.decode(t) for t in ids], firsts
+
+    group = distributed.data_group(model)
+    if group is None:
+        return run(list(prompts))
+    mine = distributed.share(prompts, group)
+    if first_logprobs and not mine:
+        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    texts, firsts = run(mine) if mine else ([], None)
+    texts = distributed.gather_json(texts, len(prompts), group)
+    return texts, distributed.gather_rows(firsts, len(prompts), group) if first_logprobs else None
 
 
 def generate(
@@ -465,13 +479,15 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
     digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
                       template=getattr(tokenizer, "chat_template", None), texts=list(texts))
     answers = memo.recall("generations", digest)
-    if isinstance(answers, list) and len(answers) == len(texts):
+    # every rank must take the same branch: generating runs collectives
+    if distributed.everyone(isinstance(answers, list) and len(answers) == len(texts), distributed.world()):
         if progress:
             progress(len(texts), len(texts))
         lp = first_token_logprobs(model, tokenizer, texts, batch_size, system) if first_logprobs else None
         return answers, lp
     answers, lp = run()
-    memo.remember("generations", digest, answers)
+    if distributed.is_writer():
+        memo.remember("generations", digest, answers)
     return answers, lp
 
 

@@ -104,10 +104,14 @@ def _write_weights(weights: dict, folder: Path) -> list[str]:
     for name, shard in zip(names, shards):
         mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))},
-             "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    write_index(folder, weight_map, int(sum(v.nbytes for v in weights.values())))
     return names
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """mlx_lm's model.safetensors.index.json: which file holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
 def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
@@ -138,6 +142,17 @@ def _steering_entries(steering) -> tuple[dict, dict]:
     return {"direction": mx.array(d), "vector": mx.array(v)}, fields
 
 
+def check_target(source_dir, out_dir, force: bool) -> tuple[Path, Path]:
+    """(source, out) as absolute paths, once the source is a model folder and `out` may be written."""
+    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).absolute()
+    if not (source_dir / "config.json").is_file():
+        raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
+    if out_dir.resolve() == source_dir:
+        raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
+    check_replaceable(out_dir, force, is_model_folder, "a model folder")
+    return source_dir, out_dir
+
+
 def save_model(model, source_dir, out_dir, edit_record: dict,
                steering: tuple[int, mx.array, mx.array] | None = None, force: bool = False, *,
                dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
@@ -151,13 +166,8 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     force: replace an existing out_dir (only one that holds a model or is empty).
     dtype: "float32" | "bfloat16" | "float16"; default the dtype the source weights are stored in.
     """
-    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).absolute()
+    source_dir, out_dir = check_target(source_dir, out_dir, force)
     say = progress or (lambda _msg: None)
-    if not (source_dir / "config.json").is_file():
-        raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
-    if out_dir.resolve() == source_dir:
-        raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
-    check_replaceable(out_dir, force, is_model_folder, "a model folder")
     dtype = dtype or stored_dtype(source_dir)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -165,7 +175,17 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     config = json.loads((source_dir / "config.json").read_text())
     say("preparing weights")
     weights, config = stock_weights_and_config(model, config, _DTYPES[dtype])
+    return write_model_folder(source_dir, out_dir, config, dtype, edit_record,
+                              lambda tmp: _write_weights(weights, tmp), steering, force, say)
 
+
+def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str, edit_record: dict,
+                       write_weights: Callable[[Path], list[str]],
+                       steering: tuple[int, mx.array, mx.array] | None, force: bool,
+                       say: Callable[[str], None]) -> Path:
+    """Everything of an edited folder but the weights, which `write_weights(folder)` writes
+    (returning the file names): the config, tokenizer, record, steering file and model card,
+    all in one atomic move. In memory (`save_model`) or streamed (`stream_edit`)."""
     record = dict(edit_record)
     steering_arrays = None
     if steering is not None:
@@ -185,8 +205,7 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     size = sum(v.nbytes for v in weights.values())
     with atomic_directory(out_dir, force, is_model_folder, "a model folder", size=size, note=say) as tmp:
         say("writing weights")
-        record["saved"]["weight_files"] = _write_weights(weights, tmp)
-        del weights
+        record["saved"]["weight_files"] = write_weights(tmp)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
         record["saved"]["tokenizer_files"] = _copy_tokenizer(source_dir, tmp)
         if steering_arrays is not None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
@@ -61,15 +61,19 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
     key = capture_key(info.fingerprint, texts, getattr(tokenizer, "chat_template", None), system,
                       "refusal-log-odds", "float32")
     path = cache_dir("activations") / f"{key}.odds.npy"
+    odds = None
     if use_cache and path.is_file():
         try:
             odds = np.load(path)
-            if odds.shape == (len(texts),):
-                return odds
+            if odds.shape != (len(texts),):
+                odds = None
         except (OSError, ValueError):
-            pass  # a damaged entry is recomputed
+            odds = None  # a damaged entry is recomputed
+    # every rank must take the same branch: computing the odds runs collectives
+    if distributed.everyone(odds is not None, distributed.world()):
+        return odds
     odds = refusal_log_odds(model, tokenizer, texts, system, batch_size)
-    if use_cache:
+    if use_cache and distributed.is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -139,6 +143,8 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
         "date": now(),
     }
+    if distributed.describe(model):
+        meta["distributed"] = distributed.describe(model)
     return from_captures(pos, neg, meta), run
 
 
@@ -146,7 +152,7 @@ def held_back_separation(model, tokenizer, d: Directions, harmful, harmless, sys
                          batch_size: int = 16) -> np.ndarray:
     """AUROC per residual site of `d` on prompts it was not computed from, for the pair its
     method contrasts (harmful vs harmless prompts, or refusing vs complying answers)."""
-    from .capture import capture_encoded
+    from .capture import capture_shared
     from .template import encode_prefilled, encode_prompts
 
     used = d.metadata.get("method", {}).get("used", "means")
@@ -157,7 +163,7 @@ def held_back_separation(model, tokenizer, d: Directions, harmful, harmless, sys
     else:
         positions = d.metadata.get("positions", "last")
         sides = [encode_prompts(tokenizer, ps.texts, positions, system) for ps in (harmful, harmless)]
-    pos, neg = (capture_encoded(model, enc, batch_size, keep_all=True).acts for enc in sides)
+    pos, neg = (capture_shared(model, enc, batch_size, keep_all=True).acts for enc in sides)
     return separation(d.directions, pos, neg)
 
 
