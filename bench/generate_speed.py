@@ -21,7 +21,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_refusal import evaluate
+from mlx_refusal import batching, evaluate
 
 QWEN05_SHAPE = dict(
     model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
@@ -155,11 +155,11 @@ def main():
     t = time.perf_counter()
     evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
     with_prefix = time.perf_counter() - t
-    saved, evaluate.MIN_SHARED_PREFIX = evaluate.MIN_SHARED_PREFIX, 10**9
+    saved, batching.MIN_SHARED_PREFIX = batching.MIN_SHARED_PREFIX, 10**9
     t = time.perf_counter()
     evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
     without = time.perf_counter() - t
-    evaluate.MIN_SHARED_PREFIX = saved
+    batching.MIN_SHARED_PREFIX = saved
     print(f"prefill of {len(ids)} prompts at batch {b}: {with_prefix:.2f} s with the shared prefix run once, "
           f"{without:.2f} s without ({without / with_prefix:.2f}x)")
     if len(rates) > 1:
