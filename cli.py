@@ -103,10 +103,25 @@ harmful_option = click.option(
 harmless_option = click.option(
     "--harmless", default="harmless", show_default=True,
     help="Harmless prompts: 'harmless' (bundled set) or a .txt/.json/.jsonl/.csv file.")
-positions_option = click.option(
+_positions = click.option(
     "--positions", type=click.Choice(["last", "post-instruction"]), default="last", show_default=True,
     help="Token positions to read: the last prompt token, or every token the chat template puts "
          "after the user's text (averaged).")
+# Stored on the click context (every command that captures shares it through _directions_for).
+_direction_method = click.option(
+    "--direction-method", type=click.Choice(["auto", "means", "filtered", "contrast"]), default="auto",
+    show_default=True, expose_value=False, is_eager=False,
+    callback=lambda ctx, _param, value: ctx.meta.__setitem__("direction_method", value),
+    help="How the refusal direction is found. means: mean harmful minus mean harmless activation. filtered: the "
+         "same over the harmful prompts the model refuses and the harmless ones it answers. contrast: the same "
+         "prompts answered as a refusal minus as compliance (prefilled), read at the answer tokens; works when "
+         "the model seldom refuses. auto: means if the model's first answer token refuses at least 20%% of the harmful prompts, else contrast.")
+
+
+def positions_option(f):
+    return _positions(_direction_method(f))
+
+
 system_option = click.option("--system", default=None,
                              help="System prompt to render prompts with (default: the template's own).")
 batch_option = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 512),
@@ -136,19 +151,51 @@ def _default_out(info, what: str) -> Path:
     return Path("runs") / name / what
 
 
+def _report_method(m: dict) -> None:
+    rate = m["base_refusal_rate"]
+    click.echo(f"base model refuses {rate['harmful']:.0%} of harmful and {rate['harmless']:.0%} of harmless prompts "
+               f"(first-token log-odds); direction method: {m['used']}"
+               + (f" (kept {m['kept']['harmful']} harmful, {m['kept']['harmless']} harmless)" if "kept" in m else ""),
+               err=True)
+    from mlx_refusal.workflow import WEAK_REFUSAL
+
+    if rate["harmful"] < WEAK_REFUSAL and m["used"] == "means":
+        click.secho("warning: the model seldom refuses, so harmful minus harmless is mostly a 'harmful topic' "
+                    "direction; --direction-method contrast finds refusal itself", fg="yellow", err=True)
+    elif rate["harmful"] < WEAK_REFUSAL and m["asked"] == "auto":
+        click.secho("note: the model seldom refuses; using the contrast method (prefilled refusal vs compliance)",
+                    fg="yellow", err=True)
+
+
 def _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache):
     from mlx_refusal.console import progress_bar
     from mlx_refusal.workflow import compute_directions
 
     hset, lset = _prompt_sets(harmful, harmless, split)
+    method = click.get_current_context().meta.get("direction_method", "auto")
     d, run = compute_directions(model, tok, info, hset, lset, positions, system, batch_size,
-                                use_cache=not no_cache, progress=progress_bar)
+                                use_cache=not no_cache, progress=progress_bar, method=method)
+    _report_method(d.metadata["method"])
     if d.degenerate:
         why = (" (with --positions last, row 0 is the embedding of the same template token in every prompt)"
                if d.degenerate == [0] else "")
         click.secho(f"note: the directions at rows {d.degenerate} are zero or not finite{why}; "
                     "they are never selected", fg="yellow", err=True)
     return d, run
+
+
+def _held_back_separation(model, tok, d, harmful, harmless, split, system, batch_size):
+    """AUROC per layer on the validation split, when the directions came from the train split."""
+    from mlx_refusal.console import progress_bar
+    from mlx_refusal.workflow import held_back_separation
+
+    if split != "train":
+        return None
+    hval, lval = _prompt_sets(harmful, harmless, "val")
+    with progress_bar("separation (val)", 1) as update:
+        auc = held_back_separation(model, tok, d, hval, lval, system, batch_size)
+        update(1, 0)
+    return auc
 
 
 @main.command()
@@ -182,9 +229,13 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     scores = heuristic_scores(d)
     ranked = rank_heuristic(d)
     jpath, ppath = write_ranking(scores, ranked, out)
-    write_provenance(out, {**d.metadata, "split": split, "run": run, "outputs": [path.name, jpath.name, ppath.name]})
-    rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] for r in ranked[:top]]
-    click.echo(table(["layer", "heuristic", "|diff|", "|diff|/norm"], rows, title="Top layers (FailSpy heuristic)"))
+    auc = _held_back_separation(model, tok, d, harmful, harmless, split, system, batch_size)
+    write_provenance(out, {**d.metadata, "split": split, "run": run, "outputs": [path.name, jpath.name, ppath.name],
+                           "separation_auroc_val": None if auc is None else [round(float(a), 4) for a in auc]})
+    rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] + ([auc[r.layer]] if auc is not None else [])
+            for r in ranked[:top]]
+    click.echo(table(["layer", "heuristic", "|diff|", "|diff|/norm"] + (["AUROC (val)"] if auc is not None else []),
+                     rows, title="Top layers (FailSpy heuristic)"))
     click.echo(f"wrote {path}, {jpath}, {ppath} in {time.perf_counter() - t0:.1f} s"
                + (" (activations from cache)" if all(run["cache_hits"].values()) else ""))
 

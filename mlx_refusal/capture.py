@@ -31,7 +31,7 @@ from . import arch
 from .errors import UserError
 from .interventions import hooked_layers
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
-from .template import Encoded, encode_prompts
+from .template import encode_prefilled, Encoded, encode_prompts
 
 CACHE_FORMAT = 1
 
@@ -212,11 +212,14 @@ def cached_capture(
     keep_all: bool = False,
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    prefill: str | None = None,
 ) -> tuple[Capture, bool]:
-    """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit)."""
+    """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit).
+    With `prefill`, the assistant turn starts with that text and its tokens are the ones read."""
     from .paths import cache_dir
 
-    key = capture_key(fingerprint, prompts, getattr(tokenizer, "chat_template", None), system, positions,
+    where = positions if prefill is None else "response:" + prefill
+    key = capture_key(fingerprint, prompts, getattr(tokenizer, "chat_template", None), system, where,
                       str(arch.decoder(model).embed_tokens.weight.dtype))
     root = cache_dir("activations")
     if use_cache:
@@ -225,7 +228,11 @@ def cached_capture(
             if not keep_all:
                 hit.acts = None
             return hit, True
-    cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
+    if prefill is None:
+        cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
+    else:
+        cap = capture_encoded(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
+                              progress)
     if use_cache:
         store_cached(root, key, cap)
     return cap, False

@@ -58,6 +58,30 @@ def diff_in_means(harmful_mean: np.ndarray, harmless_mean: np.ndarray, eps: floa
     return out.astype(np.float32), bad
 
 
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores `positive` above `negative` (Mann-Whitney U, ties half)."""
+    pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if pos.size == 0 or neg.size == 0:
+        raise UserError("separation needs prompts on both sides; give each set at least one prompt")
+    ranks = np.empty(pos.size + neg.size)
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    values = np.concatenate([pos, neg])[order]
+    ranks[order] = np.arange(1, values.size + 1)
+    for v in np.unique(values):  # average the ranks of ties
+        tied = order[values == v]
+        ranks[tied] = ranks[tied].mean()
+    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
+    return float(u / (pos.size * neg.size))
+
+
+def separation(directions: np.ndarray, positive_acts: np.ndarray, negative_acts: np.ndarray) -> np.ndarray:
+    """Per residual site, the AUROC of projecting held-back activations [n, L+1, hidden] on that
+    site's direction: 1.0 separates the two sets perfectly, 0.5 not at all."""
+    pos = np.einsum("nsh,sh->sn", positive_acts.astype(np.float64), directions.astype(np.float64))
+    neg = np.einsum("nsh,sh->sn", negative_acts.astype(np.float64), directions.astype(np.float64))
+    return np.array([auroc(p, q) for p, q in zip(pos, neg)])
+
+
 def from_captures(harmful, harmless, metadata: dict | None = None) -> Directions:
     dirs, bad = diff_in_means(harmful.mean, harmless.mean)
     mean_norm = (harmful.mean_norm * harmful.count + harmless.mean_norm * harmless.count) / (

@@ -54,3 +54,12 @@ def encode_prompts(tokenizer, instructions: list[str], positions: str = "last", 
         raise UserError(f"unknown positions '{positions}'; choose one of: {', '.join(POSITIONS)}")
     npos = 1 if positions == "last" else post_instruction_count(tokenizer, system)
     return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)), npos) for p in instructions]
+
+
+def encode_prefilled(tokenizer, instructions: list[str], response: str, system: str | None = None) -> list[Encoded]:
+    """Prompts whose assistant turn already begins with `response`; the captured positions are
+    the response's own tokens (what the model's state is once it has started answering that way)."""
+    tail = encode_text(tokenizer, response)
+    if not tail:
+        raise UserError("the prefilled response is empty; give it some text")
+    return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)) + tail, len(tail)) for p in instructions]

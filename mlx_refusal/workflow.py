@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import __version__
 from .atomic import write_text_atomic
 from .capture import cached_capture
-from .directions import Directions, from_captures
+from .directions import Directions, from_captures, separation
 from .errors import UserError
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
@@ -25,31 +27,138 @@ def _silent(desc: str, total: int):
     return contextlib.nullcontext(lambda n, t=0: None)
 
 
+DIRECTION_METHODS = ("auto", "means", "filtered", "contrast")
+# The prefills of the contrast method: the same prompts answered as a refusal or as compliance.
+REFUSAL_PREFILL = "I'm sorry, but I can't help with that."
+COMPLIANCE_PREFILL = "Sure! Here is"
+# auto: below this share of harmful prompts refused (first-token log-odds > 0), harmful minus
+# harmless is mostly a "harmful topic" direction, not refusal, so the contrast method is used.
+# The first-token measure undercounts refusals that open with a neutral word: on the bundled train
+# split it gives 32% for Qwen2.5-Coder-0.5B (which refuses plainly harmful requests) and 0% for
+# SmolLM2-135M (whose means direction steers nothing: 0/24 refusals at any tried layer and alpha).
+WEAK_REFUSAL = 0.2
+MIN_FILTERED = 8  # fewer kept prompts on either side than this is too few for a mean
+
+
+def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = None,
+                     batch_size: int = 16) -> np.ndarray:
+    """Per prompt: log-odds that the unedited model's first answer token opens a refusal."""
+    from .evaluate import first_token_logprobs
+    from .select import refusal_scores, refusal_token_ids
+
+    logprobs = first_token_logprobs(model, tokenizer, texts, batch_size, system)
+    return refusal_scores(logprobs, refusal_token_ids(tokenizer))
+
+
+def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: str | None = None,
+                            batch_size: int = 16, use_cache: bool = True) -> np.ndarray:
+    """`refusal_log_odds` behind the activation cache (same key parts: weights, template, prompts)."""
+    import os
+
+    from .capture import capture_key
+    from .paths import cache_dir
+
+    key = capture_key(info.fingerprint, texts, getattr(tokenizer, "chat_template", None), system,
+                      "refusal-log-odds", "float32")
+    path = cache_dir("activations") / f"{key}.odds.npy"
+    if use_cache and path.is_file():
+        try:
+            odds = np.load(path)
+            if odds.shape == (len(texts),):
+                return odds
+        except (OSError, ValueError):
+            pass  # a damaged entry is recomputed
+    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, odds)
+        os.replace(tmp, path)
+    return odds
+
+
 def compute_directions(model, tokenizer, info, harmful, harmless, positions: str = "last",
                        system: str | None = None, batch_size: int = 16, use_cache: bool = True,
-                       progress: ProgressFactory | None = None) -> tuple[Directions, dict]:
-    """Capture both prompt sets (cached) and take the difference in means. Returns the
-    directions and a dict of what was cached/computed (for the report)."""
+                       progress: ProgressFactory | None = None, method: str = "auto") -> tuple[Directions, dict]:
+    """One candidate refusal direction per residual site, by `method`:
+
+    means     mean(harmful) - mean(harmless) at `positions` (Arditi et al.);
+    filtered  the same over the harmful prompts the base model refuses and the harmless ones it
+              answers (judged by first-token refusal log-odds);
+    contrast  every prompt with the assistant turn prefilled as a refusal minus as compliance, read
+              at the response tokens: a direction exists even when the model seldom refuses;
+    auto      means when the base model refuses at least WEAK_REFUSAL of the harmful prompts, else contrast.
+
+    Captures are cached. Returns the directions and a dict of what was measured (for the report)."""
+    if method not in DIRECTION_METHODS:
+        raise UserError(f"unknown direction method '{method}'; choose one of {', '.join(DIRECTION_METHODS)}")
     progress = progress or _silent
-    caps, hits = {}, {}
+    run: dict = {"cache_hits": {}, "stats": {}}
+    odds = {}
     for name, ps in (("harmful", harmful), ("harmless", harmless)):
-        with progress(f"capture {name}", len(ps)) as update:
-            caps[name], hits[name] = cached_capture(
-                model, tokenizer, ps.texts, info.fingerprint, positions, system, batch_size,
-                use_cache=use_cache, progress=update)
-            if hits[name]:
-                update(len(ps), 0)
+        with progress(f"base refusal {name}", len(ps)) as update:
+            odds[name] = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size, use_cache)
+            update(len(ps), 0)
+    refused = {name: float(np.mean(o > 0)) for name, o in odds.items()}
+    chosen = method if method != "auto" else ("means" if refused["harmful"] >= WEAK_REFUSAL else "contrast")
+    run["base_refusal_rate"] = refused
+
+    def capture(name: str, texts: list[str], prefill: str | None = None):
+        with progress(f"capture {name}", len(texts)) as update:
+            cap, hit = cached_capture(model, tokenizer, texts, info.fingerprint, positions, system, batch_size,
+                                      use_cache=use_cache, progress=update, prefill=prefill)
+            if hit:
+                update(len(texts), 0)
+        run["cache_hits"][name], run["stats"][name] = hit, cap.stats
+        return cap
+
+    if chosen == "contrast":
+        texts = harmful.texts + harmless.texts
+        pos, neg = capture("refusing", texts, REFUSAL_PREFILL), capture("complying", texts, COMPLIANCE_PREFILL)
+        run["prefills"] = {"refusal": REFUSAL_PREFILL, "compliance": COMPLIANCE_PREFILL}
+    else:
+        hk, lk = harmful.texts, harmless.texts
+        if chosen == "filtered":
+            hk = [t for t, o in zip(hk, odds["harmful"]) if o > 0]
+            lk = [t for t, o in zip(lk, odds["harmless"]) if o <= 0]
+            run["kept"] = {"harmful": len(hk), "harmless": len(lk)}
+            if min(len(hk), len(lk)) < MIN_FILTERED:
+                raise UserError(f"filtering kept {len(hk)} harmful and {len(lk)} harmless prompts (the base model "
+                                f"refuses {refused['harmful']:.0%} of harmful ones), too few for a direction; "
+                                "use --direction-method contrast")
+        pos, neg = capture("harmful", hk), capture("harmless", lk)
     meta = {
         "tool": "mlx-refusal", "version": __version__,
         "model": {"spec": info.spec, "fingerprint": info.fingerprint, "model_type": info.model_type},
         "prompts": {"harmful": {"name": harmful.name, "n": len(harmful), "sha256": harmful.sha256},
                     "harmless": {"name": harmless.name, "n": len(harmless), "sha256": harmless.sha256}},
-        "positions": positions, "system": system,
+        "positions": positions if chosen != "contrast" else "response", "system": system,
+        "method": {"asked": method, "used": chosen, "base_refusal_rate": refused,
+                   **{k: run[k] for k in ("kept", "prefills") if k in run}},
         "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
         "date": now(),
     }
-    return from_captures(caps["harmful"], caps["harmless"], meta), {"cache_hits": hits,
-                                                                     "stats": {k: c.stats for k, c in caps.items()}}
+    return from_captures(pos, neg, meta), run
+
+
+def held_back_separation(model, tokenizer, d: Directions, harmful, harmless, system: str | None = None,
+                         batch_size: int = 16) -> np.ndarray:
+    """AUROC per residual site of `d` on prompts it was not computed from, for the pair its
+    method contrasts (harmful vs harmless prompts, or refusing vs complying answers)."""
+    from .capture import capture_encoded
+    from .template import encode_prefilled, encode_prompts
+
+    used = d.metadata.get("method", {}).get("used", "means")
+    if used == "contrast":
+        texts = harmful.texts + harmless.texts
+        sides = [encode_prefilled(tokenizer, texts, REFUSAL_PREFILL, system),
+                 encode_prefilled(tokenizer, texts, COMPLIANCE_PREFILL, system)]
+    else:
+        positions = d.metadata.get("positions", "last")
+        sides = [encode_prompts(tokenizer, ps.texts, positions, system) for ps in (harmful, harmless)]
+    pos, neg = (capture_encoded(model, enc, batch_size, keep_all=True).acts for enc in sides)
+    return separation(d.directions, pos, neg)
 
 
 def _sha(text: str) -> str:
