@@ -632,7 +632,7 @@ def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: 
     return folder, limit
 
 
-def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool) -> None:
+def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool, save_dtype: str) -> None:
     from mlx_refusal.console import progress_bar
     from mlx_refusal.stream_edit import stream_edit
 
@@ -640,7 +640,8 @@ def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool) -> None
         return
     folder, limit = streamed
     with progress_bar("rewrite tensors", 0, unit="batch") as update:
-        stream_edit(folder, out, edit, record, force, max_memory=limit, progress=lambda done, total: update(1))
+        stream_edit(folder, out, edit, record, force, max_memory=limit, progress=lambda done, total: update(1),
+                    dtype=save_dtype)
     click.secho(f"\nwrote {out} (streamed)", fg="green")
 
 
@@ -737,7 +738,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                   "alpha_how": "given", "select": None, "scale": None, "seed": seed, "positions": positions,
                   "system": system, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
                   "direction_sha256": d.sha256(layer), "metrics": None}
-        return _stream(streamed, out, Steering(layer, direction, a), record, force)
+        return _stream(streamed, out, Steering(layer, direction, a), record, force, save_dtype)
     model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info.spec, "steer")
     validate.layer("--layer", layer, info.num_layers)
@@ -817,7 +818,7 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         # this rank holds a slice: the same edit is rewritten from the source, shard by shard
         from mlx_refusal.stream_edit import Steering, stream_edit
 
-        stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force)
+        stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force, dtype=save_dtype)
     else:
         save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force,
                    dtype=save_dtype)
@@ -890,7 +891,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                   "summary": None, "metrics": None}
         edit = Projection(d.directions if per_layer else d.direction(chosen), scale,
                           None if writer_layers is None else tuple(writer_layers), norm_preserve)
-        return _stream(streamed, out, edit, record, force)
+        return _stream(streamed, out, edit, record, force, save_dtype)
     model, tok, info = _load_model(model_spec, tensor_parallel)
     out = out or _default_out(info.spec, kind)
     validate.layer("--layer", layer, info.num_layers)
@@ -952,7 +953,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
         from mlx_refusal.stream_edit import Projection, stream_edit
 
         stream_edit(info.path, out, Projection(directions, scale, None if writer_layers is None else
-                                               tuple(writer_layers), norm_preserve), record, force)
+                                               tuple(writer_layers), norm_preserve), record, force, dtype=save_dtype)
     else:
         save_model(model, info.path, out, record, force=force, dtype=save_dtype)
     if after is not None:

@@ -176,16 +176,18 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     say("preparing weights")
     weights, config = stock_weights_and_config(model, config, _DTYPES[dtype])
     return write_model_folder(source_dir, out_dir, config, dtype, edit_record,
-                              lambda tmp: _write_weights(weights, tmp), steering, force, say)
+                              lambda tmp: _write_weights(weights, tmp), steering, force, say,
+                              size=sum(v.nbytes for v in weights.values()))
 
 
 def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str, edit_record: dict,
                        write_weights: Callable[[Path], list[str]],
                        steering: tuple[int, mx.array, mx.array] | None, force: bool,
-                       say: Callable[[str], None]) -> Path:
+                       say: Callable[[str], None], size: int | None = None) -> Path:
     """Everything of an edited folder but the weights, which `write_weights(folder)` writes
     (returning the file names): the config, tokenizer, record, steering file and model card,
-    all in one atomic move. In memory (`save_model`) or streamed (`stream_edit`)."""
+    all in one atomic move. In memory (`save_model`) or streamed (`stream_edit`). `size` is the
+    weights' byte count, checked against the free space before anything is written."""
     record = dict(edit_record)
     steering_arrays = None
     if steering is not None:
@@ -202,7 +204,6 @@ def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str
                   "quantization": config.get("quantization"), "source": str(source_dir)},
     })
 
-    size = sum(v.nbytes for v in weights.values())
     with atomic_directory(out_dir, force, is_model_folder, "a model folder", size=size, note=say) as tmp:
         say("writing weights")
         record["saved"]["weight_files"] = write_weights(tmp)

@@ -220,28 +220,32 @@ def _batches(layout: dict[str, mx.array], max_bytes: int | None) -> list[list[st
 
 def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
                 max_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
-                say: Callable[[str], None] | None = None) -> Path:
+                say: Callable[[str], None] | None = None, dtype: str | None = None) -> Path:
     """Write `edit` of the mlx_lm folder `source_dir` to `out_dir` without loading it whole;
     the tensors and config are the ones `save.save_model` writes after the same edit in memory.
 
     Each output file is written tensor by tensor. max_memory: tensors are evaluated in batches
     of at most a third of it (the float32 working copies of an edit take the rest), each batch
     on a fresh lazy model; default: one batch per source file.
-    progress(done, total) counts batches written.
+    progress(done, total) counts batches written. dtype: of the saved weights, as in
+    `save.save_model` (default the stored one); the edit is computed in the compute dtype.
     """
     source_dir, out_dir = check_target(source_dir, out_dir, force)
     say = say or (lambda _msg: None)
-    dtype = stored_dtype(source_dir)
-    if dtype not in _DTYPES:
-        raise UserError(f"{source_dir} stores its weights as {dtype}; a streamed edit needs float32, "
+    stored = stored_dtype(source_dir)
+    if stored not in _DTYPES:
+        raise UserError(f"{source_dir} stores its weights as {stored}; a streamed edit needs float32, "
                         "bfloat16 or float16 weights (or quantized ones with such scales)")
+    dtype = dtype or stored
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     source_config = json.loads((source_dir / "config.json").read_text())
     arch.family(source_config.get("model_type", ""))
     files = weight_files(source_dir)
     home = {n: f for f in files for n in mx.load(str(source_dir / f))}
 
     # Names, shapes, dtypes and the config follow from the structure alone: a pass that evaluates nothing.
-    skeleton = _lazy_model(source_dir, dtype)
+    skeleton = _lazy_model(source_dir, stored)
     _apply(skeleton, edit, set())
     structure, config = stock_weights_and_config(skeleton, source_config, _DTYPES[dtype])
     layouts = {f: {n: a for n, a in structure.items() if _home(n, home) == f} for f in files}
@@ -254,7 +258,7 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
             with open(folder / f, "wb") as fh:
                 fh.write(_safetensors_header(layouts[f]))
                 for _, batch in (item for item in plan if item[0] == f):
-                    model = _lazy_model(source_dir, dtype)
+                    model = _lazy_model(source_dir, stored)
                     _apply(model, edit, set(batch))
                     weights, _ = stock_weights_and_config(model, source_config, _DTYPES[dtype])
                     for name in batch:
@@ -269,4 +273,5 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
 
     steering = (edit.layer, np.asarray(edit.direction, np.float32), edit.vector) if isinstance(edit, Steering) else None
     return write_model_folder(source_dir, out_dir, config, dtype, {**edit_record, "streamed": True},
-                              write_weights, steering, force, say)
+                              write_weights, steering, force, say,
+                              size=sum(a.nbytes for f in files for a in layouts[f].values()))

@@ -155,7 +155,9 @@ def test_cli_tensor_parallel_ablate_saves_the_unsharded_edit(tiny_qwen2, tmp_pat
 
     rows = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
-    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32)), tmp_path / "d")
+    from mlx_refusal.loading import weight_fingerprint
+    meta = {"model": {"spec": str(tiny_qwen2), "fingerprint": weight_fingerprint(tiny_qwen2)}}
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32), [], meta), tmp_path / "d")
     common = ["ablate", "--model", tiny_qwen2, "--directions", tmp_path / "d", "--layer", "2", "--max-memory", "1TB"]
     launch(REPO / "cli.py", *common, "--tensor-parallel", "--eval-limit", "2", "--max-tokens", "4",
            "--out", tmp_path / "two")

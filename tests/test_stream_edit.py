@@ -78,7 +78,9 @@ def assert_bit_identical(a: Path, b: Path) -> None:
     assert set(ta) == set(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype, k
-        assert np.array(ta[k]).tobytes() == np.array(tb[k]).tobytes(), k
+        # numpy has no bfloat16: compare the raw 2-byte patterns
+        raw = (lambda x: x.view(mx.uint16)) if ta[k].dtype == mx.bfloat16 else (lambda x: x)
+        assert np.array(raw(ta[k])).tobytes() == np.array(raw(tb[k])).tobytes(), k
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
     sa, sb = a / "steering.safetensors", b / "steering.safetensors"
     assert sa.exists() == sb.exists()
@@ -181,7 +183,9 @@ def test_cli_max_memory_streams_and_matches_the_in_memory_cli(tiny_qwen2_tied, t
 
     rows = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
-    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32)), tmp_path / "d")
+    from mlx_refusal.loading import weight_fingerprint
+    meta = {"model": {"spec": str(tiny_qwen2_tied), "fingerprint": weight_fingerprint(tiny_qwen2_tied)}}
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32), [], meta), tmp_path / "d")
     common = ["--model", tiny_qwen2_tied, "--directions", tmp_path / "d", "--layer", "2"]
     run_cli("ablate", *common, "--max-memory", "1KB", "--out", tmp_path / "streamed")
     run_cli("ablate", *common, "--max-memory", "1TB", "--eval-limit", "0", "--out", tmp_path / "memory")
