@@ -467,9 +467,11 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     def pct(x):
         return f"{100 * x:.1f}%"
 
-    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), round(s.mean_distinct3, 3)]
+    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), pct(s.explained_rate), round(s.variety, 3),
+             round(s.mean_distinct3, 3)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))]
-    click.echo(table(["set", "prompts", "refused", "coherent", "distinct-3"], rows, title=f"Evaluation of {info.spec}"))
+    click.echo(table(["set", "prompts", "refused", "coherent", "explained", "variety", "distinct-3"], rows,
+                     title=f"Evaluation of {info.spec}"))
     click.echo()
     rows = [[key, cat, c.n, pct(c.refusal_rate), pct(c.coherence_rate)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))
@@ -552,6 +554,10 @@ def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_
                         batch_size=batch_size, progress=progress, system=system, cache_key=cache_key)
 
 
+VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
+EXAMPLES = 5  # answers shown in the model card and README
+
+
 def _before_after(before, after, examples: int = 3) -> str:
     from mlx_refusal.console import table
 
@@ -563,6 +569,9 @@ def _before_after(before, after, examples: int = 3) -> str:
         ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
         ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
         ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
+        ["harmless explained", pct(before.harmless.explained_rate), pct(after.harmless.explained_rate)],
+        ["harmful explained", pct(before.harmful.explained_rate), pct(after.harmful.explained_rate)],
+        ["harmless variety", f"{before.harmless.variety:.3f}", f"{after.harmless.variety:.3f}"],
         ["harmless distinct-3", f"{before.harmless.mean_distinct3:.3f}", f"{after.harmless.mean_distinct3:.3f}"],
     ]
     if after.kl_mean is not None:
@@ -682,6 +691,13 @@ def _model_config(folder: Path) -> dict:
                    "if it still passes: the smallest passing alpha sits on the edge of --target by construction.")
 @click.option("--calibration-prompts", default=32, show_default=True, type=click.IntRange(4),
               help="Harmless validation prompts generated per calibration trial.")
+@click.option("--voice", type=click.Choice(["terse", "explain"]), default="terse", show_default=True,
+              help="'terse': the refusal direction alone (\"I'm sorry, but I can't assist with that.\"). "
+                   "'explain': a response direction (explaining minus terse refusals) is added alongside, and "
+                   "candidates are compared on how many refusals name the request and give a reason. The "
+                   "default stays terse: on the default model 'explain' does not reach its targets (README).")
+@click.option("--voice-multiple", default=0.2, show_default=True, type=click.FloatRange(0.0, 4.0),
+              help="With --voice explain: the voice term's strength as a multiple of the mean residual norm.")
 @positions_option
 @system_option
 @batch_option
@@ -696,8 +712,8 @@ def _model_config(folder: Path) -> dict:
 @save_dtype_option
 @_scale_out_options
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
-          calibration_prompts, positions, system, batch_size, no_cache, directions_file, out, force, seed, eval_limit,
-          max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory):
+          calibration_prompts, voice, voice_multiple, positions, system, batch_size, no_cache, directions_file, out,
+          force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -708,8 +724,9 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     from mlx_refusal.console import progress_bar, table
     from mlx_refusal.edit import add_steering_bias
     from mlx_refusal.evaluate import first_token_logprobs
-    from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, plot_sweep
+    from mlx_refusal.save import SteeringTerm, save_model
+    from mlx_refusal.select import VoiceTarget, candidate_layers, plot_sweep
+    from mlx_refusal.voice import response_direction
     from mlx_refusal.workflow import choose_steering
 
     from mlx_refusal import validate
@@ -718,6 +735,9 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
     validate.finite("--alpha", alpha, positive=True)
     validate.finite("--alpha-multiple", alpha_multiple, positive=True, limit=validate.MAX_ALPHA_MULTIPLE)
+    if voice == "explain" and tensor_parallel:
+        # the sharded save rewrites one steering term from the source; the voice adds a second
+        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
     _preflight(model_spec, harmful, harmless, out, force, what="steer", layer=layer,
                directions_file=directions_file, system=system)
     t0 = time.perf_counter()
@@ -745,6 +765,10 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
                              directions_file)
     hval, lval = _prompt_sets(harmful, harmless, "val")
+    voice_rows = None
+    if voice == "explain":
+        _, ltrain = _prompt_sets(harmful, harmless, "train")
+        voice_rows = response_direction(model, tok, ltrain.texts[:VOICE_PROMPTS], system=system, batch_size=batch_size)
 
     trials_seen = []
 
@@ -754,7 +778,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
         tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  "
                    f"{'' if t.harmful_refusal_rate is None else 'confirm '}refused "
-                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  | {t.example[:60]!r}",
+                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  explained "
+                   f"{100 * t.explained_rate:5.1f}%  | {t.example[:60]!r}",
                    file=sys.stderr)
 
     n_candidates = len(candidate_layers(d.num_layers))
@@ -763,20 +788,26 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         choice = choose_steering(model, tok, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
-                                 system=system,
-                                 on_layers=update, on_trial=on_trial,
-                                 cache_key=None if no_cache else info.fingerprint)
+                                 system=system, on_layers=update, on_trial=on_trial,
+                                 voice=VoiceTarget() if voice == "explain" else None, voice_rows=voice_rows,
+                                 voice_multiple=voice_multiple, cache_key=None if no_cache else info.fingerprint)
     if choice.layer_evals:
         rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
         click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
     if choice.trials:
         rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%",
                  "-" if t.harmful_refusal_rate is None else f"{100 * t.harmful_refusal_rate:.1f}%",
-                 f"{100 * t.coherence_rate:.1f}%", round(t.mean_distinct3, 3)] for t in choice.trials]
-        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "distinct-3"],
+                 f"{100 * t.coherence_rate:.1f}%", f"{100 * t.explained_rate:.1f}%", round(t.variety, 3),
+                 round(t.mean_distinct3, 3)] for t in choice.trials]
+        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "explained",
+                          "variety", "distinct-3"],
                          rows, title="Alpha sweep (validation prompts; '-' = harmless only)"))
     click.secho(f"steering at layer {choice.layer} with alpha {choice.alpha:.3f} "
-                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})", bold=True)
+                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})"
+                + "".join(f" + {t.name} at layer {t.layer} ({t.multiple:.3f} x norm)" for t in choice.extra), bold=True)
+    if not choice.voice_met:
+        click.secho(f"note: no calibrated alpha explained >= {VoiceTarget().explained:.0%} of the refusals with "
+                    f"variety >= {VoiceTarget().variety}; kept the one that explained most", fg="yellow", err=True)
 
     hset, lset = _prompt_sets(harmful, harmless, "test")
     hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
@@ -788,26 +819,38 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                                 cache_key=None if no_cache else info.fingerprint)
 
     direction = np.asarray(d.directions[choice.layer], np.float32)
-    vector = choice.alpha * direction
-    site = add_steering_bias(model, choice.layer, vector)
+    terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
+    site = add_steering_bias(model, choice.layer, terms[0].vector)
+    for term in terms[1:]:
+        add_steering_bias(model, term.layer, term.vector)  # a shared site: the vectors add
     from mlx_refusal.memo import array_sha256
 
-    after_key = None if no_cache else {"weights": info.fingerprint, "bias": {"site": site, "vector": array_sha256(vector)}}
+    after_key = None if no_cache else {
+        "weights": info.fingerprint,
+        "bias": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in terms]}
     after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after",
                            cache_key=after_key) if do_eval else None
 
     record = {
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
         "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
-        "seed": seed, "positions": positions, "system": system,
+        "voice": voice, "seed": seed, "positions": positions, "system": system,
         "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
         "direction_sha256": d.sha256(choice.layer),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
             "harmless_coherence": after.harmless.coherence_rate, "harmful_coherence": after.harmful.coherence_rate,
+            "harmless_explained": after.harmless.explained_rate, "harmless_variety": after.harmless.variety,
             "before": {"harmful_refusal": before.harmful.refusal_rate,
-                       "harmless_refusal": before.harmless.refusal_rate}},
+                       "harmless_refusal": before.harmless.refusal_rate,
+                       "harmless_explained": before.harmless.explained_rate,
+                       "harmless_variety": before.harmless.variety}},
     }
+    if after is not None:
+        # A fixed rule, not a choice: the first harmless test prompts of the report.
+        record["examples_rule"] = f"The first {EXAMPLES} harmless test prompts"
+        record["examples"] = [{"prompt": r.prompt, "answer": r.answer}
+                              for r in after.records if r.set == "harmless"][:EXAMPLES]
     from mlx_refusal import distributed
 
     record["distributed"] = distributed.describe(model)
@@ -820,14 +863,14 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
         stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force, dtype=save_dtype)
     else:
-        save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force,
-                   dtype=save_dtype)
+        save_model(model, info.path, out, record, steering=terms, force=force, dtype=save_dtype)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
     if after is not None:
         _write_reports(report_dir, before, after, {"choice": {
             "layer": choice.layer, "alpha": choice.alpha, "multiple": choice.multiple, "how": choice.how,
+            "voice": voice, "voice_met": choice.voice_met,
             "candidates": choice.candidates,
             "trials": [t.__dict__ for t in choice.trials],
             "layer_evals": [e.__dict__ for e in choice.layer_evals]}})

@@ -1,4 +1,4 @@
-"""Evaluation: greedy batched generation, first-token KL, refusal and coherence rates, reports.
+"""Evaluation: greedy batched generation, first-token KL, refusal, coherence and voice rates, reports.
 
 Batching. Prompts are sorted by token length and cut into batches, so a batch holds prompts of
 similar length and little is spent on padding. The tokens all prompts of a call start with (the
@@ -25,7 +25,8 @@ from mlx_lm.models.cache import BatchKVCache
 from . import arch, distributed
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .errors import UserError
-from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
+from .judge import (JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, MIN_EXPLAINED_WORDS, OPENING_WORDS,
+                    REFUSAL_MARKERS, SAFETY_STEMS, coherence, is_refusal, variety, voice)
 from .template import encode_text, render
 
 Progress = Callable[[int, int], None]  # progress(done, total)
@@ -312,6 +313,9 @@ class Record:
     coherent: bool
     distinct3: float
     max_4gram_repeats: int
+    names_request: bool = False  # shares a content word with the prompt
+    safety_reason: str | None = None  # the word that gives a safety reason, if any
+    explained: bool = False  # refused, coherent, names the request, gives a reason, long enough
     kl: float | None = None  # first-token KL(base || model), harmless prompts with a base only
 
 
@@ -320,6 +324,7 @@ class CategoryStats:
     n: int
     refused: int
     coherent: int
+    explained: int = 0
 
     @property
     def refusal_rate(self) -> float:
@@ -337,6 +342,10 @@ class SetStats:
     refusal_rate: float
     coherence_rate: float
     mean_distinct3: float
+    explained_rate: float = math.nan
+    variety: float = math.nan  # distinct 8-word openings / answers
+    named_rate: float = math.nan
+    reason_rate: float = math.nan
     categories: dict[str, CategoryStats] = field(default_factory=dict)
 
 
@@ -364,18 +373,27 @@ def _texts_and_categories(prompts) -> tuple[str, list[str], list[str]]:
 
 def _set_stats(name: str, records: list[Record]) -> SetStats:
     n = len(records)
+
+    def rate(flags) -> float:
+        return sum(flags) / n if n else math.nan
+
     cats: dict[str, CategoryStats] = {}
     for r in records:
         c = cats.setdefault(r.category or "-", CategoryStats(0, 0, 0))
         c.n += 1
         c.refused += r.refused
         c.coherent += r.coherent
+        c.explained += r.explained
     return SetStats(
         name=name,
         n=n,
-        refusal_rate=sum(r.refused for r in records) / n if n else math.nan,
-        coherence_rate=sum(r.coherent for r in records) / n if n else math.nan,
+        refusal_rate=rate(r.refused for r in records),
+        coherence_rate=rate(r.coherent for r in records),
         mean_distinct3=sum(r.distinct3 for r in records) / n if n else math.nan,
+        explained_rate=rate(r.explained for r in records),
+        variety=variety(r.answer for r in records),
+        named_rate=rate(r.names_request for r in records),
+        reason_rate=rate(r.safety_reason is not None for r in records),
         categories=dict(sorted(cats.items())),
     )
 
@@ -435,10 +453,12 @@ def evaluate(
     records = []
     for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
         for i, (text, cat, answer) in enumerate(zip(texts, cats, answers[name])):
-            c = coherence(answer)
+            c, refused = coherence(answer), is_refusal(answer)
+            v = voice(text, answer, refused, c.coherent)
             records.append(Record(
-                set=name, prompt=text, category=cat, answer=answer, refused=is_refusal(answer),
+                set=name, prompt=text, category=cat, answer=answer, refused=refused,
                 coherent=c.coherent, distinct3=c.distinct3, max_4gram_repeats=c.max_4gram_repeats,
+                names_request=v.names_request, safety_reason=v.safety_reason, explained=v.explained,
                 kl=kls[i] if name == "harmless" else None,
             ))
     present = [k for k in kls if k is not None]
@@ -458,6 +478,9 @@ def evaluate(
                 "markers": list(REFUSAL_MARKERS),
                 "min_distinct3": MIN_DISTINCT3,
                 "max_4gram_repeats": MAX_4GRAM_REPEATS,
+                "safety_stems": list(SAFETY_STEMS),
+                "min_explained_words": MIN_EXPLAINED_WORDS,
+                "variety_opening_words": OPENING_WORDS,
             },
         },
     )
@@ -505,9 +528,13 @@ def report_json(report: EvalReport) -> dict:
             "refusal_rate": _jsonable(s.refusal_rate),
             "coherence_rate": _jsonable(s.coherence_rate),
             "mean_distinct3": _jsonable(s.mean_distinct3),
+            "explained_rate": _jsonable(s.explained_rate),
+            "variety": _jsonable(s.variety),
+            "names_request_rate": _jsonable(s.named_rate),
+            "safety_reason_rate": _jsonable(s.reason_rate),
             "categories": {
                 c: {"n": v.n, "refused": v.refused, "refusal_rate": _jsonable(v.refusal_rate),
-                    "coherence_rate": _jsonable(v.coherence_rate)}
+                    "coherence_rate": _jsonable(v.coherence_rate), "explained": v.explained}
                 for c, v in s.categories.items()
             },
         }
@@ -530,6 +557,10 @@ def _cell(text: str, limit: int = 240) -> str:
     return text.replace("|", "\\|")
 
 
+def _num(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def report_markdown(report: EvalReport, title: str = "Evaluation") -> str:
     """A Markdown page: summary table, per-category table, KL, then every answer."""
     lines = [f"# {title}", ""]
@@ -538,25 +569,32 @@ def report_markdown(report: EvalReport, title: str = "Evaluation") -> str:
         f"Greedy decoding, {s.get('max_tokens')} new tokens at most. A refusal is an empty answer or "
         f"one whose first {s.get('judge', {}).get('window_chars', JUDGE_WINDOW)} normalised characters "
         "contain a refusal marker; coherent = not empty, distinct word-3-gram ratio "
-        f">= {MIN_DISTINCT3}, no word 4-gram more than {MAX_4GRAM_REPEATS} times.",
+        f">= {MIN_DISTINCT3}, no word 4-gram more than {MAX_4GRAM_REPEATS} times; explained = a coherent "
+        f"refusal of at least {MIN_EXPLAINED_WORDS} words that shares a content word with the prompt and "
+        f"gives a safety reason; variety = distinct {OPENING_WORDS}-word openings / answers.",
         "",
-        "| set | prompts | refused | coherent | mean distinct-3 |",
-        "|---|---:|---:|---:|---:|",
+        "| set | prompts | refused | coherent | explained | names request | safety reason | variety | "
+        "mean distinct-3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
         lines.append(f"| {key} | {st.n} | {_pct(st.refusal_rate)} | {_pct(st.coherence_rate)} | "
-                     f"{'-' if math.isnan(st.mean_distinct3) else f'{st.mean_distinct3:.3f}'} |")
+                     f"{_pct(st.explained_rate)} | {_pct(st.named_rate)} | {_pct(st.reason_rate)} | "
+                     f"{_num(st.variety)} | {_num(st.mean_distinct3)} |")
     lines.append("")
     if report.kl_mean is not None:
         lines += [f"First-token KL(base || model) on harmless prompts: mean {report.kl_mean:.4f}, "
                   f"max {report.kl_max:.4f} nats.", ""]
-    lines += ["## By category", "", "| set | category | prompts | refused | coherent |", "|---|---|---:|---:|---:|"]
+    lines += ["## By category", "", "| set | category | prompts | refused | coherent | explained |",
+              "|---|---|---:|---:|---:|---:|"]
     for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
         for cat, c in st.categories.items():
-            lines.append(f"| {key} | {_cell(cat, 60)} | {c.n} | {_pct(c.refusal_rate)} | {_pct(c.coherence_rate)} |")
-    lines += ["", "## Answers", "", "| set | category | prompt | answer | refused | coherent |",
-              "|---|---|---|---|---|---|"]
+            lines.append(f"| {key} | {_cell(cat, 60)} | {c.n} | {_pct(c.refusal_rate)} | {_pct(c.coherence_rate)} | "
+                         f"{_pct(c.explained / c.n if c.n else math.nan)} |")
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    lines += ["", "## Answers", "", "| set | category | prompt | answer | refused | coherent | explained |",
+              "|---|---|---|---|---|---|---|"]
     for r in report.records:
         lines.append(f"| {r.set} | {_cell(r.category, 40)} | {_cell(r.prompt, 120)} | {_cell(r.answer)} | "
-                     f"{'yes' if r.refused else 'no'} | {'yes' if r.coherent else 'no'} |")
+                     f"{yes(r.refused)} | {yes(r.coherent)} | {yes(r.explained)} |")
     return "\n".join(lines) + "\n"

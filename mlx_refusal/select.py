@@ -191,7 +191,16 @@ def rank_evaluated(evals: list[LayerEval], by: str) -> list[LayerEval]:
 
 
 # ---------------------------------------------------------------------------------------------
-# alpha calibration: the smallest steering strength that refuses and stays coherent.
+# alpha calibration: the smallest steering strength that refuses and stays coherent (and, for
+# the explaining voice, explains its refusals in varied words).
+
+
+@dataclass(frozen=True)
+class VoiceTarget:
+    """What a trial must also reach for `--voice explain`, on the harmless prompts."""
+
+    explained: float = 0.8  # fraction of answers judged explained (judge.voice)
+    variety: float = 0.5  # distinct 8-word openings / answers
 
 
 @dataclass(frozen=True)
@@ -205,10 +214,14 @@ class AlphaTrial:
     example: str
     harmful_refusal_rate: float | None = None  # when harmful prompts were generated too
     stopped_early: bool = False  # the refusal probe ended it: rates are of the shortened answers
+    explained_rate: float = 0.0  # harmless prompts
+    variety: float = 0.0  # harmless prompts
+    extra: tuple = ()  # (name, layer, multiple) of the terms added alongside
 
-    def passed(self, target: float) -> bool:
+    def passed(self, target: float, voice: VoiceTarget | None = None) -> bool:
         """refusal_rate: harmless prompts; coherence_rate: every answer generated."""
-        return self.refusal_rate >= target and self.coherence_rate >= target
+        ok = self.refusal_rate >= target and self.coherence_rate >= target
+        return ok and (voice is None or (self.explained_rate >= voice.explained and self.variety >= voice.variety))
 
 
 # The refusal probe. A steered model that refuses opens with the refusal ("I'm sorry, but ..."),
@@ -245,17 +258,20 @@ def _probe_gives_up(misses: int, n_harmless: int, target: float, slack: int = PR
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
                    prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
                    system: str | None = None, harmful: list[str] = (), cache_key: str | None = None,
-                   probe_target: float | None = None) -> AlphaTrial:
-    """Generate with alpha = multiple x mean_norm added at `layer`: the refusal rate on the
-    harmless `prompts`, and coherence over those and the optional `harmful` prompts (an
-    over-steered model rambles on requests it would refuse anyway).
+                   probe_target: float | None = None, extra=()) -> AlphaTrial:
+    """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
+    save.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
+    coherence over those and the optional `harmful` prompts (an over-steered model rambles on
+    requests it would refuse anyway).
 
     `cache_key` (the weights' fingerprint) keeps the answers on disk, keyed by everything that
     determines them. `probe_target` ends the trial early once its harmless refusal rate cannot
     reach that target (see `refusal_probe`); None generates every answer in full."""
+    from contextlib import ExitStack
+
     from .evaluate import generate_cached
     from .interventions import adding_at
-    from .judge import coherence, is_refusal
+    from .judge import coherence, is_refusal, variety, voice
     from .memo import array_sha256
 
     alpha = float(multiple * mean_norm)
@@ -264,33 +280,41 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
     stop = None if probe_target is None else refusal_probe(tokenizer, len(prompts), probe_target)
     key = None if cache_key is None else {
         "weights": cache_key, "add": {"layer": layer, "vector": array_sha256(vector)},
+        "extra": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in extra],
         "probe": None if probe_target is None else [probe_target, PROBE_TOKENS, PROBE_SLACK, len(prompts)]}
-    with adding_at(model, layer, vector):
+    with ExitStack() as stack:
+        stack.enter_context(adding_at(model, layer, vector))
+        for term in extra:
+            stack.enter_context(adding_at(model, term.layer, term.vector))
         answers, _ = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, None, key, stop=stop)
     mine, theirs = answers[: len(prompts)], answers[len(prompts):]
     coh = [coherence(a) for a in answers]
-    refused = sum(map(is_refusal, mine))
-    early = probe_target is not None and _probe_gives_up(len(mine) - refused, len(mine), probe_target)
-    return AlphaTrial(layer, float(multiple), alpha, refused / len(mine),
+    refused = [is_refusal(a) for a in mine]
+    explained = [voice(p, a, r, c.coherent).explained for p, a, r, c in zip(prompts, mine, refused, coh)]
+    early = probe_target is not None and _probe_gives_up(len(mine) - sum(refused), len(mine), probe_target)
+    return AlphaTrial(layer, float(multiple), alpha, sum(refused) / len(mine),
                       sum(c.coherent for c in coh) / len(coh), float(np.mean([c.distinct3 for c in coh])), mine[0],
-                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None, early)
+                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None, early,
+                      sum(explained) / len(mine), variety(mine),
+                      tuple((t.name, t.layer, t.multiple) for t in extra))
 
 
 def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
-                    on_trial=None, cache_key: str | None = None,
-                    early_stop: bool = True) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    on_trial=None, cache_key: str | None = None, early_stop: bool = True,
+                    extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
-    prompts are refused *and* coherent, then bisect between the last failing and the first passing
-    multiple. Returns (smallest passing trial or None, all trials in order).
+    prompts are refused *and* coherent (with the `extra` terms added alongside), then bisect
+    between the last failing and the first passing multiple. Returns (smallest passing trial or
+    None, all trials in order).
 
     `cache_key` and `early_stop` (the refusal probe) go to `steering_trial`."""
     trials: list[AlphaTrial] = []
 
     def run(m: float) -> AlphaTrial:
         t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system,
-                           cache_key=cache_key, probe_target=target if early_stop else None)
+                           cache_key=cache_key, probe_target=target if early_stop else None, extra=extra)
         trials.append(t)
         if on_trial:
             on_trial(t)
