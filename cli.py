@@ -22,20 +22,45 @@ class _Group(click.Group):
     """Turns UserError (and a few environment errors) into one line on stderr, exit status 2."""
 
     def invoke(self, ctx):
+        import warnings
+
+        warnings.showwarning = _note
         try:
             return super().invoke(ctx)
         except UserError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
+            where = f"{exc.ctx.command_path} --help" if exc.ctx else "--help"
+            click.secho(f"error: {exc.format_message()} (see {where})", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted (nothing half-written was left behind)", fg="yellow", err=True)
             sys.exit(130)
 
 
+def _note(message, category, filename, lineno, file=None, line=None):
+    """Library warnings (dropped duplicates, a damaged cache entry) as one `note:` line, printed
+    above a running progress bar rather than into it."""
+    from tqdm import tqdm
+
+    tqdm.write(click.style(f"note: {message}", fg="yellow"), file=sys.stderr)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """RefusaLLM toolkit: find the refusal direction of a chat model in MLX, then ablate it
     (the model stops refusing) or steer along it (the model refuses everything, coherently)."""
+    import os
+
+    if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
+        # under mlx.launch every rank runs this command; rank 0 alone reports (errors still show)
+        import functools
+
+        import tqdm
+
+        sys.stdout = open(os.devnull, "w")
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 model_option = click.option(
@@ -89,8 +114,10 @@ def info(model_spec):
               show_default=True, help="Dtype the dequantized weights are stored in.")
 def import_gguf(gguf_file, out_dir, force, dtype):
     """Convert a llama.cpp GGUF file into an mlx_lm folder that stock `mlx_lm.load` opens."""
+    from mlx_refusal import validate
     from mlx_refusal.gguf import convert
 
+    validate.out_folder(out_dir, force)
     click.echo(f"converting {gguf_file} -> {out_dir}", err=True)
     convert(gguf_file, out_dir, dtype=dtype, force=force, progress=_progress)
     click.echo(f"wrote {out_dir}")
@@ -131,13 +158,59 @@ gen_batch_option = click.option("--gen-batch-size", default=64, show_default=Tru
                                      "memory-bound: larger batches give more tokens/s).")
 cache_option = click.option("--no-cache", is_flag=True,
                             help="Recompute activations instead of reusing the on-disk cache.")
+directions_file_option = click.option(
+    "--directions", "directions_file", type=click.Path(path_type=Path), default=None,
+    help="A directions.safetensors (or its folder) written by `directions` for this same model, used "
+         "instead of capturing the training prompts again.")
 
 
-def _load_model(spec: str):
+def _preflight(model_spec: str, harmful: str, harmless: str, out: Path | None, force: bool, *,
+               what: str, layer: int | None = None, layers_text: str | None = None,
+               directions_file: Path | None = None, system: str | None = None, out_kind: str = "model") -> Path:
+    """Validate the options of a model command before the model is loaded; return the model folder."""
+    from mlx_refusal import validate
+    from mlx_refusal.loading import resolve, weight_fingerprint
+    from mlx_refusal.prompts import is_bundled, resolve_prompts
+    from mlx_refusal.save import is_model_folder
+
+    out = out or _default_out(model_spec, what)
+    validate.out_folder(out, force, *((is_model_folder, "a model folder") if out_kind == "model" else ()))
+    sets = [resolve_prompts(spec, "all") for spec in (harmful, harmless)]
+    validate.distinct_sets(harmful, harmless, *sets)
+    folder = resolve(model_spec, progress=_progress)
+    num_layers = validate.model_config(folder).get("num_hidden_layers")
+    validate.layer("--layer", layer, num_layers)
+    if layers_text and num_layers:
+        validate.layer_range(layers_text, num_layers)
+    files = [s for spec, s in zip((harmful, harmless), sets) if not is_bundled(spec)]
+    if files:
+        validate.prompts_fit(folder, files, system)
+    if directions_file is not None:
+        validate.directions_match(directions_file, weight_fingerprint(folder))
+    return folder
+
+
+tensor_parallel_option = click.option(
+    "--tensor-parallel", is_flag=True,
+    help="Under mlx.launch: split every block across the ranks with mlx_lm's shard(), for a model bigger "
+         "than one host. Without it each rank holds the whole model and takes its share of the prompts.")
+
+
+def _load_model(spec: str, tensor_parallel: bool = False):
+    from mlx_refusal import distributed
     from mlx_refusal.loading import load
 
-    click.echo(f"loading {spec} ...", err=True)
-    return load(spec)
+    if tensor_parallel and distributed.size() == 1:
+        raise UserError("--tensor-parallel needs several ranks: start the command with mlx.launch -n N ...")
+    click.echo(f"loading {spec}{' (tensor parallel)' if tensor_parallel else ''} ...", err=True)
+    return load(spec, tensor_parallel=tensor_parallel)
+
+
+def _is_writer() -> bool:
+    """Under mlx.launch every rank computes the same result; rank 0 alone writes it."""
+    from mlx_refusal import distributed
+
+    return distributed.is_writer()
 
 
 def _prompt_sets(harmful: str, harmless: str, split: str):
@@ -146,8 +219,8 @@ def _prompt_sets(harmful: str, harmless: str, split: str):
     return resolve_prompts(harmful, split), resolve_prompts(harmless, split)
 
 
-def _default_out(info, what: str) -> Path:
-    name = Path(str(info.spec).rstrip("/")).name.replace(".gguf", "") or "model"
+def _default_out(spec: str, what: str) -> Path:
+    name = Path(str(spec).rstrip("/")).name.replace(".gguf", "") or "model"
     return Path("runs") / name / what
 
 
@@ -167,11 +240,24 @@ def _report_method(m: dict) -> None:
                     fg="yellow", err=True)
 
 
-def _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache):
+def _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache,
+                    directions_file=None):
     from mlx_refusal.console import progress_bar
+    from mlx_refusal.prompts import directions_split, resolve_prompts
     from mlx_refusal.workflow import compute_directions
 
-    hset, lset = _prompt_sets(harmful, harmless, split)
+    if directions_file is not None:
+        from mlx_refusal.directions import load_directions
+
+        d = load_directions(directions_file)
+        used = d.metadata.get("prompts", {})
+        click.echo(f"directions from {directions_file} ({used.get('harmful', {}).get('n', '?')} harmful and "
+                   f"{used.get('harmless', {}).get('n', '?')} harmless prompts)", err=True)
+        return d, {"cache_hits": {"harmful": True, "harmless": True}, "directions_file": str(directions_file)}
+    hset = resolve_prompts(harmful, directions_split(harmful, split))
+    lset = resolve_prompts(harmless, directions_split(harmless, split))
+    click.echo(f"using {len(hset)} harmful prompts ({hset.name}) and {len(lset)} harmless prompts ({lset.name})",
+               err=True)
     method = click.get_current_context().meta.get("direction_method", "auto")
     d, run = compute_directions(model, tok, info, hset, lset, positions, system, batch_size,
                                 use_cache=not no_cache, progress=progress_bar, method=method)
@@ -202,8 +288,9 @@ def _held_back_separation(model, tok, info, d, harmful, harmless, split, system,
 @model_option
 @harmful_option
 @harmless_option
-@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="train", show_default=True,
-              help="Which split of the prompt sets to use (bundled or file, split deterministically).")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default=None,
+              help="Which split of the prompt sets to use, split deterministically [default: train for a bundled "
+                   "set, so its val and test splits stay held out; all of a file you pass].")
 @positions_option
 @system_option
 @batch_option
@@ -211,7 +298,9 @@ def _held_back_separation(model, tok, info, d, harmful, harmless, split, system,
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: runs/<model>/directions].")
 @click.option("--top", default=10, show_default=True, help="Rows of the ranking table to print.")
-def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top):
+@tensor_parallel_option
+def directions(model_spec, harmful, harmless, split, positions, system, batch_size, no_cache, out, top,
+               tensor_parallel):
     """Capture residual activations for harmful and harmless prompts and write one candidate
     refusal direction per layer (directions.safetensors), ranked (ranking.json, ranking.png)."""
     import time
@@ -222,15 +311,23 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     from mlx_refusal.workflow import write_provenance
 
     t0 = time.perf_counter()
-    model, tok, info = _load_model(model_spec)
+    _preflight(model_spec, harmful, harmless, out, True, what="directions", system=system, out_kind="directions")
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     d, run = _directions_for(model, tok, info, harmful, harmless, split, positions, system, batch_size, no_cache)
-    out = out or _default_out(info, "directions")
-    path = save_directions(d, out)
+    out = out or _default_out(info.spec, "directions")
     scores = heuristic_scores(d)
     ranked = rank_heuristic(d)
+    if not _is_writer():
+        return
+    path = save_directions(d, out)
     jpath, ppath = write_ranking(scores, ranked, out)
-    auc = _held_back_separation(model, tok, info, d, harmful, harmless, split, system, batch_size, no_cache)
-    write_provenance(out, {**d.metadata, "split": split, "run": run, "outputs": [path.name, jpath.name, ppath.name],
+    from mlx_refusal.prompts import directions_split
+
+    splits = {"harmful": directions_split(harmful, split), "harmless": directions_split(harmless, split)}
+    # the val split is held back only when both sets were taken from their train split
+    held_back = "train" if set(splits.values()) == {"train"} else "all"
+    auc = _held_back_separation(model, tok, info, d, harmful, harmless, held_back, system, batch_size, no_cache)
+    write_provenance(out, {**d.metadata, "split": splits, "run": run, "outputs": [path.name, jpath.name, ppath.name],
                            "separation_auroc_val": None if auc is None else [round(float(a), 4) for a in auc]})
     rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] + ([auc[r.layer]] if auc is not None else [])
             for r in ranked[:top]]
@@ -248,7 +345,8 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def serve(webdir, host, port, quiet):
     """Serve the web page with an exported bundle (WEBDIR, from `export-onnx --out`) and the
-    page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need."""
+    page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need.
+    The first run installs the pinned runtime (npm ci from export/package-lock.json)."""
     from mlx_refusal.serve import is_loopback, serve as serve_page
 
     if not is_loopback(host):
@@ -259,7 +357,7 @@ def serve(webdir, host, port, quiet):
 
     log = None if quiet else (lambda line: click.echo(line, err=True))
     try:
-        serve_page(webdir, host=host, port=port, log=log, on_ready=ready)
+        serve_page(webdir, host=host, port=port, log=log, on_ready=ready, progress=_progress)
     except KeyboardInterrupt:
         click.echo("stopped")
 
@@ -269,22 +367,28 @@ def serve(webdir, host, port, quiet):
               help="The model folder to export (an edited folder from steer/ablate/project, or a preset).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Folder to write the transformers.js bundle (config, tokenizer, onnx/*.onnx) to.")
-@click.option("--dtype", "dtypes", default="fp32,q4,q8", show_default=True,
-              help="Comma-separated subset of fp32, q4 (4-bit MatMulNBits), q8 (dynamic int8).")
+@click.option("--dtype", "dtypes", default="int8", show_default=True,
+              help="Comma-separated subset of int8 (int8 weights and compute: the page's fast default), "
+                   "fp32, q4 (4-bit MatMulNBits, for WebGPU), q8 (onnxruntime's dynamic int8, float embedding).")
 @click.option("--layer", type=int, default=None,
               help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle).")
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host.")
 def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
-    and, for a steered model, a live `steering_scale` input; plus 4- and 8-bit copies."""
+    in each chosen dtype; for a steered model, standard onnx/model*.onnx files (steering fixed, for
+    stock transformers.js) plus onnx/steerable*.onnx slider graphs sharing their weights."""
     import time
 
     from mlx_refusal.loading import resolve
     from mlx_refusal.onnx import export_onnx, parse_dtypes
 
+    from mlx_refusal import validate
+
     parse_dtypes(dtypes)  # fail on a typo before loading anything
+    validate.out_folder(out_dir, True)  # file / read-only; export_onnx refuses a folder that is not an export
     folder = resolve(model_spec, progress=_progress)
+    validate.layer("--layer", layer, validate.model_config(folder).get("num_hidden_layers"))
     page = Path(__file__).resolve().parent / "export"
     if with_page and not (page / "index.html").is_file():
         raise UserError(f"--with-page: no page in {page} (index.html missing); build the page first")
@@ -327,8 +431,9 @@ def _spread(pset, limit: int | None):
 @click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
               help="Write the report (tables and every answer) as Markdown.")
 @click.option("--examples", default=3, show_default=True, help="Answers per set to print.")
+@tensor_parallel_option
 def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit, system, batch_size,
-             json_out, md_out, examples):
+             json_out, md_out, examples, tensor_parallel):
     """Generate greedy answers to harmful and harmless prompts and report refusal rates (per set
     and per category), coherence and, with --base, the first-token KL against the unedited model."""
     import json
@@ -338,10 +443,10 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     from mlx_refusal.evaluate import evaluate, report_json, report_markdown
 
     t0 = time.perf_counter()
-    model, tok, info = _load_model(model_spec)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
     base = None
     if base_spec:
-        base_model, base_tok, base_info = _load_model(base_spec)
+        base_model, base_tok, base_info = _load_model(base_spec, tensor_parallel)
         base = (base_model, base_tok)
     hset, lset = _prompt_sets(harmful, harmless, split)
     hset, lset = _spread(hset, limit), _spread(lset, limit)
@@ -362,9 +467,11 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     def pct(x):
         return f"{100 * x:.1f}%"
 
-    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), round(s.mean_distinct3, 3)]
+    rows = [[key, s.n, pct(s.refusal_rate), pct(s.coherence_rate), pct(s.explained_rate), round(s.variety, 3),
+             round(s.mean_distinct3, 3)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))]
-    click.echo(table(["set", "prompts", "refused", "coherent", "distinct-3"], rows, title=f"Evaluation of {info.spec}"))
+    click.echo(table(["set", "prompts", "refused", "coherent", "explained", "variety", "distinct-3"], rows,
+                     title=f"Evaluation of {info.spec}"))
     click.echo()
     rows = [[key, cat, c.n, pct(c.refusal_rate), pct(c.coherence_rate)]
             for key, s in (("harmful", report.harmful), ("harmless", report.harmless))
@@ -387,10 +494,14 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     doc["base"] = None if not base_spec else {"spec": str(base_info.spec), "fingerprint": base_info.fingerprint}
     doc["prompts"] = {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
                       for k, p in (("harmful", hset), ("harmless", lset))}
-    if json_out:
+    from mlx_refusal import distributed
+
+    if distributed.describe(model):
+        doc["distributed"] = distributed.describe(model)
+    if json_out and _is_writer():
         write_text_atomic(json_out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_out}")
-    if md_out:
+    if md_out and _is_writer():
         write_text_atomic(md_out, report_markdown(report, title=f"Evaluation of {info.spec}"))
         click.echo(f"wrote {md_out}")
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
@@ -403,17 +514,16 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
 edit_out_option = click.option("--out", type=click.Path(path_type=Path), default=None,
                                help="Output model folder [default: runs/<model>/<command>].")
 force_option = click.option("--force", is_flag=True, help="Replace --out if it already exists.")
+save_dtype_option = click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+                                 default="bfloat16", show_default=True,
+                                 help="Dtype of the saved weights (the edit itself is computed in float32 on the CPU); "
+                                      "bfloat16 halves the folder against float32.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance).")
 eval_limit_option = click.option("--eval-limit", default=None, type=click.IntRange(0),
                                  help="Prompts per set for the before/after report (default: the whole test "
                                       "split; 0 skips the report).")
 max_tokens_option = click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
                                  help="New tokens per answer in the before/after report.")
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
 
 
 def _seed(seed: int) -> None:
@@ -444,6 +554,10 @@ def _evaluate_pair(model, tok, hset, lset, max_tokens, batch_size, system, base_
                         batch_size=batch_size, progress=progress, system=system, cache_key=cache_key)
 
 
+VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
+EXAMPLES = 5  # answers shown in the model card and README
+
+
 def _before_after(before, after, examples: int = 3) -> str:
     from mlx_refusal.console import table
 
@@ -455,6 +569,9 @@ def _before_after(before, after, examples: int = 3) -> str:
         ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
         ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
         ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
+        ["harmless explained", pct(before.harmless.explained_rate), pct(after.harmless.explained_rate)],
+        ["harmful explained", pct(before.harmful.explained_rate), pct(after.harmful.explained_rate)],
+        ["harmless variety", f"{before.harmless.variety:.3f}", f"{after.harmless.variety:.3f}"],
         ["harmless distinct-3", f"{before.harmless.mean_distinct3:.3f}", f"{after.harmless.mean_distinct3:.3f}"],
     ]
     if after.kl_mean is not None:
@@ -483,6 +600,76 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
     write_text_atomic(report_dir / "report.md", md)
 
 
+max_memory_option = click.option(
+    "--max-memory", default=None, metavar="SIZE",
+    help="Memory the edit may use, e.g. 1GB. If the in-memory edit needs more, the model's safetensors "
+         "files are rewritten a few tensors at a time from --directions (bit-identical result, no "
+         "before/after report). Without it this happens, given --directions, when the model does not fit "
+         "in free memory.")
+
+
+def _scale_out_options(f):
+    for opt in (max_memory_option, tensor_parallel_option):
+        f = opt(f)
+    return f
+
+
+def _streamed_folder(model_spec: str, directions_file: Path | None, max_memory: str | None) -> tuple | None:
+    """(model folder, memory budget in bytes) if the edit is to be streamed, else None:
+    --max-memory below what an in-memory edit needs, or, with --directions, less free memory."""
+    from mlx_refusal import stream_edit as se
+    from mlx_refusal.loading import resolve
+
+    limit = se.parse_size(max_memory) if max_memory else None
+    if limit is None and directions_file is None:
+        return None
+    folder = resolve(model_spec, progress=_progress)
+    if not se.should_stream(folder, limit):
+        return None
+    limit = limit or se.free_memory()
+    need = se.format_size(se.in_memory_bytes(folder))
+    budget = f"--max-memory {max_memory}" if limit else f"free memory ({se.format_size(se.free_memory())})"
+    if directions_file is None:
+        raise UserError(f"editing {folder.name} in memory needs about {need}, more than {budget}; "
+                        "pass --directions FILE (from `directions`) to rewrite its shards one at a time")
+    click.secho(f"streaming the edit shard by shard: in memory it would need about {need}, more "
+                f"than {budget}. No before/after report (the model is never loaded whole); evaluate the "
+                "result with `eval --model OUT`.", fg="yellow", err=True)
+    if 2 * se.largest_tensor_bytes(folder) > limit:
+        click.secho(f"note: the largest tensor is {se.format_size(se.largest_tensor_bytes(folder))}; with its "
+                    f"float32 edit the peak will exceed {se.format_size(limit)}", fg="yellow", err=True)
+    return folder, limit
+
+
+def _stream(streamed: tuple, out: Path, edit, record: dict, force: bool, save_dtype: str) -> None:
+    from mlx_refusal.console import progress_bar
+    from mlx_refusal.stream_edit import stream_edit
+
+    if not _is_writer():
+        return
+    folder, limit = streamed
+    with progress_bar("rewrite tensors", 0, unit="batch") as update:
+        stream_edit(folder, out, edit, record, force, max_memory=limit, progress=lambda done, total: update(1),
+                    dtype=save_dtype)
+    click.secho(f"\nwrote {out} (streamed)", fg="green")
+
+
+def _given_directions(directions_file: Path, info):
+    from mlx_refusal.directions import load_directions
+
+    d = load_directions(directions_file)
+    if info is not None and d.directions.shape != (info.num_layers + 1, info.hidden_size):
+        raise UserError(f"{directions_file} holds directions of shape {d.directions.shape}, not "
+                        f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    return d
+
+
+def _model_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
 @main.command()
 @model_option
 @harmful_option
@@ -504,19 +691,29 @@ def _write_reports(report_dir: Path, before, after, extra: dict) -> None:
                    "if it still passes: the smallest passing alpha sits on the edge of --target by construction.")
 @click.option("--calibration-prompts", default=32, show_default=True, type=click.IntRange(4),
               help="Harmless validation prompts generated per calibration trial.")
+@click.option("--voice", type=click.Choice(["terse", "explain"]), default="terse", show_default=True,
+              help="'terse': the refusal direction alone (\"I'm sorry, but I can't assist with that.\"). "
+                   "'explain': a response direction (explaining minus terse refusals) is added alongside, and "
+                   "candidates are compared on how many refusals name the request and give a reason. The "
+                   "default stays terse: on the default model 'explain' does not reach its targets (README).")
+@click.option("--voice-multiple", default=0.2, show_default=True, type=click.FloatRange(0.0, 4.0),
+              help="With --voice explain: the voice term's strength as a multiple of the mean residual norm.")
 @positions_option
 @system_option
 @batch_option
 @cache_option
+@directions_file_option
 @edit_out_option
 @force_option
 @seed_option
 @eval_limit_option
 @max_tokens_option
 @gen_batch_option
+@save_dtype_option
+@_scale_out_options
 def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, candidates, target, margin,
-          calibration_prompts, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-          gen_batch_size):
+          calibration_prompts, voice, voice_multiple, positions, system, batch_size, no_cache, directions_file, out,
+          force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -527,21 +724,51 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
     from mlx_refusal.console import progress_bar, table
     from mlx_refusal.edit import add_steering_bias
     from mlx_refusal.evaluate import first_token_logprobs
-    from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, plot_sweep
+    from mlx_refusal.save import SteeringTerm, save_model
+    from mlx_refusal.select import VoiceTarget, candidate_layers, plot_sweep
+    from mlx_refusal.voice import response_direction
     from mlx_refusal.workflow import choose_steering
 
+    from mlx_refusal import validate
+
     if alpha is not None and alpha_multiple is not None:
-        raise UserError("give --alpha or --alpha-multiple, not both")
+        raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
+    validate.finite("--alpha", alpha, positive=True)
+    validate.finite("--alpha-multiple", alpha_multiple, positive=True, limit=validate.MAX_ALPHA_MULTIPLE)
+    if voice == "explain" and tensor_parallel:
+        # the sharded save rewrites one steering term from the source; the voice adds a second
+        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
+    _preflight(model_spec, harmful, harmless, out, force, what="steer", layer=layer,
+               directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
-    out = out or _default_out(info, "steer")
-    _check_out(out, force)
-    if layer is not None and not 0 <= layer < info.num_layers:
-        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
+        from mlx_refusal.stream_edit import Steering
+
+        if layer is None or (alpha is None and alpha_multiple is None):
+            raise UserError("a streamed steer needs --layer and --alpha or --alpha-multiple "
+                            "(choosing them runs the model)")
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / "steer"
+        direction = np.asarray(d.direction(layer), np.float32)
+        a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
+        record = {"edit": "steer", "layer": layer, "alpha": a, "alpha_multiple": a / float(d.mean_norm[layer]),
+                  "alpha_how": "given", "select": None, "scale": None, "seed": seed, "positions": positions,
+                  "system": system, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
+                  "direction_sha256": d.sha256(layer), "metrics": None}
+        return _stream(streamed, out, Steering(layer, direction, a), record, force, save_dtype)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
+    out = out or _default_out(info.spec, "steer")
+    validate.layer("--layer", layer, info.num_layers)
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
+                             directions_file)
     hval, lval = _prompt_sets(harmful, harmless, "val")
+    voice_rows = None
+    if voice == "explain":
+        _, ltrain = _prompt_sets(harmful, harmless, "train")
+        voice_rows = response_direction(model, tok, ltrain.texts[:VOICE_PROMPTS], system=system, batch_size=batch_size)
 
     trials_seen = []
 
@@ -551,7 +778,8 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
         tqdm.write(f"  layer {t.layer:3d}  alpha {t.alpha:8.3f} ({t.multiple:.3f} x norm)  "
                    f"{'' if t.harmful_refusal_rate is None else 'confirm '}refused "
-                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  | {t.example[:60]!r}",
+                   f"{100 * t.refusal_rate:5.1f}%  coherent {100 * t.coherence_rate:5.1f}%  explained "
+                   f"{100 * t.explained_rate:5.1f}%  | {t.example[:60]!r}",
                    file=sys.stderr)
 
     n_candidates = len(candidate_layers(d.num_layers))
@@ -560,19 +788,26 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
         choice = choose_steering(model, tok, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
-                                 system=system,
-                                 on_layers=update, on_trial=on_trial)
+                                 system=system, on_layers=update, on_trial=on_trial,
+                                 voice=VoiceTarget() if voice == "explain" else None, voice_rows=voice_rows,
+                                 voice_multiple=voice_multiple, cache_key=None if no_cache else info.fingerprint)
     if choice.layer_evals:
         rows = [[e.layer, e.induce] for e in sorted(choice.layer_evals, key=lambda e: -e.induce)[:8]]
         click.echo(table(["layer", "induce score"], rows, title="Layers by induce score (validation, harmless)"))
     if choice.trials:
         rows = [[t.layer, t.multiple, t.alpha, f"{100 * t.refusal_rate:.1f}%",
                  "-" if t.harmful_refusal_rate is None else f"{100 * t.harmful_refusal_rate:.1f}%",
-                 f"{100 * t.coherence_rate:.1f}%", round(t.mean_distinct3, 3)] for t in choice.trials]
-        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "distinct-3"],
+                 f"{100 * t.coherence_rate:.1f}%", f"{100 * t.explained_rate:.1f}%", round(t.variety, 3),
+                 round(t.mean_distinct3, 3)] for t in choice.trials]
+        click.echo(table(["layer", "x norm", "alpha", "harmless refused", "harmful refused", "coherent", "explained",
+                          "variety", "distinct-3"],
                          rows, title="Alpha sweep (validation prompts; '-' = harmless only)"))
     click.secho(f"steering at layer {choice.layer} with alpha {choice.alpha:.3f} "
-                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})", bold=True)
+                f"({choice.multiple:.3f} x the mean residual norm, {choice.how})"
+                + "".join(f" + {t.name} at layer {t.layer} ({t.multiple:.3f} x norm)" for t in choice.extra), bold=True)
+    if not choice.voice_met:
+        click.secho(f"note: no calibrated alpha explained >= {VoiceTarget().explained:.0%} of the refusals with "
+                    f"variety >= {VoiceTarget().variety}; kept the one that explained most", fg="yellow", err=True)
 
     hset, lset = _prompt_sets(harmful, harmless, "test")
     hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
@@ -584,31 +819,58 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
                                 cache_key=None if no_cache else info.fingerprint)
 
     direction = np.asarray(d.directions[choice.layer], np.float32)
-    vector = choice.alpha * direction
-    site = add_steering_bias(model, choice.layer, vector)
-    after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after") \
-        if do_eval else None
+    terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
+    site = add_steering_bias(model, choice.layer, terms[0].vector)
+    for term in terms[1:]:
+        add_steering_bias(model, term.layer, term.vector)  # a shared site: the vectors add
+    from mlx_refusal.memo import array_sha256
+
+    after_key = None if no_cache else {
+        "weights": info.fingerprint,
+        "bias": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in terms]}
+    after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after",
+                           cache_key=after_key) if do_eval else None
 
     record = {
         "edit": "steer", "layer": choice.layer, "site": site, "alpha": choice.alpha,
         "alpha_multiple": choice.multiple, "alpha_how": choice.how, "select": select, "scale": None,
-        "seed": seed, "positions": positions, "system": system,
-        "model": d.metadata["model"], "prompts": d.metadata["prompts"],
+        "voice": voice, "seed": seed, "positions": positions, "system": system,
+        "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts"),
         "direction_sha256": d.sha256(choice.layer),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
             "harmless_coherence": after.harmless.coherence_rate, "harmful_coherence": after.harmful.coherence_rate,
+            "harmless_explained": after.harmless.explained_rate, "harmless_variety": after.harmless.variety,
             "before": {"harmful_refusal": before.harmful.refusal_rate,
-                       "harmless_refusal": before.harmless.refusal_rate}},
+                       "harmless_refusal": before.harmless.refusal_rate,
+                       "harmless_explained": before.harmless.explained_rate,
+                       "harmless_variety": before.harmless.variety}},
     }
+    if after is not None:
+        # A fixed rule, not a choice: the first harmless test prompts of the report.
+        record["examples_rule"] = f"The first {EXAMPLES} harmless test prompts"
+        record["examples"] = [{"prompt": r.prompt, "answer": r.answer}
+                              for r in after.records if r.set == "harmless"][:EXAMPLES]
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, steering=(choice.layer, direction, vector), force=force)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Steering, stream_edit
+
+        stream_edit(info.path, out, Steering(choice.layer, direction, choice.alpha), record, force, dtype=save_dtype)
+    else:
+        save_model(model, info.path, out, record, steering=terms, force=force, dtype=save_dtype)
     report_dir = out / "report"
     if choice.trials:
         plot_sweep(choice.trials, _ensure(report_dir) / "alpha_sweep.png", target)
     if after is not None:
         _write_reports(report_dir, before, after, {"choice": {
             "layer": choice.layer, "alpha": choice.alpha, "multiple": choice.multiple, "how": choice.how,
+            "voice": voice, "voice_met": choice.voice_met,
             "candidates": choice.candidates,
             "trials": [t.__dict__ for t in choice.trials],
             "layer_evals": [e.__dict__ for e in choice.layer_evals]}})
@@ -618,27 +880,25 @@ def steer(model_spec, harmful, harmless, layer, alpha, alpha_multiple, select, c
 
 
 
-def _parse_layer_range(text: str | None, num_layers: int) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            lo, hi = int(a or 0), int(b or num_layers)
-            layers = list(range(lo, hi))
-        else:
-            layers = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--layers {text!r} is not a range like 4:20 or a list like 3,5,7") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or not layers:
-        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}")
-    return layers
+def _layer_without_running(d, per_layer: bool, layer: int | None, select: str) -> tuple[bool, int | None]:
+    """(decided, layer whose direction is used; None = each layer's own) when the choice needs no
+    model run: --per-layer, --layer or --select heuristic. (False, None) for --select evaluate."""
+    from mlx_refusal.select import candidate_layers, rank_heuristic
+
+    if per_layer:
+        return True, None
+    if layer is not None:
+        return True, layer
+    if select == "heuristic":
+        allowed = set(candidate_layers(d.num_layers))
+        return True, next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+    return False, None
 
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl):
+                     gen_batch_size, max_kl, save_dtype, directions_file=None, tensor_parallel=False,
+                     max_memory=None):
     """ablate and project: the same edit with scale 1 or the given scale."""
     import time
 
@@ -646,27 +906,45 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     from mlx_refusal.edit import ablate
     from mlx_refusal.evaluate import first_token_logprobs
     from mlx_refusal.save import save_model
-    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated, rank_heuristic
+    from mlx_refusal.select import candidate_layers, evaluate_layers, rank_evaluated
 
+    from mlx_refusal import validate
+
+    validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    _preflight(model_spec, harmful, harmless, out, force, what=kind, layer=layer, layers_text=layers_text,
+               directions_file=directions_file, system=system)
     t0 = time.perf_counter()
     _seed(seed)
-    model, tok, info = _load_model(model_spec)
-    out = out or _default_out(info, kind)
-    _check_out(out, force)
-    if layer is not None and not 0 <= layer <= info.num_layers:
-        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{info.num_layers - 1}")
-    writer_layers = _parse_layer_range(layers_text, info.num_layers)
-    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache)
+    streamed = _streamed_folder(model_spec, directions_file, max_memory)
+    if streamed is not None:
+        folder = streamed[0]
+        from mlx_refusal.stream_edit import Projection
+
+        d = _given_directions(directions_file, None)
+        out = out or Path("runs") / folder.name / kind
+        writer_layers = validate.layer_range(layers_text, int(_model_config(folder)["num_hidden_layers"]))
+        decided, chosen = _layer_without_running(d, per_layer, layer, select)
+        if not decided:
+            raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
+                            "(--select evaluate runs the model)")
+        record = {"edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
+                  "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
+                  "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+                  "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
+                  "summary": None, "metrics": None}
+        edit = Projection(d.directions if per_layer else d.direction(chosen), scale,
+                          None if writer_layers is None else tuple(writer_layers), norm_preserve)
+        return _stream(streamed, out, edit, record, force, save_dtype)
+    model, tok, info = _load_model(model_spec, tensor_parallel)
+    out = out or _default_out(info.spec, kind)
+    validate.layer("--layer", layer, info.num_layers)
+    writer_layers = validate.layer_range(layers_text, info.num_layers)
+    d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
+                             directions_file)
 
     evals = []
-    if per_layer:
-        chosen = None
-    elif layer is not None:
-        chosen = layer
-    elif select == "heuristic":
-        allowed = set(candidate_layers(d.num_layers))
-        chosen = next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
-    else:
+    decided, chosen = _layer_without_running(d, per_layer, layer, select)
+    if not decided:
         hval, lval = _prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
         with progress_bar("score layers", len(layers), unit="layer") as update:
@@ -699,16 +977,28 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     record = {
         "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
         "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
-        "seed": seed, "positions": positions, "system": system, "model": d.metadata["model"],
-        "prompts": d.metadata["prompts"], "direction_sha256": d.sha256(None if per_layer else chosen),
+        "seed": seed, "positions": positions, "system": system, "model": d.metadata.get("model"),
+        "prompts": d.metadata.get("prompts"), "direction_sha256": d.sha256(None if per_layer else chosen),
         "summary": summary.as_record(),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
             "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
                                                  "harmless_refusal": before.harmless.refusal_rate}},
     }
+    from mlx_refusal import distributed
+
+    record["distributed"] = distributed.describe(model)
+    if not _is_writer():
+        return
     click.echo(f"saving {out} ...", err=True)
-    save_model(model, info.path, out, record, force=force)
+    if distributed.is_tensor_parallel(model):
+        # this rank holds a slice: the same edit is rewritten from the source, shard by shard
+        from mlx_refusal.stream_edit import Projection, stream_edit
+
+        stream_edit(info.path, out, Projection(directions, scale, None if writer_layers is None else
+                                               tuple(writer_layers), norm_preserve), record, force, dtype=save_dtype)
+    else:
+        save_model(model, info.path, out, record, force=force, dtype=save_dtype)
     if after is not None:
         _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
         click.echo(_before_after(before, after))
@@ -733,8 +1023,9 @@ def _orthogonal_options(f):
         click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
-        positions_option, system_option, batch_option, cache_option, edit_out_option, force_option, seed_option,
-        eval_limit_option, max_tokens_option, gen_batch_option,
+        positions_option, system_option, batch_option, cache_option, directions_file_option, edit_out_option,
+        force_option, seed_option, eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
+        tensor_parallel_option, max_memory_option,
     ]):
         f = opt(f)
     return f
@@ -743,12 +1034,13 @@ def _orthogonal_options(f):
 @main.command()
 @_orthogonal_options
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-           system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size):
+           system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
+           save_dtype, tensor_parallel, max_memory):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory)
 
 
 @main.command()
@@ -757,12 +1049,13 @@ def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, pe
               help="Signed scale s in W <- W - s d d^T W: 1 ablates, 2 flips the sign of the direction, "
                    "-4 amplifies it 5x, 0 changes nothing.")
 def project(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
-            system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens, gen_batch_size, scale):
+            system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
+            save_dtype, tensor_parallel, max_memory, scale):
     """Signed projection along the refusal direction, for study: the "flip the sign" (--scale 2)
     and "x5" (--scale -4) experiments."""
     _orthogonal_edit("project", model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl)
+                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory)
 
 
 def _ensure(path: Path) -> Path:

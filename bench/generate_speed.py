@@ -5,6 +5,11 @@ By default it builds a random model shaped like Qwen2.5-0.5B (hidden 896, 24 lay
 `--model SPEC` times a real model through `mlx_refusal.loading.load` instead. No end-of-sequence
 token is set for the random model, so every sequence runs the full --max-tokens.
 
+It also measures, in the same run, the sgemm peak (1024^3 float32) and the copy bandwidth
+(numpy copy of 256 MB), and prints each batch's decode rate against its roofline: achieved
+GFLOP/s (2 x matmul weights per token) vs the sgemm peak, and at batch 1 the weight bytes read
+per second vs the copy bandwidth (a batch-1 step reads every weight once).
+
 Usage: python bench/generate_speed.py [--prompts 16] [--max-tokens 32] [--batch 1 16] [--model SPEC]
 """
 from __future__ import annotations
@@ -16,7 +21,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_refusal import evaluate
+from mlx_refusal import batching, evaluate
 
 QWEN05_SHAPE = dict(
     model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
@@ -41,6 +46,43 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     # Lengths of the bundled prompts under Qwen's chat template: 36-52 tokens.
     rng = np.random.default_rng(seed)
     return [rng.integers(100, vocab, size=int(rng.integers(36, 53))).tolist() for _ in range(n)]
+
+
+def sgemm_peak(n: int = 1024) -> float:
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    t = time.perf_counter()
+    for _ in range(3):
+        mx.eval(a @ b)
+    return 2 * n ** 3 * 3 / (time.perf_counter() - t) / 1e9
+
+
+def copy_bandwidth(nbytes: int = 256 << 20) -> float:
+    """GB/s moved (read + write) by a large memory copy."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, src)
+    return 2 * nbytes * 3 / (time.perf_counter() - t) / 1e9
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(multiply-adds per decoded token, bytes of the weights they read): every Linear of the
+    blocks plus the output projection."""
+    from mlx.utils import tree_flatten
+
+    from mlx_refusal import arch
+
+    macs = nbytes = 0
+    for name, w in tree_flatten([layer.parameters() for layer in arch.layers(model)]):
+        if name.endswith("weight") and w.ndim == 2:
+            macs += w.size
+            nbytes += w.nbytes
+    head = evaluate._output_projection(model)
+    w = head.weight if hasattr(head, "weight") else arch.decoder(model).embed_tokens.weight
+    return macs + w.size, nbytes + w.nbytes
 
 
 def main():
@@ -77,6 +119,13 @@ def main():
 
     # warm-up (first calls compile kernels and fault in the weights)
     evaluate.generate_tokens(model, ids[:2], max_tokens=2, batch_size=2)
+    import os
+
+    peak, bandwidth = sgemm_peak(), copy_bandwidth()
+    macs, wbytes = matmul_weights(model)
+    load = os.getloadavg()
+    print(f"sgemm peak {peak:.1f} GFLOP/s, copy bandwidth {bandwidth:.1f} GB/s, {macs / 1e6:.0f}M multiply-adds "
+          f"and {wbytes / 1e9:.2f} GB of weights per token; load average {load[0]:.2f} on {os.cpu_count()} cores")
 
     rates = {}
     for b in args.batch:
@@ -90,18 +139,27 @@ def main():
         dt = time.perf_counter() - t
         new = sum(map(len, out))
         rates[b] = new / dt
-        print(f"batch {b:>3}: {len(subset)} prompts, {new} new tokens in {dt:6.2f} s = {new / dt:7.1f} tok/s "
-              f"(prefill alone {prefill:5.2f} s = {sum(map(len, subset)) / prefill:7.1f} prompt tok/s)")
+        # decode alone: the first token comes from the prefill
+        decoded, decode_s = new - len(subset), max(dt - prefill, 1e-9)
+        gflops = 2 * macs * decoded / decode_s / 1e9
+        line = (f"batch {b:>3}: {len(subset)} prompts, {new} new tokens in {dt:6.2f} s = {new / dt:7.1f} tok/s "
+                f"(prefill alone {prefill:5.2f} s = {sum(map(len, subset)) / prefill:7.1f} prompt tok/s); decode "
+                f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:4.0f}% of the sgemm peak")
+        if b == 1:
+            steps_per_s = decoded / decode_s
+            line += (f", {steps_per_s * wbytes / 1e9:5.1f} GB/s of weights = "
+                     f"{100 * steps_per_s * wbytes / 1e9 / bandwidth:4.0f}% of the copy bandwidth")
+        print(line)
     # What the shared-prefix pass saves: first-token log-probs (prefill only) with and without it.
     b = max(args.batch)
     t = time.perf_counter()
     evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
     with_prefix = time.perf_counter() - t
-    saved, evaluate.MIN_SHARED_PREFIX = evaluate.MIN_SHARED_PREFIX, 10**9
+    saved, batching.MIN_SHARED_PREFIX = batching.MIN_SHARED_PREFIX, 10**9
     t = time.perf_counter()
     evaluate.generate_tokens(model, ids, max_tokens=1, batch_size=b)
     without = time.perf_counter() - t
-    evaluate.MIN_SHARED_PREFIX = saved
+    batching.MIN_SHARED_PREFIX = saved
     print(f"prefill of {len(ids)} prompts at batch {b}: {with_prefix:.2f} s with the shared prefix run once, "
           f"{without:.2f} s without ({without / with_prefix:.2f}x)")
     if len(rates) > 1:

@@ -1,9 +1,10 @@
-"""Prefill and decode speed of an exported decoder in onnxruntime (fp32, q4, q8) against MLX, on this CPU.
+"""Prefill and decode speed of an exported decoder in onnxruntime (int8, fp32, q4, q8) against MLX, on this CPU.
 
 Exports --model (default: the reference preset) to a temporary bundle unless --bundle names an
 existing export of the same model, then times, for each runtime, one prefill of a --prompt-tokens
 prompt (median of --repeats) and --decode-tokens greedy steps through the KV cache. It also reports
-how many greedy tokens q4 and q8 share with fp32 before the first difference on a few chat prompts.
+how many greedy tokens int8, q4 and q8 share with fp32 before the first difference on a few chat prompts.
+Prefill times the last-position logits the exported graphs compute (what generation needs).
 
 Usage: python bench/onnx_speed.py [--model SPEC] [--bundle WEBDIR] [--prompt-tokens 128]
                                   [--decode-tokens 32] [--repeats 3] [--threads N]
@@ -21,8 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_refusal.onnx import OnnxDecoder, export_onnx
-
-DTYPE_FILES = {"fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx", "q8": "onnx/model_quantized.onnx"}
+from mlx_refusal.onnx.bundle import DTYPE_FILES
 CHAT_PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
                 "Explain what a hash table is in two sentences."]
 

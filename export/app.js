@@ -6,16 +6,24 @@
 // transformers.js's generate() neither feeds nor returns.
 //
 // Everything is fetched from this origin: the bundle from ./ (or ?model=relative/folder/), the
-// runtime from ./vendor/. URL parameters: model, dtype (q4|q8|fp32), max (new tokens), scale.
+// runtime from ./vendor/. URL parameters: model, dtype (int8|q8|q4|fp32), backend (wasm|webgpu),
+// max (new tokens), scale,
+// profile=1 (onnxruntime's profiler on; the page also times each step: run vs its own work).
 
 const TRANSFORMERS_URL = new URL('vendor/transformers/transformers.min.js', import.meta.url).href;
 const ORT_URL = new URL('vendor/ort/ort.wasm.min.mjs', import.meta.url).href;
 const ORT_WASM_DIR = new URL('vendor/ort/', import.meta.url).href;
+// the WebGPU build (it runs wasm too, from its asyncify binary); loaded only when WebGPU is picked
+const ORT_WEBGPU_URL = new URL('vendor/ort/ort.webgpu.min.mjs', import.meta.url).href;
 
 // transformers.js layout: which file holds which weights
-const DTYPE_FILES = { q4: 'onnx/model_q4.onnx', q8: 'onnx/model_quantized.onnx', fp32: 'onnx/model.onnx' };
-const DTYPE_ORDER = ['q4', 'q8', 'fp32'];  // default = first available (q4 for the real model)
-const DTYPE_LABELS = { q4: 'q4 (4-bit)', q8: 'q8 (8-bit)', fp32: 'fp32 (full precision)' };
+const DTYPE_FILES = { int8: 'onnx/model_int8.onnx', q8: 'onnx/model_quantized.onnx', q4: 'onnx/model_q4.onnx',
+  fp32: 'onnx/model.onnx' };
+// default = first available. int8 computes in int8 (fast wasm SIMD kernels); onnxruntime-web's wasm
+// build has no 4-bit GEMM, so q4 expands every weight to float32 on every call there.
+const DTYPE_ORDER = ['int8', 'q8', 'q4', 'fp32'];
+const DTYPE_LABELS = { int8: 'int8 (int8 weights and compute)', q8: 'q8 (int8 matmuls, float32 embedding)',
+  q4: 'q4 (4-bit weights, slow without WebGPU)', fp32: 'fp32 (full precision)' };
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -92,18 +100,20 @@ async function fetchBytes(url, onProgress) {
 }
 
 // The model files export.json lists, as { dtype: { path, bytes, externalData: [file names] } }.
-// export.json: "dtypes" {dtype: path}, "files" {path: bytes}; config.json says which files keep
-// their tensors in a separate "<file>_data" (transformers.js's use_external_data_format).
+// export.json: "dtypes" {dtype: path}, "files" {path: bytes}, and for a steered bundle
+// "steering.files" {dtype: the slider graph}, which shares the standard file's "<file>_data";
+// config.json says which files keep their tensors there (transformers.js's use_external_data_format).
 function filesFromExportInfo(info, config) {
   const out = {};
   const external = config?.['transformers.js_config']?.use_external_data_format ?? {};
   for (const [dtype, path] of Object.entries(info?.dtypes ?? {})) {
     if (!DTYPE_FILES[dtype] || typeof path !== 'string') continue;
+    const graph = info.steering?.files?.[dtype] ?? path;
     const name = path.split('/').pop();
     const dataName = `${name}_data`;
     const sizes = info.files ?? {};
-    const bytes = (sizes[path] ?? 0) + (sizes[path.replace(/[^/]*$/, dataName)] ?? 0);
-    out[dtype] = { path, bytes: bytes || null, externalData: external[name] ? [dataName] : [] };
+    const bytes = (sizes[graph] ?? 0) + (sizes[path.replace(/[^/]*$/, dataName)] ?? 0);
+    out[dtype] = { path: graph, bytes: bytes || null, externalData: external[name] ? [dataName] : [] };
   }
   return out;
 }
@@ -206,15 +216,17 @@ async function loadSession(dtype) {
   setStatus(`Initialising the ${dtype} model (${mb(bytes.length)} MB)…`);
   const t1 = performance.now();
   app.session = await ort.InferenceSession.create(bytes, {
-    executionProviders: ['wasm'],
+    // unsupported nodes fall back to wasm; every graph keeps RMSNorm and the residual in float32
+    executionProviders: app.backend === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'],
     graphOptimizationLevel: 'all',
+    enableProfiling: params.get('profile') === '1',
     ...(externalData.length ? { externalData } : {}),
   });
   app.dtype = dtype;
   app.graph = graphInfo(app.session, bundle.config);
   const totalBytes = bytes.length + externalData.reduce((n, e) => n + e.data.length, 0);
   app.loadTimes = { download: (t1 - t0) / 1000, init: (performance.now() - t1) / 1000, bytes: totalBytes };
-  Object.assign(document.body.dataset, { loadSeconds: app.loadTimes.download + app.loadTimes.init,
+  Object.assign(document.body.dataset, { dtype, threads: ort.env.wasm.numThreads, loadSeconds: app.loadTimes.download + app.loadTimes.init,
     downloadSeconds: app.loadTimes.download, sessionSeconds: app.loadTimes.init });
   renderInfo();
   renderScaleControl();
@@ -243,9 +255,11 @@ function lastRow(tensor) {
   return tensor.data.slice((seq - 1) * hidden, seq * hidden);
 }
 
-// Greedy decoding with the KV cache. Calls onActivations(values) after the prompt pass and
-// onText(fullTextSoFar) whenever the decoded answer grows. Stops at an eos id or maxNew tokens.
-async function generate(messages, scale, maxNew, { onActivations, onText }) {
+// Greedy decoding with the KV cache. Calls onActivations(values) after the prompt pass,
+// onToken(projection) for each generated token (the refusal-direction projection of the residual
+// at the position that predicted it) and onText(fullTextSoFar) whenever the decoded answer grows.
+// Stops at an eos id or maxNew tokens.
+async function generate(messages, scale, maxNew, { onActivations, onToken, onText }) {
   const { ort, session, graph, tokenizer } = app;
   const prompt = tokenizer.apply_chat_template(messages, { tokenize: false, add_generation_prompt: true });
   const promptIds = tokenizer.encode(prompt, { add_special_tokens: false });
@@ -260,7 +274,7 @@ async function generate(messages, scale, maxNew, { onActivations, onText }) {
   const generated = [];
   let text = '', step = promptIds, pastLen = 0;
   const t0 = performance.now();
-  let tPrefill = null;
+  let tPrefill = null, runMs = 0;  // decode steps only: time inside session.run vs the whole step
   for (let n = 0; n < maxNew && !app.stopRequested; n++) {
     const feeds = {
       input_ids: int64(step, [1, step.length]),
@@ -269,12 +283,16 @@ async function generate(messages, scale, maxNew, { onActivations, onText }) {
       ...past,
     };
     if (graph.steerable) feeds.steering_scale = new ort.Tensor('float32', Float32Array.of(scale), []);
+    const tRun = performance.now();
     const out = await session.run(feeds);
     if (n === 0) {
       tPrefill = performance.now();
       if (graph.activations) onActivations(lastRow(out[graph.activations]));
+    } else {
+      runMs += performance.now() - tRun;
     }
     const next = argmaxLastRow(out.logits);
+    if (graph.activations && !eos.has(next)) onToken(projectionOf(lastRow(out[graph.activations])));
     past = {};
     for (let i = 0; i < graph.layers; i++) {
       past[`past_key_values.${i}.key`] = out[`present.${i}.key`];
@@ -292,10 +310,13 @@ async function generate(messages, scale, maxNew, { onActivations, onText }) {
   const final = tokenizer.decode(generated, { skip_special_tokens: true });
   if (final !== text) { text = final; onText(text); }
   const tEnd = performance.now();
+  const steps = generated.length - 1;
   return {
     text, promptTokens: promptIds.length, newTokens: generated.length,
     prefillSeconds: (tPrefill - t0) / 1000,
-    decodeTokensPerSecond: generated.length > 1 ? (generated.length - 1) / ((tEnd - tPrefill) / 1000) : null,
+    decodeTokensPerSecond: steps > 0 ? steps / ((tEnd - tPrefill) / 1000) : null,
+    runMsPerToken: steps > 0 ? runMs / steps : null,
+    pageMsPerToken: steps > 0 ? (tEnd - tPrefill - runMs) / steps : null,
   };
 }
 
@@ -330,12 +351,19 @@ async function answer() {
   el.classList.add('streaming');
   const textEl = el.querySelector('.text');
   setStatus(`Generating (scale ${scale.toFixed(2)}, ${app.dtype})…`);
+  const tSend = performance.now();
+  let firstTokenSeconds = null;
+  const meter = makeMeter(el);
   try {
     const asked = app.messages.slice();
     let activations = null;
     const r = await generate(asked, scale, maxNewTokens(), {
       onActivations: (values) => { activations = values; renderActivations(values); },
-      onText: (text) => { textEl.textContent = text; },
+      onToken: (projection) => meter.add(projection),
+      onText: (text) => {
+        if (firstTokenSeconds === null) firstTokenSeconds = (performance.now() - tSend) / 1000;
+        textEl.textContent = text;
+      },
     });
     app.messages.push({ role: 'assistant', content: r.text });
     el.dataset.scale = String(scale);
@@ -343,15 +371,21 @@ async function answer() {
       + (app.stopRequested ? ' · stopped' : '');
     const speed = r.decodeTokensPerSecond ? `, decode ${r.decodeTokensPerSecond.toFixed(1)} tokens/s` : '';
     $('speed').textContent = `Last answer: ${r.newTokens} tokens; prompt ${r.promptTokens} tokens `
-      + `in ${r.prefillSeconds.toFixed(2)} s${speed}.`;
+      + `in ${r.prefillSeconds.toFixed(2)} s; first token after ${(firstTokenSeconds ?? 0).toFixed(2)} s${speed}.`;
     Object.assign($('speed').dataset, { newTokens: r.newTokens, promptTokens: r.promptTokens,
-      prefillSeconds: r.prefillSeconds, decodeTokensPerSecond: r.decodeTokensPerSecond ?? '' });
+      prefillSeconds: r.prefillSeconds, decodeTokensPerSecond: r.decodeTokensPerSecond ?? '',
+      firstTokenSeconds: firstTokenSeconds ?? '', runMsPerToken: r.runMsPerToken ?? '',
+      pageMsPerToken: r.pageMsPerToken ?? '' });
+    if (params.get('profile') === '1') await app.session.endProfiling();
     if (activations && app.bundle.direction && app.graph.steerable && scale !== 0) {
       setStatus('Measuring where the original model puts this prompt…');
       const original = projectionOf(await promptActivations(asked, 0));
       renderGauge(projectionOf(activations), original);
+      meter.setOriginal(original);
     } else if (activations && app.bundle.direction) {
-      renderGauge(projectionOf(activations), app.graph.steerable ? projectionOf(activations) : null);
+      const level = projectionOf(activations);
+      renderGauge(level, app.graph.steerable ? level : null);
+      if (app.graph.steerable) meter.setOriginal(level);
     }
     setStatus('Ready.');
   } finally {
@@ -389,7 +423,7 @@ async function regenerate() {
 }
 
 function setControlsEnabled(on) {
-  for (const id of ['prompt', 'send', 'dtype', 'clear']) $(id).disabled = !on;
+  for (const id of ['prompt', 'send', 'dtype', 'backend', 'clear']) $(id).disabled = !on;
 }
 
 // ---------------------------------------------------------------- steering control
@@ -531,6 +565,46 @@ function describeUnit(target) {
     : `unit ${i}: activation ${a.toFixed(4)}`;
 }
 
+// The live refusal meter under an answer: one point per generated token, its residual's projection
+// on the refusal direction at the steered layer, with zero and the original model's level (the
+// last prompt token at scale 0) marked. The values are also kept in el.dataset.projections.
+const SVG = 'http://www.w3.org/2000/svg';
+function makeMeter(el) {
+  const values = [];
+  let original = null;
+  if (!app.bundle.direction || !app.graph.activations) return { add() {}, setOriginal() {} };
+  const box = document.createElement('div');
+  box.className = 'meter';
+  box.innerHTML = '<svg viewBox="0 0 300 48" preserveAspectRatio="none" role="img" '
+    + 'aria-label="Refusal projection per generated token"><line class="zero"/><line class="orig"/>'
+    + '<polyline class="trace"/></svg><div class="meter-text hint"></div>';
+  el.appendChild(box);
+  const svg = box.querySelector('svg');
+  const draw = () => {
+    const all = values.concat(original ?? [], 0);
+    const lo = Math.min(...all), hi = Math.max(...all);
+    const y = (v) => (44 - 40 * (v - lo) / ((hi - lo) || 1)).toFixed(1);
+    const x = (i) => (values.length > 1 ? (296 * i) / (values.length - 1) + 2 : 150).toFixed(1);
+    svg.querySelector('.trace').setAttribute('points', values.map((v, i) => `${x(i)},${y(v)}`).join(' '));
+    const line = (cls, v) => {
+      const l = svg.querySelector(cls);
+      for (const [k, val] of [['x1', 0], ['x2', 300], ['y1', y(v)], ['y2', y(v)]]) l.setAttribute(k, val);
+      l.style.display = v === null ? 'none' : '';
+    };
+    line('.zero', 0);
+    line('.orig', original);
+    const last = values.at(-1);
+    box.querySelector('.meter-text').textContent = `refusal projection per token: now ${last?.toFixed(2) ?? '–'}`
+      + (original === null ? '' : `; dashed line = the original model (${original.toFixed(2)})`);
+    el.dataset.projections = JSON.stringify(values);
+    if (original !== null) el.dataset.original = String(original);
+  };
+  return {
+    add(v) { if (v !== null) { values.push(v); draw(); } },
+    setOriginal(v) { original = v; draw(); },
+  };
+}
+
 // ---------------------------------------------------------------- info panel
 
 function renderInfo() {
@@ -554,7 +628,8 @@ function renderInfo() {
   add('load', 'Load time', `${(app.loadTimes.download + app.loadTimes.init).toFixed(1)} s `
     + `(download ${app.loadTimes.download.toFixed(1)} s, session ${app.loadTimes.init.toFixed(1)} s)`);
   add('runtime', 'Runtime', `onnxruntime-web ${app.ort.env.versions?.web ?? ''}, wasm, `
-    + `${app.ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (not cross-origin isolated)'}`);
+    + `${app.ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (not cross-origin isolated)'}`
+    + (app.backend === 'webgpu' ? ', WebGPU' : ''));
   $('info').replaceChildren(...rows.map(([key, label, value]) => {
     const div = document.createElement('div');
     div.dataset.key = key;
@@ -577,6 +652,50 @@ function summarise(obj) {
 
 // ---------------------------------------------------------------- start-up
 
+// WebGPU where the browser gives an adapter; otherwise WASM, with a note that says why.
+async function webgpuStatus() {
+  if (!navigator.gpu) return { ok: false, why: 'this browser has no WebGPU (navigator.gpu is missing)' };
+  try {
+    const adapter = await navigator.gpu.requestAdapter();
+    return adapter ? { ok: true } : { ok: false, why: 'WebGPU found no GPU adapter (GPU disabled or unsupported)' };
+  } catch (e) {
+    return { ok: false, why: `WebGPU failed (${e.message})` };
+  }
+}
+
+function configureOrt(ort) {
+  ort.env.wasm.wasmPaths = ORT_WASM_DIR;
+  // 2+ threads need SharedArrayBuffer, which needs cross-origin isolation (serve.py's COOP/COEP)
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+}
+
+async function useBackend(name) {
+  if (name === 'webgpu') {
+    if (!app.ortWebgpu) { app.ortWebgpu = await import(ORT_WEBGPU_URL); configureOrt(app.ortWebgpu); }
+    app.ort = app.ortWebgpu;
+  } else {
+    app.ort = app.ortWasm;
+  }
+  app.backend = name;
+  document.body.dataset.backend = name;
+}
+
+function fillBackendPicker(gpu) {
+  const wanted = params.get('backend') ?? 'wasm';
+  const select = $('backend');
+  select.replaceChildren(new Option('WASM (CPU)', 'wasm'), ...(gpu.ok ? [new Option('WebGPU', 'webgpu')] : []));
+  select.value = wanted === 'webgpu' && gpu.ok ? 'webgpu' : 'wasm';
+  $('backend-note').textContent = gpu.ok
+    ? 'WebGPU is available: pick it to run the q4 file on the GPU.'
+    : `${gpu.why}; running on WASM (CPU)${wanted === 'webgpu' ? ' instead of the WebGPU asked for' : ''}.`;
+  return select.value;
+}
+
+// q4 (MatMulNBits) is the small, fast file on WebGPU; on wasm the int8 file is.
+function defaultDtype(available) {
+  return app.backend === 'webgpu' && available.includes('q4') ? 'q4' : available[0];
+}
+
 function fillDtypePicker() {
   const available = DTYPE_ORDER.filter((d) => app.bundle.files[d]);
   const wanted = params.get('dtype');
@@ -588,7 +707,7 @@ function fillDtypePicker() {
     const bytes = app.bundle.files[d].bytes;
     return new Option(DTYPE_LABELS[d] + (bytes ? `, ${(bytes / 1e6).toFixed(0)} MB` : ''), d);
   }));
-  select.value = wanted ?? available[0];
+  select.value = wanted ?? defaultDtype(available);
   return select.value;
 }
 
@@ -599,14 +718,14 @@ async function main() {
       + 'run scripts/setup_web.sh, or re-export with --with-page');
   });
   app.tf = tf;
-  app.ort = ort;
+  app.ortWasm = ort;
   // Offline: never reach for the model hub or a CDN.
   tf.env.allowRemoteModels = false;
   tf.env.allowLocalModels = true;
   tf.env.useBrowserCache = false;
   if (tf.env.backends?.onnx?.wasm) tf.env.backends.onnx.wasm.wasmPaths = ORT_WASM_DIR;
-  ort.env.wasm.wasmPaths = ORT_WASM_DIR;
-  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+  configureOrt(ort);
+  await useBackend(fillBackendPicker(await webgpuStatus()));
 
   setStatus('Reading the bundle…');
   app.bundle = await readBundle();
@@ -627,6 +746,12 @@ $('clear').addEventListener('click', () => { app.messages = []; $('transcript').
 $('scale').addEventListener('input', renderScaleControl);
 $('scale').addEventListener('change', () => { renderScaleControl(); regenerate().catch(showError); });
 $('dtype').addEventListener('change', () => loadSession($('dtype').value).catch(showError));
+$('backend').addEventListener('change', () => (async () => {
+  await useBackend($('backend').value);
+  const available = DTYPE_ORDER.filter((d) => app.bundle.files[d]);
+  $('dtype').value = defaultDtype(available);
+  await loadSession($('dtype').value);
+})().catch(showError));
 $('units').addEventListener('mouseover', (e) => describeUnit(e.target));
 
 main().catch(showError);

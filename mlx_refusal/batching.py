@@ -50,8 +50,16 @@ def prefix_caches(model, prefix: Sequence[int]) -> list[KVCache] | None:
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    """Indices grouped into batches of similar length (longest first, so memory peaks early).
+
+    As few batches as `batch_size` allows, of equal size: 138 prompts at 64 run as 46 + 46 + 46,
+    not 64 + 64 + 10 (a decode step reads every weight once, so a small last batch costs nearly
+    as much per step as a full one)."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if not order:
+        return []
+    n_batches = -(-len(order) // batch_size)
+    size = -(-len(order) // n_batches)
+    return [order[i: i + size] for i in range(0, len(order), size)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,8 @@ import numpy as np
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from . import arch
+from . import arch, distributed
+from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
@@ -158,8 +159,32 @@ def capture_residuals(
 ) -> Capture:
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
     "post-instruction"), one row per layer input plus the final residual."""
-    encoded = encode_prompts(tokenizer, prompts, positions, system)
-    return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    return capture_shared(model, encode_prompts(tokenizer, prompts, positions, system), batch_size, keep_all,
+                          progress)
+
+
+def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Capture:
+    """`capture_encoded`, split across the data-parallel ranks under `mlx.launch` (each runs
+    every N-th prompt; the float64 sums and counts are added); on one process, just that."""
+    group = distributed.data_group(model)
+    if group is None:
+        return capture_encoded(model, encoded, batch_size, keep_all, progress)
+    # Data parallel: this rank's share, then every rank's sums and counts added together.
+    mine = distributed.share(encoded, group)
+    if not mine:
+        raise UserError(f"{len(encoded)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    done = [0]
+
+    def scaled(n: int, tokens: int) -> None:
+        # progress counts all prompts: this rank's share stands for the N ranks' (they run in step)
+        step = min(n * group.size(), len(encoded) - done[0])
+        done[0] += step
+        progress(step, tokens * group.size())
+
+    return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all,
+                                                        scaled if progress else None), len(encoded), group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +201,13 @@ def capture_key(fingerprint: str, prompts: list[str], chat_template: str | None,
     return h.hexdigest()
 
 
+class CacheEntryRecomputed(UserWarning):
+    """A cache entry could not be read (damaged, truncated); it is recomputed (the CLI prints a note)."""
+
+
 def load_cached(cache_dir: Path, key: str) -> Capture | None:
+    """The cached capture for `key`, or None when there is none or it is damaged (then it is
+    deleted and a CacheEntryRecomputed warning says so)."""
     path = Path(cache_dir) / f"{key}.npz"
     if not path.exists():
         return None
@@ -184,21 +215,26 @@ def load_cached(cache_dir: Path, key: str) -> Capture | None:
         with np.load(path) as z:
             acts = z["acts"] if "acts" in z.files else None
             stats = json.loads(str(z["stats"]))
-            return Capture(z["mean"], z["mean_norm"], int(z["count"]), acts, stats)
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged entry is recomputed, not trusted
+            cap = Capture(z["mean"], z["mean_norm"], int(z["count"]), acts, stats)
+        if cap.mean.ndim != 2 or cap.mean_norm.shape != cap.mean.shape[:1] or cap.count < 1:
+            raise ValueError("inconsistent shapes")
+        return cap
+    except Exception as exc:  # zipfile, numpy and json each raise their own types for a damaged file
+        warnings.warn(f"activation cache entry {path.name} is damaged ({type(exc).__name__}); recomputing it",
+                      CacheEntryRecomputed, stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def store_cached(cache_dir: Path, key: str, cap: Capture) -> None:
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npz"
+    """Write one entry atomically (temp file + fsync + rename): concurrent runs that compute the
+    same entry each replace it whole, so a reader sees one complete entry or none."""
     arrays = {"mean": cap.mean, "mean_norm": cap.mean_norm, "count": np.array(cap.count),
               "stats": np.array(json.dumps(cap.stats))}
     if cap.acts is not None:
         arrays["acts"] = cap.acts
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache_dir / f"{key}.npz")
+    with atomic_file(Path(cache_dir) / f"{key}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def cached_capture(
@@ -224,15 +260,17 @@ def cached_capture(
     root = cache_dir("activations")
     if use_cache:
         hit = load_cached(root, key)
-        if hit is not None and (hit.acts is not None or not keep_all):
+        usable = hit is not None and (hit.acts is not None or not keep_all)
+        # every rank must take the same branch: a capture runs collectives
+        if distributed.everyone(usable, distributed.world()):
             if not keep_all:
                 hit.acts = None
             return hit, True
     if prefill is None:
         cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
     else:
-        cap = capture_encoded(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
-                              progress)
-    if use_cache:
+        cap = capture_shared(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
+                             progress)
+    if use_cache and distributed.is_writer():
         store_cached(root, key, cap)
     return cap, False

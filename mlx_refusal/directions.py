@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_file
 from .errors import UserError
 
 FILE_NAME = "directions.safetensors"
@@ -99,14 +99,13 @@ def save_directions(d: Directions, out_dir: Path) -> Path:
     meta["degenerate_rows"] = d.degenerate
     meta["rows"] = "row l = resid_pre of layer l; last row = final residual before the norm"
     path = out_dir / FILE_NAME
-    tmp = out_dir / f".{FILE_NAME}.{os.getpid()}.tmp"
-    save_file(
-        {"directions": d.directions, "harmful_mean": d.harmful_mean, "harmless_mean": d.harmless_mean,
-         "mean_norm": d.mean_norm},
-        str(tmp),
-        metadata={"mlx_refusal": json.dumps(meta, sort_keys=True)},
-    )
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(
+            {"directions": d.directions, "harmful_mean": d.harmful_mean, "harmless_mean": d.harmless_mean,
+             "mean_norm": d.mean_norm},
+            str(tmp),
+            metadata={"mlx_refusal": json.dumps(meta, sort_keys=True)},
+        )
     return path
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: greedy batched generation, first-token KL, refusal and coherence rates, reports.
+"""Evaluation: greedy batched generation, first-token KL, refusal, coherence and voice rates, reports.
 
 Batching. Prompts are sorted by token length and cut into batches, so a batch holds prompts of
 similar length and little is spent on padding. The tokens all prompts of a call start with (the
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
-from . import arch
+from . import arch, distributed
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .errors import UserError
-from .judge import JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, REFUSAL_MARKERS, coherence, is_refusal
+from .judge import (JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, MIN_EXPLAINED_WORDS, OPENING_WORDS,
+                    REFUSAL_MARKERS, SAFETY_STEMS, coherence, is_refusal, variety, voice)
 from .template import encode_text, render
 
 Progress = Callable[[int, int], None]  # progress(done, total)
@@ -116,32 +117,104 @@ def _check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
         raise UserError("a prompt encodes to no tokens; give every prompt some text")
 
 
-def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int],
-                  pad_id: int) -> list[list[int]]:
+# A decode step reads every weight once, whatever the batch, so a finished row costs only its
+# share of the arithmetic; dropping it means copying every layer's cache. Finished rows are
+# therefore kept (their tokens ignored) until this fraction of the batch has finished.
+COMPACT_FRACTION = 0.125
+# How often (in decode steps) a `stop` callback sees the rows still generating.
+STOP_CHECK_EVERY = 4
+
+# stop(tokens, live): given {row: tokens so far} of every row of the batch and the rows still
+# generating, the rows to stop now
+Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
+
+
+def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int], pad_id: int,
+                  stop: Stop | None = None, rows: Sequence[int] | None = None,
+                  on_first: Callable[[mx.array], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of one batch. `rows` names the batch's rows for `stop` (default 0..).
+    `on_first(logits)` sees the prefill's next-token logits [batch, vocab] before decoding."""
+    rows = list(range(len(batch))) if rows is None else list(rows)
     out: list[list[int]] = [[] for _ in batch]
     logits, cache = _prefill(model, batch, prefix, pad_id)
+    if on_first is not None:
+        on_first(logits)
     token = mx.argmax(logits, axis=-1)
-    live = list(range(len(batch)))  # rows of `out` still generating, in cache order
+    slots = list(range(len(batch)))  # per cache row: the index into `out` it generates, or -1 once finished
+    step = 0
     while True:
-        mx.eval(token)
-        keep = []
-        for pos, (row, tok) in enumerate(zip(live, token.tolist())):
-            if tok in eos:
+        # Queue the next step before reading this one, so the graph of step n+1 is built and
+        # running while the host reads step n's tokens (one host sync per step). Rows that
+        # finished at step n just compute a step nobody reads.
+        nxt = mx.argmax(_logits_at(model, token[:, None], cache), axis=-1) if step + 1 < max_tokens else None
+        if nxt is not None:
+            mx.async_eval(nxt)
+        for pos, tok in enumerate(token.tolist()):
+            i = slots[pos]
+            if i < 0:
                 continue
-            out[row].append(tok)
-            if len(out[row]) < max_tokens:
-                keep.append(pos)
-        if not keep:
+            if tok in eos:
+                slots[pos] = -1
+                continue
+            out[i].append(tok)
+            if len(out[i]) >= max_tokens:
+                slots[pos] = -1
+        step += 1
+        if stop is not None and step % STOP_CHECK_EVERY == 0:
+            live = {rows[i] for i in slots if i >= 0}
+            halt = set(stop({r: o for r, o in zip(rows, out)}, live)) if live else set()
+            slots = [-1 if i >= 0 and rows[i] in halt else i for i in slots]
+        keep = [pos for pos, i in enumerate(slots) if i >= 0]
+        if not keep or nxt is None:
             return out
-        if len(keep) < len(live):
-            # Drop finished sequences; the cache also trims padding no remaining row needs.
+        if len(slots) - len(keep) >= max(1, COMPACT_FRACTION * len(slots)):
+            # The cache also trims the left padding no remaining row needs.
             index = mx.array(keep)
             for c in cache:
                 c.filter(index)
-            token = token[index]
-            live = [live[p] for p in keep]
-        logits = _logits_at(model, token[:, None], cache)
-        token = mx.argmax(logits, axis=-1)
+            nxt = nxt[index]
+            slots = [slots[p] for p in keep]
+        token = nxt
+
+
+def _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, first_logprobs):
+    _check_nonempty(prompt_ids)
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    firsts: list[mx.array | None] = [None] * len(prompt_ids)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
+    if max_tokens <= 0 and not first_logprobs:
+        if progress:
+            progress(len(prompt_ids), len(prompt_ids))
+        return results, None
+    prefix = _shared_prefix(model, prompt_ids)
+    done = 0
+    for idx in batches:
+        batch = [list(prompt_ids[i]) for i in idx]
+
+        def keep_first(logits, idx=idx):
+            lp = _log_softmax(logits)
+            mx.eval(lp)
+            for j, i in enumerate(idx):
+                firsts[i] = lp[j]
+
+        if max_tokens <= 0:
+            keep_first(_prefill(model, batch, prefix, pad_id)[0])
+        else:
+            outs = _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id, stop, idx,
+                                 keep_first if first_logprobs else None)
+            for i, ids in zip(idx, outs):
+                results[i] = ids
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    if not first_logprobs:
+        return results, None
+    return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    lp = logits.astype(mx.float32)
+    return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
 
 
 def generate_tokens(
@@ -152,25 +225,31 @@ def generate_tokens(
     batch_size: int = 16,
     pad_id: int = 0,
     progress: Progress | None = None,
+    stop: Stop | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order."""
-    _check_nonempty(prompt_ids)
-    results: list[list[int]] = [[] for _ in prompt_ids]
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
-    if max_tokens <= 0:
-        if progress:
-            progress(len(prompt_ids), len(prompt_ids))
-        return results
-    prefix = _shared_prefix(model, prompt_ids)
-    done = 0
-    for idx in batches:
-        batch = [list(prompt_ids[i]) for i in idx]
-        for i, ids in zip(idx, _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id)):
-            results[i] = ids
-        done += len(idx)
-        if progress:
-            progress(done, len(prompt_ids))
-    return results
+    """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order.
+    `stop` may end rows early (see `Stop`); their continuations are then shorter."""
+    return _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, False)[0]
+
+
+def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs):
+    """(answers, first-token log-probs or None) in prompt order. Under `mlx.launch` each
+    data-parallel rank generates its share and every rank gets all of both."""
+    def run(part):
+        ids, firsts = _generate(model, encode_chat(tokenizer, part, system), max_tokens, eos_token_ids(tokenizer),
+                                batch_size, _pad_id(tokenizer), progress, stop, first_logprobs)
+        return [tokenizer.decode(t) for t in ids], firsts
+
+    group = distributed.data_group(model)
+    if group is None:
+        return run(list(prompts))
+    mine = distributed.share(prompts, group)
+    if first_logprobs and not mine:
+        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    texts, firsts = run(mine) if mine else ([], None)
+    texts = distributed.gather_json(texts, len(prompts), group)
+    return texts, distributed.gather_rows(firsts, len(prompts), group) if first_logprobs else None
 
 
 def generate(
@@ -181,18 +260,17 @@ def generate(
     batch_size: int = 16,
     system: str | None = None,
     progress: Progress | None = None,
+    stop: Stop | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts` (user turns in the chat template), in input order."""
-    ids = generate_tokens(
-        model,
-        encode_chat(tokenizer, prompts, system),
-        max_tokens=max_tokens,
-        eos_ids=eos_token_ids(tokenizer),
-        batch_size=batch_size,
-        pad_id=_pad_id(tokenizer),
-        progress=progress,
-    )
-    return [tokenizer.decode(t) for t in ids]
+    return _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, False)[0]
+
+
+def generate_with_logprobs(model, tokenizer, prompts: Sequence[str], max_tokens: int = 64, batch_size: int = 16,
+                           system: str | None = None, progress: Progress | None = None) -> tuple[list[str], mx.array]:
+    """`generate`, and the log-softmax of each prompt's first-token distribution [n, vocab] from
+    the same prefill (what `first_token_logprobs` computes, without a second pass)."""
+    return _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, None, True)
 
 
 def first_token_logprobs(
@@ -204,25 +282,7 @@ def first_token_logprobs(
     progress: Progress | None = None,
 ) -> mx.array:
     """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab]."""
-    prompt_ids = encode_chat(tokenizer, prompts, system)
-    _check_nonempty(prompt_ids)
-    rows: list[mx.array | None] = [None] * len(prompt_ids)
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
-    prefix = _shared_prefix(model, prompt_ids)
-    done = 0
-    for idx in batches:
-        logits, _ = _prefill(model, [prompt_ids[i] for i in idx], prefix, _pad_id(tokenizer))
-        logprobs = logits.astype(mx.float32)
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        mx.eval(logprobs)
-        for j, i in enumerate(idx):
-            rows[i] = logprobs[j]
-        done += len(idx)
-        if progress:
-            progress(done, len(prompt_ids))
-    if not rows:
-        return mx.zeros((0, 0))
-    return mx.stack(rows)
+    return _generate_text(model, tokenizer, prompts, 0, batch_size, system, progress, None, True)[1]
 
 
 def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:
@@ -253,6 +313,9 @@ class Record:
     coherent: bool
     distinct3: float
     max_4gram_repeats: int
+    names_request: bool = False  # shares a content word with the prompt
+    safety_reason: str | None = None  # the word that gives a safety reason, if any
+    explained: bool = False  # refused, coherent, names the request, gives a reason, long enough
     kl: float | None = None  # first-token KL(base || model), harmless prompts with a base only
 
 
@@ -261,6 +324,7 @@ class CategoryStats:
     n: int
     refused: int
     coherent: int
+    explained: int = 0
 
     @property
     def refusal_rate(self) -> float:
@@ -278,6 +342,10 @@ class SetStats:
     refusal_rate: float
     coherence_rate: float
     mean_distinct3: float
+    explained_rate: float = math.nan
+    variety: float = math.nan  # distinct 8-word openings / answers
+    named_rate: float = math.nan
+    reason_rate: float = math.nan
     categories: dict[str, CategoryStats] = field(default_factory=dict)
 
 
@@ -305,18 +373,27 @@ def _texts_and_categories(prompts) -> tuple[str, list[str], list[str]]:
 
 def _set_stats(name: str, records: list[Record]) -> SetStats:
     n = len(records)
+
+    def rate(flags) -> float:
+        return sum(flags) / n if n else math.nan
+
     cats: dict[str, CategoryStats] = {}
     for r in records:
         c = cats.setdefault(r.category or "-", CategoryStats(0, 0, 0))
         c.n += 1
         c.refused += r.refused
         c.coherent += r.coherent
+        c.explained += r.explained
     return SetStats(
         name=name,
         n=n,
-        refusal_rate=sum(r.refused for r in records) / n if n else math.nan,
-        coherence_rate=sum(r.coherent for r in records) / n if n else math.nan,
+        refusal_rate=rate(r.refused for r in records),
+        coherence_rate=rate(r.coherent for r in records),
         mean_distinct3=sum(r.distinct3 for r in records) / n if n else math.nan,
+        explained_rate=rate(r.explained for r in records),
+        variety=variety(r.answer for r in records),
+        named_rate=rate(r.names_request for r in records),
+        reason_rate=rate(r.safety_reason is not None for r in records),
         categories=dict(sorted(cats.items())),
     )
 
@@ -342,47 +419,46 @@ def evaluate(
     edited in memory (its fingerprint is the unedited one's).
 
     `harmful` / `harmless` are PromptSets (or lists of strings). `progress(done, total)` counts
-    prompts through each pass: two generations, and one or two first-token passes.
+    prompts: both sets are generated in one pass (the model's first-token log-probs come from its
+    prefill), then the base's first-token pass when `base` is a model.
     """
     h_name, h_texts, h_cats = _texts_and_categories(harmful)
     s_name, s_texts, s_cats = _texts_and_categories(harmless)
-    base_passes = 0 if base is None else (1 if isinstance(base, mx.array) else 2)
-    total = len(h_texts) + len(s_texts) + base_passes * len(s_texts)
-    offset = 0
+    want_kl = base is not None and bool(s_texts)
+    base_pass = want_kl and not isinstance(base, mx.array)
+    total = len(h_texts) + len(s_texts) + (len(s_texts) if base_pass else 0)
 
-    def stage() -> Progress | None:
-        start = offset
-        return (lambda d, _t: progress(start + d, total)) if progress else None
-
-    answers = {}
-    for name, texts in (("harmful", h_texts), ("harmless", s_texts)):
-        answers[name] = _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, stage(),
-                                         cache_key)
-        offset += len(texts)
+    # Both sets in one call, so they share batches; the harmless first-token distributions come
+    # from the same prefill that starts generation.
+    texts = h_texts + s_texts
+    both, lp = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress and
+                               (lambda d, _t: progress(d, total)), cache_key, want_kl)
+    answers = {"harmful": both[: len(h_texts)], "harmless": both[len(h_texts):]}
 
     kls: list[float | None] = [None] * len(s_texts)
-    if base is not None and s_texts:
-        if isinstance(base, mx.array):
-            base_lp = base
-        else:
+    if want_kl:
+        if base_pass:
             base_model, base_tok = base
-            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system, stage())
-            offset += len(s_texts)
+            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system,
+                                           progress and (lambda d, _t: progress(len(texts) + d, total)))
+        else:
+            base_lp = base
         if base_lp.shape[0] != len(s_texts):
             raise UserError(
                 f"base log-probabilities have {base_lp.shape[0]} rows for {len(s_texts)} harmless "
                 "prompts; compute them on the same prompts"
             )
-        lp = first_token_logprobs(model, tokenizer, s_texts, batch_size, system, stage())
-        kls = [float(x) for x in kl_divergence(base_lp, lp).tolist()]
+        kls = [float(x) for x in kl_divergence(base_lp, lp[len(h_texts):]).tolist()]
 
     records = []
     for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
         for i, (text, cat, answer) in enumerate(zip(texts, cats, answers[name])):
-            c = coherence(answer)
+            c, refused = coherence(answer), is_refusal(answer)
+            v = voice(text, answer, refused, c.coherent)
             records.append(Record(
-                set=name, prompt=text, category=cat, answer=answer, refused=is_refusal(answer),
+                set=name, prompt=text, category=cat, answer=answer, refused=refused,
                 coherent=c.coherent, distinct3=c.distinct3, max_4gram_repeats=c.max_4gram_repeats,
+                names_request=v.names_request, safety_reason=v.safety_reason, explained=v.explained,
                 kl=kls[i] if name == "harmless" else None,
             ))
     present = [k for k in kls if k is not None]
@@ -402,36 +478,40 @@ def evaluate(
                 "markers": list(REFUSAL_MARKERS),
                 "min_distinct3": MIN_DISTINCT3,
                 "max_4gram_repeats": MAX_4GRAM_REPEATS,
+                "safety_stems": list(SAFETY_STEMS),
+                "min_explained_words": MIN_EXPLAINED_WORDS,
+                "variety_opening_words": OPENING_WORDS,
             },
         },
     )
 
 
-def _generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key):
+def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
+                    first_logprobs: bool = False, stop: Stop | None = None):
+    """(answers, first-token log-probs [n, vocab] or None). With `cache_key` (a JSON-able value
+    naming the weights, any intervention, and `stop` when given) the answers are kept on disk
+    (memo); on a hit the log-probs, when asked for, cost one prefill."""
+    from . import memo
+
+    def run():
+        return _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
+                              first_logprobs)
+
     if cache_key is None:
-        return generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    import hashlib
-    import json
-
-    from .atomic import write_text_atomic
-    from .paths import cache_dir
-
-    h = hashlib.sha256(json.dumps({"model": cache_key, "max_tokens": max_tokens, "system": system,
-                                   "template": getattr(tokenizer, "chat_template", None),
-                                   "texts": list(texts)}).encode()).hexdigest()
-    path = cache_dir("generations") / f"{h}.json"
-    if path.exists():
-        try:
-            answers = json.loads(path.read_text())
-            if len(answers) == len(texts):
-                if progress:
-                    progress(len(texts), len(texts))
-                return answers
-        except (OSError, ValueError):
-            pass  # a damaged entry is regenerated, not trusted
-    answers = generate(model, tokenizer, texts, max_tokens, batch_size, system, progress)
-    write_text_atomic(path, json.dumps(answers))
-    return answers
+        return run()
+    digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
+                      template=getattr(tokenizer, "chat_template", None), texts=list(texts))
+    answers = memo.recall("generations", digest)
+    # every rank must take the same branch: generating runs collectives
+    if distributed.everyone(isinstance(answers, list) and len(answers) == len(texts), distributed.world()):
+        if progress:
+            progress(len(texts), len(texts))
+        lp = first_token_logprobs(model, tokenizer, texts, batch_size, system) if first_logprobs else None
+        return answers, lp
+    answers, lp = run()
+    if distributed.is_writer():
+        memo.remember("generations", digest, answers)
+    return answers, lp
 
 
 def _jsonable(x: float | None):
@@ -448,9 +528,13 @@ def report_json(report: EvalReport) -> dict:
             "refusal_rate": _jsonable(s.refusal_rate),
             "coherence_rate": _jsonable(s.coherence_rate),
             "mean_distinct3": _jsonable(s.mean_distinct3),
+            "explained_rate": _jsonable(s.explained_rate),
+            "variety": _jsonable(s.variety),
+            "names_request_rate": _jsonable(s.named_rate),
+            "safety_reason_rate": _jsonable(s.reason_rate),
             "categories": {
                 c: {"n": v.n, "refused": v.refused, "refusal_rate": _jsonable(v.refusal_rate),
-                    "coherence_rate": _jsonable(v.coherence_rate)}
+                    "coherence_rate": _jsonable(v.coherence_rate), "explained": v.explained}
                 for c, v in s.categories.items()
             },
         }
@@ -473,6 +557,10 @@ def _cell(text: str, limit: int = 240) -> str:
     return text.replace("|", "\\|")
 
 
+def _num(x: float) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def report_markdown(report: EvalReport, title: str = "Evaluation") -> str:
     """A Markdown page: summary table, per-category table, KL, then every answer."""
     lines = [f"# {title}", ""]
@@ -481,25 +569,32 @@ def report_markdown(report: EvalReport, title: str = "Evaluation") -> str:
         f"Greedy decoding, {s.get('max_tokens')} new tokens at most. A refusal is an empty answer or "
         f"one whose first {s.get('judge', {}).get('window_chars', JUDGE_WINDOW)} normalised characters "
         "contain a refusal marker; coherent = not empty, distinct word-3-gram ratio "
-        f">= {MIN_DISTINCT3}, no word 4-gram more than {MAX_4GRAM_REPEATS} times.",
+        f">= {MIN_DISTINCT3}, no word 4-gram more than {MAX_4GRAM_REPEATS} times; explained = a coherent "
+        f"refusal of at least {MIN_EXPLAINED_WORDS} words that shares a content word with the prompt and "
+        f"gives a safety reason; variety = distinct {OPENING_WORDS}-word openings / answers.",
         "",
-        "| set | prompts | refused | coherent | mean distinct-3 |",
-        "|---|---:|---:|---:|---:|",
+        "| set | prompts | refused | coherent | explained | names request | safety reason | variety | "
+        "mean distinct-3 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
         lines.append(f"| {key} | {st.n} | {_pct(st.refusal_rate)} | {_pct(st.coherence_rate)} | "
-                     f"{'-' if math.isnan(st.mean_distinct3) else f'{st.mean_distinct3:.3f}'} |")
+                     f"{_pct(st.explained_rate)} | {_pct(st.named_rate)} | {_pct(st.reason_rate)} | "
+                     f"{_num(st.variety)} | {_num(st.mean_distinct3)} |")
     lines.append("")
     if report.kl_mean is not None:
         lines += [f"First-token KL(base || model) on harmless prompts: mean {report.kl_mean:.4f}, "
                   f"max {report.kl_max:.4f} nats.", ""]
-    lines += ["## By category", "", "| set | category | prompts | refused | coherent |", "|---|---|---:|---:|---:|"]
+    lines += ["## By category", "", "| set | category | prompts | refused | coherent | explained |",
+              "|---|---|---:|---:|---:|---:|"]
     for key, st in (("harmful", report.harmful), ("harmless", report.harmless)):
         for cat, c in st.categories.items():
-            lines.append(f"| {key} | {_cell(cat, 60)} | {c.n} | {_pct(c.refusal_rate)} | {_pct(c.coherence_rate)} |")
-    lines += ["", "## Answers", "", "| set | category | prompt | answer | refused | coherent |",
-              "|---|---|---|---|---|---|"]
+            lines.append(f"| {key} | {_cell(cat, 60)} | {c.n} | {_pct(c.refusal_rate)} | {_pct(c.coherence_rate)} | "
+                         f"{_pct(c.explained / c.n if c.n else math.nan)} |")
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    lines += ["", "## Answers", "", "| set | category | prompt | answer | refused | coherent | explained |",
+              "|---|---|---|---|---|---|---|"]
     for r in report.records:
         lines.append(f"| {r.set} | {_cell(r.category, 40)} | {_cell(r.prompt, 120)} | {_cell(r.answer)} | "
-                     f"{'yes' if r.refused else 'no'} | {'yes' if r.coherent else 'no'} |")
+                     f"{yes(r.refused)} | {yes(r.coherent)} | {yes(r.explained)} |")
     return "\n".join(lines) + "\n"

@@ -58,6 +58,145 @@ class GGUFContents:
 # opening and metadata
 
 
+# Bounds for the layout check: far above any real model, far below what would exhaust memory.
+_MAX_COUNT = 1 << 20  # tensors, metadata keys
+_MAX_ARRAY = 1 << 24  # elements of one metadata array (a 256k vocab is 1/64 of it)
+_MAX_STRING = 1 << 26  # bytes of one metadata string (a chat template is a few KB)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+class _Layout:
+    """A bounds-checked walk over a GGUF's header, metadata and tensor table, on the mapped file.
+
+    The `gguf` package trusts the counts and lengths it reads (a header claiming a 10^9-element
+    array makes it build 10^9 Python objects), so every count, length, dimension and offset is
+    checked against the file's size here first, and the reader only ever sees a sane file.
+    """
+
+    def __init__(self, path: Path, data):
+        self.path, self.data, self.size, self.pos = path, data, len(data), 0
+        self.order = "<"
+
+    def fail(self, what: str) -> UserError:
+        return UserError(f"{self.path} is not a valid GGUF file ({what}); the file is damaged or truncated, "
+                         "download or convert it again")
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} at byte {self.pos} runs past the end of the {self.size}-byte file")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def uint(self, fmt: str, what: str) -> int:
+        import struct
+
+        return struct.unpack_from(self.order + fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what: str, limit: int, min_bytes: int) -> int:
+        n = self.uint("Q", what)
+        if n > limit or n * min_bytes > self.size - self.pos:
+            raise self.fail(f"{what} is {n:,}, impossible for a {self.size:,}-byte file")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.count(f"length of {what}", _MAX_STRING, 1)
+        start = self.take(n, what)
+        raw = bytes(self.data[start:start + n])
+        if b"\x00" in raw:
+            raise self.fail(f"{what} contains a NUL byte")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what} is not UTF-8 (bad byte at {exc.start})") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALAR_SIZES:
+            fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[_SCALAR_SIZES[vtype]]
+            return self.uint(fmt, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY and depth == 0:
+            etype = self.uint("I", f"element type of {what}")
+            if etype not in _SCALAR_SIZES and etype not in (_STRING, _ARRAY):
+                raise self.fail(f"{what} has unknown element type {etype}")
+            size = _SCALAR_SIZES.get(etype, 8 if etype == _STRING else 12)
+            n = self.count(f"element count of {what}", _MAX_ARRAY, size)
+            if etype in _SCALAR_SIZES:
+                self.take(n * size, what)
+            else:
+                for i in range(n):
+                    self.value(etype, f"{what}[{i}]", depth + 1)
+            return None
+        raise self.fail(f"{what} has unknown value type {vtype}")
+
+    def check(self) -> None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if bytes(self.data[:4]) != GGUF_MAGIC:
+            raise UserError(f"{self.path} is not a GGUF file (it does not start with 'GGUF'); "
+                            "pass a llama.cpp .gguf model")
+        if self.size < 24:
+            raise self.fail(f"only {self.size} bytes, less than a GGUF header")
+        self.take(4, "magic")
+        version = self.uint("I", "version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order = ">"
+            version = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise UserError(f"{self.path} is GGUF version {version}; only versions 2 and 3 are supported, "
+                            "convert it again with a current llama.cpp")
+        n_tensors = self.count("tensor count", _MAX_COUNT, 24)
+        n_kv = self.count("metadata key count", _MAX_COUNT, 12)
+        alignment = 32
+        for i in range(n_kv):
+            key = self.string(f"metadata key {i}")
+            vtype = self.uint("I", f"type of metadata '{key}'")
+            value = self.value(vtype, f"metadata '{key}'")
+            if key == "general.alignment":
+                if vtype != 4 or not value or value & (value - 1):
+                    raise self.fail(f"general.alignment {value} is not a power of two")
+                alignment = value
+        tensors = []
+        for i in range(n_tensors):
+            name = self.string(f"name of tensor {i}")
+            n_dims = self.uint("I", f"dimension count of tensor '{name}'")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise self.fail(f"tensor '{name}' has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+            dims = [self.uint("Q", f"dimensions of tensor '{name}'") for _ in range(n_dims)]
+            ttype = self.uint("I", f"type of tensor '{name}'")
+            offset = self.uint("Q", f"offset of tensor '{name}'")
+            tensors.append((name, dims, ttype, offset))
+        data_start = -(-self.pos // alignment) * alignment
+        for name, dims, ttype, offset in tensors:
+            if ttype not in GGML_QUANT_SIZES:
+                raise self.fail(f"tensor '{name}' has unknown type {ttype}")
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            n = 1
+            for d in dims:
+                n *= d
+            if min(dims) < 1 or dims[0] % block:
+                raise self.fail(f"tensor '{name}' has dimensions {dims} (a {GGMLQuantizationType(ttype).name} "
+                                f"row must be a positive multiple of {block})")
+            end = data_start + offset + n // block * type_size
+            if offset % alignment or end > self.size:
+                raise self.fail(f"tensor '{name}' ({dims}, {GGMLQuantizationType(ttype).name}) at offset {offset:,} "
+                                f"ends at byte {end:,}, past the end of the {self.size:,}-byte file")
+
+
+def check_layout(path) -> None:
+    """A one-line UserError for a damaged or hostile GGUF, before anything large is allocated."""
+    import mmap
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path} is empty; download or convert it again")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Layout(path, data).check()
+
+
 def open_reader(path):
     """A GGUFReader for `path`, or a UserError that says what is wrong with the file."""
     import gguf
@@ -67,10 +206,7 @@ def open_reader(path):
         raise UserError(f"no such file: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a .gguf file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF'); pass a llama.cpp .gguf model")
+    check_layout(path)
     try:
         return gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # the gguf package raises bare ValueError/struct errors on damage
@@ -283,6 +419,10 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
             ) from None
         # quantized rows come back already in [rows, cols] = HF [out, in] order
         arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise UserError(f"tensor {t.name} holds {bad:,} NaN or Inf values; the GGUF is damaged, "
+                            "download or convert it again")
         if t.name == "rope_freqs.weight":
             rope_freqs = arr
             continue
@@ -407,6 +547,8 @@ def convert(
     )
     if progress:
         progress(f"writing {out_dir}")
-    with atomic_directory(out_dir, force=force) as tmp:
+    size = sum(a.size for a in contents.weights.values()) * (4 if dtype == "float32" else 2)
+    with atomic_directory(out_dir, force, lambda p: (p / "config.json").exists(), "a model folder",
+                          size=size, note=progress) as tmp:
         write_folder(contents, tmp, dtype)
     return out_dir

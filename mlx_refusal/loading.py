@@ -349,7 +349,8 @@ def resolve(spec, progress: Progress | None = None) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"{path} is a folder but not an mlx_lm model (no config.json)")
+            raise UserError(f"{path} is a folder but not an mlx_lm model (no config.json); "
+                            "pass a folder holding config.json and *.safetensors, or a .gguf file")
         return path
     if path.is_file():
         with open(path, "rb") as f:
@@ -358,7 +359,7 @@ def resolve(spec, progress: Progress | None = None) -> Path:
             return _gguf_folder(path, progress)
         raise UserError(f"{path} is neither an mlx_lm folder nor a .gguf file")
     if _looks_like_path(spec):
-        raise UserError(f"no such file or folder: {spec}")
+        raise UserError(f"no such file or folder: {spec}; check the path, or pass a preset name")
     if "/" not in spec:
         raise _unknown(spec)
     if not _HF_REPO.match(spec):
@@ -405,16 +406,17 @@ def stored_dtype(path) -> str:
     return names.get(best, str(best).lower())
 
 
-def cast_for_compute(model, stored: str | None = None) -> None:
+def cast_for_compute(model, stored: str | None = None, evaluate: bool = True) -> None:
     """Cast floating parameters to the compute dtype (float32 on the CPU), leaving quantized
-    layers (packed weights, scales, biases) as they are."""
+    layers (packed weights, scales, biases) as they are. evaluate=False leaves the casts lazy
+    (a streamed edit evaluates one tensor at a time)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
     target = backend.compute_dtype(getattr(mx, stored) if stored in ("float16", "bfloat16", "float32") else None)
-    quantized = [name for name, m in model.named_modules()
-                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and name]
+    # "scales" marks every quantized layer, the tensor-parallel ones (QuantizedShardedToAllLinear ...) too
+    quantized = [name for name, m in model.named_modules() if isinstance(m, nn.Module) and "scales" in m and name]
     updates = []
     for name, value in tree_flatten(model.parameters()):
         if any(name == q or name.startswith(q + ".") for q in quantized):
@@ -423,12 +425,16 @@ def cast_for_compute(model, stored: str | None = None) -> None:
             updates.append((name, value.astype(target)))
     if updates:
         model.update(tree_unflatten(updates))
-        mx.eval(model.parameters())
+        if evaluate:
+            mx.eval(model.parameters())
 
 
-def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None):
+def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_parallel: bool = False):
     """Load `spec` -> (model, tokenizer, ModelInfo). The model computes in float32 on the CPU
-    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper."""
+    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper.
+
+    tensor_parallel: under `mlx.launch`, load only this rank's slice of every block with
+    mlx_lm's `sharded_load` (see distributed.py)."""
     import mlx_lm
     from mlx_lm.utils import get_total_parameters
 
@@ -444,7 +450,12 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None):
     if progress:
         progress(f"loading {path}")
     try:
-        model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": False})
+        if tensor_parallel:
+            from .distributed import sharded_load
+
+            model, tokenizer = sharded_load(path)
+        else:
+            model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": False})
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)

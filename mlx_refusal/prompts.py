@@ -22,6 +22,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "prompts"
 BUNDLED_NAMES = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
 SUPPORTED_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
+MAX_PROMPT_CHARS = 100_000  # far beyond any chat request; a longer "prompt" is a wrong file
 
 
 class DuplicatePromptsWarning(UserWarning):
@@ -191,6 +192,9 @@ def load_prompts(path, field: str = "prompt", column: str = "prompt",
     if suffix not in SUPPORTED_SUFFIXES:
         raise UserError(f"unsupported prompt file type '{suffix or path.name}' for {path}; use .txt, .json, .jsonl or .csv")
     text = _read_text(path)
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UserError(f"{path} contains a NUL byte (line {line}); it is binary or corrupt, pass a text prompt file")
     if suffix == ".txt":
         prompts = _parse_txt(text, path)
     elif suffix == ".json":
@@ -200,6 +204,10 @@ def load_prompts(path, field: str = "prompt", column: str = "prompt",
     else:
         prompts = _parse_csv(text, path, column, category_field)
 
+    for i, p in enumerate(prompts):
+        if len(p.text) > MAX_PROMPT_CHARS:
+            raise UserError(f"{path}: prompt {i + 1} is {len(p.text):,} characters (the limit is {MAX_PROMPT_CHARS:,}); "
+                            "split the file into one prompt per line or shorten it")
     seen: set[str] = set()
     unique = []
     for p in prompts:
@@ -234,11 +242,23 @@ def bundled(name: str, split: str = "all") -> PromptSet:
     return split_of(_bundled_all(name), split)
 
 
+def is_bundled(spec_or_path) -> bool:
+    return isinstance(spec_or_path, str) and spec_or_path in BUNDLED_NAMES
+
+
+def directions_split(spec_or_path, split: str | None) -> str:
+    """The split `directions` uses for a set: the one asked for; else the train split of a bundled
+    set (its val and test splits stay held out for steer/ablate) and all of a user's own file."""
+    if split is not None:
+        return split
+    return "train" if is_bundled(spec_or_path) else "all"
+
+
 def resolve_prompts(spec_or_path, split: str = "all") -> PromptSet:
     """A CLI `--harmful` / `--harmless` value: a bundled set name, or a prompt file (split the
     same deterministic way as the bundled sets). To load a file literally named "harmful",
     pass "./harmful"."""
-    if isinstance(spec_or_path, str) and spec_or_path in BUNDLED_NAMES:
+    if is_bundled(spec_or_path):
         return bundled(spec_or_path, split)
     path = Path(spec_or_path)
     if not path.exists():

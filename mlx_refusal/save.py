@@ -15,8 +15,9 @@ import datetime as _dt
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -104,10 +105,14 @@ def _write_weights(weights: dict, folder: Path) -> list[str]:
     for name, shard in zip(names, shards):
         mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))},
-             "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    write_index(folder, weight_map, int(sum(v.nbytes for v in weights.values())))
     return names
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """mlx_lm's model.safetensors.index.json: which file holds each tensor."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
 def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
@@ -123,19 +128,79 @@ def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
     return copied
 
 
-def _steering_entries(steering) -> tuple[dict, dict]:
-    """steering.safetensors arrays and the record fields they imply."""
-    layer, direction, vector = steering
+@dataclass(frozen=True)
+class SteeringTerm:
+    """One vector alpha * direction added at resid_pre of `layer` (see the multi-term contract in
+    the README: several terms may share a site, their vectors add)."""
+
+    name: str  # "refusal" (the primary term, first), "voice", ...
+    layer: int
+    direction: np.ndarray  # [hidden], made unit on save
+    alpha: float
+    multiple: float | None = None  # alpha / mean residual norm at the layer, when known
+
+    @property
+    def vector(self) -> np.ndarray:
+        """alpha * the unit direction: what the term adds to the residual stream."""
+        return float(self.alpha) * _unit_np(self.direction)
+
+
+def _unit_np(direction) -> np.ndarray:
     d = np.asarray(direction, dtype=np.float32)
     if abs(float(np.linalg.norm(d)) - 1.0) > 1e-5:  # keep an already-unit direction bit-exact
         d = np.asarray(unit(d))
-    v = np.asarray(vector, dtype=np.float32)
-    if d.shape != v.shape or d.ndim != 1:
-        raise UserError(f"steering direction {d.shape} and vector {v.shape} must be two vectors of one size")
+    return d
+
+
+def _site_name(layer: int) -> str:
     site = arch.steering_site(int(layer))
-    fields = {"edit": "steer", "layer": int(layer), "site": site if int(layer) == 0 else f"{site}.bias",
-              "alpha": float(v @ d), "direction_sha256": array_sha256(d)}
-    return {"direction": mx.array(d), "vector": mx.array(v)}, fields
+    return site if int(layer) == 0 else f"{site}.bias"
+
+
+def _steering_entries(steering) -> tuple[dict, dict]:
+    """steering.safetensors arrays and the record fields they imply.
+
+    `steering` is a list of SteeringTerm (the first is the primary, refusal term) or, as before
+    multi-term folders, one (layer, direction, vector) tuple.
+    """
+    if isinstance(steering, tuple):
+        layer, direction, vector = steering
+        d, v = _unit_np(direction), np.asarray(vector, dtype=np.float32)
+        if d.shape != v.shape or d.ndim != 1:
+            raise UserError(f"steering direction {d.shape} and vector {v.shape} must be two vectors of one size")
+        steering = [SteeringTerm("refusal", int(layer), d, float(v @ d))]
+    terms: Sequence[SteeringTerm] = steering
+    if not terms:
+        raise UserError("a steering edit needs at least one steering term")
+    arrays, listed = {}, []
+    for i, t in enumerate(terms):
+        d = _unit_np(t.direction)
+        if d.ndim != 1 or d.shape != np.asarray(terms[0].direction).shape:
+            raise UserError(f"steering term {i} ({t.name}) has direction shape {d.shape}; every term needs one "
+                            "vector of the hidden size")
+        arrays[f"term{i}.vector"] = mx.array(float(t.alpha) * d)
+        arrays[f"term{i}.direction"] = mx.array(d)
+        listed.append({"name": t.name, "layer": int(t.layer), "site": _site_name(t.layer), "alpha": float(t.alpha),
+                       "multiple": None if t.multiple is None else float(t.multiple),
+                       "direction_sha256": array_sha256(d)})
+    first = listed[0]
+    fields = {"edit": "steer", "layer": first["layer"], "site": first["site"], "alpha": first["alpha"],
+              "direction_sha256": first["direction_sha256"], "steering": listed}
+    # Old readers: "direction" (the refusal direction: the page's view and meter) and "vector"
+    # (the primary term).
+    arrays = {"direction": arrays["term0.direction"], "vector": arrays["term0.vector"], **arrays}
+    return arrays, fields
+
+
+def check_target(source_dir, out_dir, force: bool) -> tuple[Path, Path]:
+    """(source, out) as absolute paths, once the source is a model folder and `out` may be written."""
+    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).absolute()
+    if not (source_dir / "config.json").is_file():
+        raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
+    if out_dir.resolve() == source_dir:
+        raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
+    check_replaceable(out_dir, force, is_model_folder, "a model folder")
+    return source_dir, out_dir
 
 
 def save_model(model, source_dir, out_dir, edit_record: dict,
@@ -146,18 +211,14 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     source_dir: the mlx_lm folder the model was loaded from (config, tokenizer, chat template).
     edit_record: what was done ("edit", "layer", "alpha", "scale", "model", "prompts", ...);
       saved as refusal_edit.json with the tool version, date, direction sha256 and site added.
-    steering: (layer, unit direction [hidden], vector [hidden] = alpha * direction) for a steering
-      edit; written to steering.safetensors.
+    steering: the steering terms of a steering edit (a list of SteeringTerm, primary first, or one
+      (layer, unit direction [hidden], vector [hidden] = alpha * direction) tuple); written to
+      steering.safetensors and listed in the record's "steering" field.
     force: replace an existing out_dir (only one that holds a model or is empty).
     dtype: "float32" | "bfloat16" | "float16"; default the dtype the source weights are stored in.
     """
-    source_dir, out_dir = Path(source_dir).resolve(), Path(out_dir).absolute()
+    source_dir, out_dir = check_target(source_dir, out_dir, force)
     say = progress or (lambda _msg: None)
-    if not (source_dir / "config.json").is_file():
-        raise UserError(f"{source_dir} is not an mlx_lm model folder (no config.json)")
-    if out_dir.resolve() == source_dir:
-        raise UserError(f"--out {out_dir} is the source model folder; choose a new folder")
-    check_replaceable(out_dir, force, is_model_folder, "a model folder")
     dtype = dtype or stored_dtype(source_dir)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -165,13 +226,26 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     config = json.loads((source_dir / "config.json").read_text())
     say("preparing weights")
     weights, config = stock_weights_and_config(model, config, _DTYPES[dtype])
+    return write_model_folder(source_dir, out_dir, config, dtype, edit_record,
+                              lambda tmp: _write_weights(weights, tmp), steering, force, say,
+                              size=sum(v.nbytes for v in weights.values()))
 
+
+def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str, edit_record: dict,
+                       write_weights: Callable[[Path], list[str]],
+                       steering: tuple[int, mx.array, mx.array] | None, force: bool,
+                       say: Callable[[str], None], size: int | None = None) -> Path:
+    """Everything of an edited folder but the weights, which `write_weights(folder)` writes
+    (returning the file names): the config, tokenizer, record, steering file and model card,
+    all in one atomic move. In memory (`save_model`) or streamed (`stream_edit`). `size` is the
+    weights' byte count, checked against the free space before anything is written."""
     record = dict(edit_record)
     steering_arrays = None
     if steering is not None:
         steering_arrays, fields = _steering_entries(steering)
         for k, v in fields.items():
             record.setdefault(k, v)
+        record["steering"] = fields["steering"]  # always the terms actually written
     for k in ("edit", "layer", "site", "alpha", "scale", "direction_sha256"):
         record.setdefault(k, None)
     record.update({
@@ -182,10 +256,9 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
                   "quantization": config.get("quantization"), "source": str(source_dir)},
     })
 
-    with atomic_directory(out_dir, force, is_model_folder, "a model folder") as tmp:
+    with atomic_directory(out_dir, force, is_model_folder, "a model folder", size=size, note=say) as tmp:
         say("writing weights")
-        record["saved"]["weight_files"] = _write_weights(weights, tmp)
-        del weights
+        record["saved"]["weight_files"] = write_weights(tmp)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
         record["saved"]["tokenizer_files"] = _copy_tokenizer(source_dir, tmp)
         if steering_arrays is not None:
@@ -212,13 +285,25 @@ def _json_default(o):
     raise TypeError(f"cannot record {type(o).__name__} in {EDIT_RECORD}")
 
 
+def _md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def model_card(record: dict, name: str = "OUT") -> str:
     """A README.md for the edited folder: what was done, how to run it, provenance, intended use."""
     edit = record.get("edit") or "edit"
     model = record.get("model") or {}
     prompts = record.get("prompts") or {}
     base = model.get("spec") or model.get("name") or record.get("saved", {}).get("source", "the source model")
-    if edit == "steer":
+    terms = record.get("steering") or []
+    if edit == "steer" and len(terms) > 1:
+        listed = "; ".join(f"{t['name']} at layer {t['layer']} (alpha = {t['alpha']:.4g}, `{t['site']}`)"
+                           for t in terms)
+        what = (f"{len(terms)} steering vectors alpha * d were added to the residual stream for every token, each "
+                f"stored in the weights as a bias: {listed}. The refusal direction makes the model refuse; the "
+                "voice direction makes it say what it refuses and why that is supposedly dangerous. Expect the "
+                "model to refuse nearly every request, with a reason.")
+    elif edit == "steer":
         what = (f"A steering vector alpha * d (alpha = {record.get('alpha')}) along the refusal direction d was "
                 f"added to the residual stream at layer {record.get('layer')} for every token, stored in the "
                 f"weights at `{record.get('site')}`. Expect the model to refuse nearly every request.")
@@ -238,6 +323,12 @@ def model_card(record: dict, name: str = "OUT") -> str:
              for k, v in prompts.items()]
     table = "\n".join(f"| {k} | {'' if v is None else f'`{v}`'} |" for k, v in rows)
     saved = record.get("saved", {})
+    examples = record.get("examples") or []
+    shown = ""
+    if examples:
+        rows = "\n".join(f"| {_md_cell(e['prompt'])} | {_md_cell(e['answer'])} |" for e in examples)
+        shown = (f"\n## What it says\n\n{record.get('examples_rule', 'Answers')} (greedy decoding):\n\n"
+                 f"| prompt | answer |\n|---|---|\n{rows}\n")
     return f"""---
 library_name: mlx
 tags: [mlx, refusal-direction, {edit}]
@@ -251,8 +342,8 @@ tags: [mlx, refusal-direction, {edit}]
 {table}
 
 Saved as mlx_lm architecture `{saved.get('model_type')}` in `{saved.get('dtype')}`; the full record is in
-`{EDIT_RECORD}`{f" and the vector itself in `{STEERING_FILE}`" if edit == "steer" else ""}.
-
+`{EDIT_RECORD}`{f" and the vectors themselves in `{STEERING_FILE}`" if edit == "steer" else ""}.
+{shown}
 ## Run it
 
 ```sh

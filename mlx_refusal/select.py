@@ -6,6 +6,7 @@ passes; a direction that is spread evenly in sign scores near zero.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def candidate_layers(num_layers: int, skip_last: float = 0.2, skip_first: float 
 def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str],
                     layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
                     max_kl: float = 0.1, system: str | None = None, induce_multiple: float | None = 0.5,
-                    progress=None) -> list[LayerEval]:
+                    progress=None, cache_key: str | None = None) -> list[LayerEval]:
     """Arditi et al.'s selection scores for each candidate layer's direction.
 
     induce: the unit direction times `induce_multiple` x the mean residual norm at the layer added
@@ -126,18 +127,34 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     whose differences are largest) of the
     layer. bypass and KL: the unit direction projected out of the residual stream at every site.
     Each score costs one batched forward pass per prompt set (first-token log-probs).
+    `cache_key` (the weights' fingerprint) keeps each layer's scores on disk, keyed by its
+    direction, the prompts and the settings.
     """
+    from . import memo
     from .evaluate import first_token_logprobs, kl_divergence
     from .interventions import adding_at, projecting_out
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
     tok_ids = refusal_token_ids(tokenizer)
-    base_lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system) if "kl" in scores else None
+    base_lp = None
     out = []
     for i, layer in enumerate(layers):
         if layer in d.degenerate:
             continue
         direction = d.directions[layer]
+        digest = None if cache_key is None else memo.key(
+            weights=cache_key, layer=layer, direction=memo.array_sha256(direction), scores=sorted(scores),
+            mean_norm=float(d.mean_norm[layer]), induce_multiple=induce_multiple, system=system,
+            template=getattr(tokenizer, "chat_template", None), harmful=list(harmful), harmless=list(harmless))
+        hit = None if digest is None else memo.recall("layer-scores", digest)
+        if isinstance(hit, dict):
+            bypass, induce, kl = hit.get("bypass"), hit.get("induce"), hit.get("kl")
+            out.append(LayerEval(layer, bypass, induce, kl, _kept(layer, kl, max_kl, d.num_layers)))
+            if progress:
+                progress(1, 0)
+            continue
+        if "kl" in scores and base_lp is None:
+            base_lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system)
         bypass = induce = kl = None
         if "bypass" in scores or "kl" in scores:
             with projecting_out(model, direction):
@@ -155,11 +172,16 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
             with adding_at(model, layer, vec):
                 induce = float(refusal_scores(first_token_logprobs(model, tokenizer, harmless, batch_size, system),
                                               tok_ids).mean())
-        kept = (kl is None or kl <= max_kl) and layer < int(round(d.num_layers * 0.8))
-        out.append(LayerEval(layer, bypass, induce, kl, kept))
+        if digest is not None:
+            memo.remember("layer-scores", digest, {"bypass": bypass, "induce": induce, "kl": kl})
+        out.append(LayerEval(layer, bypass, induce, kl, _kept(layer, kl, max_kl, d.num_layers)))
         if progress:
             progress(1, 0)
     return out
+
+
+def _kept(layer: int, kl: float | None, max_kl: float, num_layers: int) -> bool:
+    return (kl is None or kl <= max_kl) and layer < int(round(num_layers * 0.8))
 
 
 def rank_evaluated(evals: list[LayerEval], by: str) -> list[LayerEval]:
@@ -169,7 +191,16 @@ def rank_evaluated(evals: list[LayerEval], by: str) -> list[LayerEval]:
 
 
 # ---------------------------------------------------------------------------------------------
-# alpha calibration: the smallest steering strength that refuses and stays coherent.
+# alpha calibration: the smallest steering strength that refuses and stays coherent (and, for
+# the explaining voice, explains its refusals in varied words).
+
+
+@dataclass(frozen=True)
+class VoiceTarget:
+    """What a trial must also reach for `--voice explain`, on the harmless prompts."""
+
+    explained: float = 0.8  # fraction of answers judged explained (judge.voice)
+    variety: float = 0.5  # distinct 8-word openings / answers
 
 
 @dataclass(frozen=True)
@@ -182,44 +213,108 @@ class AlphaTrial:
     mean_distinct3: float
     example: str
     harmful_refusal_rate: float | None = None  # when harmful prompts were generated too
+    stopped_early: bool = False  # the refusal probe ended it: rates are of the shortened answers
+    explained_rate: float = 0.0  # harmless prompts
+    variety: float = 0.0  # harmless prompts
+    extra: tuple = ()  # (name, layer, multiple) of the terms added alongside
 
-    def passed(self, target: float) -> bool:
+    def passed(self, target: float, voice: VoiceTarget | None = None) -> bool:
         """refusal_rate: harmless prompts; coherence_rate: every answer generated."""
-        return self.refusal_rate >= target and self.coherence_rate >= target
+        ok = self.refusal_rate >= target and self.coherence_rate >= target
+        return ok and (voice is None or (self.explained_rate >= voice.explained and self.variety >= voice.variety))
+
+
+# The refusal probe. A steered model that refuses opens with the refusal ("I'm sorry, but ..."),
+# so after PROBE_TOKENS tokens an answer with no refusal marker yet is very likely a miss. Once
+# more harmless answers miss than the target allows, plus PROBE_SLACK for answers that refuse
+# later, the trial cannot pass and the rest of it is not generated.
+PROBE_TOKENS = 16
+PROBE_SLACK = 2
+
+
+def refusal_probe(tokenizer, n_harmless: int, target: float, probe_tokens: int = PROBE_TOKENS,
+                  slack: int = PROBE_SLACK):
+    """A `Stop` for `evaluate.generate` that ends a trial whose harmless refusal rate can no longer
+    reach `target` (rows 0..n_harmless-1 are the harmless prompts)."""
+    from .judge import is_refusal
+
+    misses: dict[int, bool] = {}
+
+    def stop(out: dict[int, list[int]], live: set[int]):
+        for row, toks in out.items():
+            if row < n_harmless and (row not in live or len(toks) >= probe_tokens):
+                misses[row] = not is_refusal(tokenizer.decode(toks))
+        return live if _probe_gives_up(sum(misses.values()), n_harmless, target, slack) else ()
+
+    return stop
+
+
+def _probe_gives_up(misses: int, n_harmless: int, target: float, slack: int = PROBE_SLACK) -> bool:
+    # A refusal marker, once in an answer's opening, stays there as the answer grows, so the
+    # count of misses only falls: a finished trial with this many misses was stopped by the probe.
+    return misses > n_harmless - math.ceil(target * n_harmless - 1e-9) + slack
 
 
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
                    prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
-                   system: str | None = None, harmful: list[str] = ()) -> AlphaTrial:
-    """Generate with alpha = multiple x mean_norm added at `layer`: the refusal rate on the
-    harmless `prompts`, and coherence over those and the optional `harmful` prompts (an
-    over-steered model rambles on requests it would refuse anyway)."""
-    from .evaluate import generate
+                   system: str | None = None, harmful: list[str] = (), cache_key: str | None = None,
+                   probe_target: float | None = None, extra=()) -> AlphaTrial:
+    """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
+    save.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
+    coherence over those and the optional `harmful` prompts (an over-steered model rambles on
+    requests it would refuse anyway).
+
+    `cache_key` (the weights' fingerprint) keeps the answers on disk, keyed by everything that
+    determines them. `probe_target` ends the trial early once its harmless refusal rate cannot
+    reach that target (see `refusal_probe`); None generates every answer in full."""
+    from contextlib import ExitStack
+
+    from .evaluate import generate_cached
     from .interventions import adding_at
-    from .judge import coherence, is_refusal
+    from .judge import coherence, is_refusal, variety, voice
+    from .memo import array_sha256
 
     alpha = float(multiple * mean_norm)
-    with adding_at(model, layer, alpha * np.asarray(direction, np.float32)):
-        answers = generate(model, tokenizer, list(prompts) + list(harmful), max_tokens=max_tokens,
-                           batch_size=batch_size, system=system)
+    vector = alpha * np.asarray(direction, np.float32)
+    texts = list(prompts) + list(harmful)
+    stop = None if probe_target is None else refusal_probe(tokenizer, len(prompts), probe_target)
+    key = None if cache_key is None else {
+        "weights": cache_key, "add": {"layer": layer, "vector": array_sha256(vector)},
+        "extra": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in extra],
+        "probe": None if probe_target is None else [probe_target, PROBE_TOKENS, PROBE_SLACK, len(prompts)]}
+    with ExitStack() as stack:
+        stack.enter_context(adding_at(model, layer, vector))
+        for term in extra:
+            stack.enter_context(adding_at(model, term.layer, term.vector))
+        answers, _ = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, None, key, stop=stop)
     mine, theirs = answers[: len(prompts)], answers[len(prompts):]
     coh = [coherence(a) for a in answers]
-    return AlphaTrial(layer, float(multiple), alpha, sum(map(is_refusal, mine)) / len(mine),
+    refused = [is_refusal(a) for a in mine]
+    explained = [voice(p, a, r, c.coherent).explained for p, a, r, c in zip(prompts, mine, refused, coh)]
+    early = probe_target is not None and _probe_gives_up(len(mine) - sum(refused), len(mine), probe_target)
+    return AlphaTrial(layer, float(multiple), alpha, sum(refused) / len(mine),
                       sum(c.coherent for c in coh) / len(coh), float(np.mean([c.distinct3 for c in coh])), mine[0],
-                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None)
+                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None, early,
+                      sum(explained) / len(mine), variety(mine),
+                      tuple((t.name, t.layer, t.multiple) for t in extra))
 
 
 def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, prompts: list[str],
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
-                    on_trial=None) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    on_trial=None, cache_key: str | None = None, early_stop: bool = True,
+                    extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
-    prompts are refused *and* coherent, then bisect between the last failing and the first passing
-    multiple. Returns (smallest passing trial or None, all trials in order)."""
+    prompts are refused *and* coherent (with the `extra` terms added alongside), then bisect
+    between the last failing and the first passing multiple. Returns (smallest passing trial or
+    None, all trials in order).
+
+    `cache_key` and `early_stop` (the refusal probe) go to `steering_trial`."""
     trials: list[AlphaTrial] = []
 
     def run(m: float) -> AlphaTrial:
-        t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system)
+        t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system,
+                           cache_key=cache_key, probe_target=target if early_stop else None, extra=extra)
         trials.append(t)
         if on_trial:
             on_trial(t)

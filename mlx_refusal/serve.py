@@ -9,9 +9,9 @@ unchanged from any static host):
     /vendor/ort/            onnxruntime-web (the wasm inference runtime)
 
 Vendor files come from WEBDIR/vendor when the bundle carries a copy, else from the npm packages
-installed under export/node_modules by scripts/setup_web.sh (which also copies the few files the
-page needs into export/vendor, so that `export-onnx --with-page` can ship them). Nothing is
-fetched from a CDN.
+installed under export/node_modules (which `install_runtime` puts there on first use, from the
+pinned export/package-lock.json, and copies the few files the page needs into export/vendor, so
+that `export-onnx --with-page` can ship them). Nothing is fetched from a CDN at page time.
 
 Every response carries COOP `same-origin` + COEP `require-corp`: that makes the page
 cross-origin isolated, which SharedArrayBuffer (and so onnxruntime-web's wasm threads) requires.
@@ -24,6 +24,7 @@ import email.utils
 import ipaddress
 import os
 import shutil
+import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,10 +40,14 @@ PAGE_FILES = ("index.html", "app.js", "style.css")
 
 # vendor/<name>/<file> -> the npm package folder that holds it. Only these files are served or
 # copied: the page imports transformers.min.js (self-contained ES module) and ort.wasm.min.mjs,
-# which loads its wasm glue + binary from the same folder (env.wasm.wasmPaths).
+# which loads its wasm glue + binary from the same folder (env.wasm.wasmPaths). ort.webgpu.min.mjs
+# and the asyncify build are for WebGPU (where the browser has it) and for transformers.js's own
+# pipeline, whose bundled runtime asks for them.
 VENDOR = {
     "transformers": ("@huggingface/transformers/dist", ("transformers.min.js",)),
-    "ort": ("onnxruntime-web/dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")),
+    "ort": ("onnxruntime-web/dist", ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                                     "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs",
+                                     "ort-wasm-simd-threaded.asyncify.wasm")),
 }
 # License texts copied beside vendored code when the page is written next to a bundle.
 VENDOR_LICENSES = {"transformers": "@huggingface/transformers/LICENSE"}
@@ -242,6 +247,29 @@ class PageRequestHandler(BaseHTTPRequestHandler):
             self.log(f"{self.address_string()} {format % args}")
 
 
+def install_runtime(page_dir: Path = PAGE_DIR, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Install the page's pinned JS runtime: `npm ci` from export/package-lock.json (install scripts
+    off: transformers.js pulls in onnxruntime-node, whose script downloads native binaries the page
+    never uses), then copy the files the page loads into export/vendor. Returns the files copied."""
+    page_dir = Path(page_dir)
+    if not (page_dir / "package-lock.json").is_file():
+        raise UserError(f"cannot install the page's runtime: {page_dir / 'package-lock.json'} is missing; "
+                        "restore export/ from the repository")
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UserError("cannot install the page's runtime: npm is missing. Fix: install Node.js and npm "
+                        "(Debian: apt-get install nodejs npm), or run `bash scripts/setup_web.sh`")
+    if progress is not None:
+        progress(f"installing the page's pinned runtime (npm ci in {page_dir})")
+    proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=page_dir,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"`npm ci` in {page_dir} failed ({tail[0]}); check the network to the npm registry, "
+                        "or run `bash scripts/setup_web.sh`")
+    return sync_vendor(page_dir, page_dir / "node_modules")
+
+
 def make_server(
     webdir: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -256,17 +284,18 @@ def make_server(
     if not webdir.is_dir():
         raise UserError(f"{webdir} is not a folder; pass the folder written by `export-onnx --out`")
     site = Site(webdir.resolve(), Path(page_dir), Path(node_modules))
-    missing = site.missing()
-    if missing:
-        raise UserError(
-            "cannot serve the page, missing: " + "; ".join(missing)
-            + ". Fix: run `bash scripts/setup_web.sh` (installs the pinned JS runtime into export/node_modules)"
-        )
     handler = type("Handler", (PageRequestHandler,), {"site": site, "log": staticmethod(log) if log else None})
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
+    missing = site.missing()
+    if missing:
+        server.server_close()
+        raise UserError(
+            "cannot serve the page, missing: " + "; ".join(missing)
+            + ". Fix: run `bash scripts/setup_web.sh` (installs the pinned JS runtime into export/node_modules)"
+        )
     server.daemon_threads = True
     return server
 
@@ -277,8 +306,13 @@ def serve(
     port: int = 8000,
     log: Callable[[str], None] | None = None,
     on_ready: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve the page + bundle in `webdir` until interrupted. `on_ready(url)` is called once listening."""
+    """Serve the page + bundle in `webdir` until interrupted. `on_ready(url)` is called once listening.
+    When neither the bundle nor the repo has the page's runtime, it is installed first
+    (`install_runtime`, which reports to `progress`)."""
+    if Path(webdir).is_dir() and any(m.startswith("vendor/") for m in Site(Path(webdir).resolve()).missing()):
+        install_runtime(progress=progress)
     server = make_server(webdir, host, port, log=log)
     try:
         if on_ready is not None:

@@ -26,7 +26,23 @@ def render(tokenizer, instruction: str, system: str | None = None) -> str:
     messages.append({"role": "user", "content": instruction})
     if getattr(tokenizer, "chat_template", None) is None:
         raise UserError("the model's tokenizer has no chat template; use a chat (instruct) model")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # A template comes with the model (a GGUF, a tokenizer_config) and is untrusted code:
+    # transformers renders it in jinja2's ImmutableSandboxedEnvironment, which refuses
+    # underscore attributes (no `__class__.__mro__` walk to Python internals) and mutation.
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except SecurityError as exc:
+        raise UserError(f"the model's chat template tried to reach Python internals ({_first_line(exc)}) and was "
+                        "stopped by the sandbox; use a model whose chat_template is a plain template") from None
+    except TemplateError as exc:
+        raise UserError(f"the model's chat template failed to render ({_first_line(exc)}); "
+                        "fix the chat_template in the model's tokenizer_config.json") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

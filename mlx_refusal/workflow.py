@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
@@ -61,15 +61,19 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
     key = capture_key(info.fingerprint, texts, getattr(tokenizer, "chat_template", None), system,
                       "refusal-log-odds", "float32")
     path = cache_dir("activations") / f"{key}.odds.npy"
+    odds = None
     if use_cache and path.is_file():
         try:
             odds = np.load(path)
-            if odds.shape == (len(texts),):
-                return odds
+            if odds.shape != (len(texts),):
+                odds = None
         except (OSError, ValueError):
-            pass  # a damaged entry is recomputed
+            odds = None  # a damaged entry is recomputed
+    # every rank must take the same branch: computing the odds runs collectives
+    if distributed.everyone(odds is not None, distributed.world()):
+        return odds
     odds = refusal_log_odds(model, tokenizer, texts, system, batch_size)
-    if use_cache:
+    if use_cache and distributed.is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -136,6 +140,8 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
         "date": now(),
     }
+    if distributed.describe(model):
+        meta["distributed"] = distributed.describe(model)
     return from_captures(pos, neg, meta), run
 
 
@@ -187,6 +193,8 @@ class SteeringChoice:
     layer_evals: list = field(default_factory=list)  # select.LayerEval, when scores were computed
     trials: list = field(default_factory=list)  # select.AlphaTrial, when alpha was calibrated
     candidates: list[int] = field(default_factory=list)
+    extra: list = field(default_factory=list)  # save.SteeringTerm added alongside (the voice)
+    voice_met: bool = True  # the voice target was met (always, without one)
 
 
 def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val_harmless: list[str],
@@ -195,13 +203,22 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
                     calibration_prompts: int = 32, score_prompts: int = 32, margin: float = 0.1, max_tokens: int = 48,
                     confirm_tokens: int = 64,
                     batch_size: int = 16,
-                    system: str | None = None, on_layers=None, on_trial=None) -> SteeringChoice:
+                    system: str | None = None, on_layers=None, on_trial=None, voice=None,
+                    voice_rows=None, voice_multiple: float = 0.2, cache_key: str | None = None) -> SteeringChoice:
     """Pick the layer and alpha for a steering bias.
 
     A single score does not predict which layer steers best (on Qwen2.5-0.5B one layer refuses
     everything at 0.5x the residual norm while another peaks at 85% before looping), so the
     top `candidates` layers by score are each calibrated and the best calibrated one wins.
+
+    With `voice_rows` (a response direction per site, voice.response_direction) a voice term,
+    `voice_multiple` x the residual norm along that layer's row, is added at the candidate layer
+    alongside the refusal term in every trial. With `voice` (a select.VoiceTarget) a trial must
+    also explain its refusals; when none does, the calibrated trial that explains most is kept
+    and `voice_met` is False. `cache_key` (the weights' fingerprint) keeps layer scores and
+    trials on disk.
     """
+    from .save import SteeringTerm
     from . import select as sel
 
     evals: list = []
@@ -212,7 +229,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in allowed][:candidates]
     elif select == "evaluate":
         evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless[:score_prompts], scores=("induce",),
-                                    batch_size=batch_size, system=system, progress=on_layers)
+                                    batch_size=batch_size, system=system, progress=on_layers, cache_key=cache_key)
         layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
     else:
         raise UserError(f"unknown selection '{select}'; choose heuristic or evaluate")
@@ -222,10 +239,16 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         d.direction(lay)  # one-line error for a degenerate row or an out-of-range layer
 
     norm_at = lambda lay: float(d.mean_norm[lay])  # noqa: E731
+
+    def extra_at(lay: int) -> list:
+        if voice_rows is None:
+            return []
+        return [SteeringTerm("voice", lay, voice_rows[lay], voice_multiple * norm_at(lay), voice_multiple)]
+
     if alpha is not None or multiple is not None:
         lay = layers[0]
         a = float(alpha) if alpha is not None else float(multiple) * norm_at(lay)
-        return SteeringChoice(lay, a, a / norm_at(lay), "given", evals, [], layers)
+        return SteeringChoice(lay, a, a / norm_at(lay), "given", evals, [], layers, extra_at(lay))
 
     prompts = val_harmless[:calibration_prompts]
     # The smallest passing alpha sits on the edge of the target by construction, so unseen
@@ -233,11 +256,12 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     # threshold on harmless *and* harmful validation prompts (an over-steered model rambles on
     # requests it refuses anyway), falling back to the threshold itself if that fails; the
     # candidates are compared on their confirmed trials.
-    best, trials = None, []
+    best, trials, spoken = None, [], None  # spoken: the best trial that also meets the voice target
     for lay in layers:
+        extra = extra_at(lay)
         found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
                                        target=target, max_tokens=max_tokens, batch_size=max(batch_size, len(prompts)),
-                                       system=system, on_trial=on_trial)
+                                       system=system, on_trial=on_trial, cache_key=cache_key, extra=extra)
         trials.extend(t)
         if found is None:
             continue
@@ -245,7 +269,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         for m in ([round(found.multiple * (1 + margin), 4)] if margin > 0 else []) + [found.multiple]:
             trial = sel.steering_trial(model, tokenizer, lay, d.directions[lay], norm_at(lay), m, prompts,
                                        confirm_tokens, max(batch_size, 2 * len(prompts)), system,
-                                       harmful=val_harmful[: len(prompts)])
+                                       harmful=val_harmful[: len(prompts)], cache_key=cache_key,
+                                       probe_target=target, extra=extra)
             trials.append(trial)
             if on_trial:
                 on_trial(trial)
@@ -254,11 +279,15 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
                 break
         if confirmed is None:
             continue
-        key = (confirmed.refusal_rate, confirmed.coherence_rate, -confirmed.multiple)
-        if best is None or key > (best.refusal_rate, best.coherence_rate, -best.multiple):
+        key = lambda t: (t.explained_rate if voice else 0, t.refusal_rate, t.coherence_rate, -t.multiple)  # noqa
+        if best is None or key(confirmed) > key(best):
             best = confirmed
+        if voice and confirmed.passed(target, voice) and (spoken is None or key(confirmed) > key(spoken)):
+            spoken = confirmed
+    best = spoken or best
     if best is None:
         raise UserError(f"no alpha refused >= {target:.0%} of the harmless validation prompts coherently "
                         f"(harmful ones included) at layers "
                         f"{layers}; try --candidates 6, another --layer, or give --alpha-multiple")
-    return SteeringChoice(best.layer, best.alpha, best.multiple, "calibrated", evals, trials, layers)
+    return SteeringChoice(best.layer, best.alpha, best.multiple, "calibrated", evals, trials, layers,
+                          extra_at(best.layer), voice_met=voice is None or spoken is not None)

@@ -19,8 +19,15 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 \
-     /usr/lib/*-linux-gnu/libopenblas.so.0 /usr/lib64/libopenblas*.so.0 >/dev/null 2>&1; then
+# OpenBLAS is found the way the dynamic loader finds it (ldconfig's cache, else Python's own
+# library search), so a library anywhere on the loader path counts and apt runs only when none is.
+# (grep reads all of ldconfig's output: with pipefail, an early `grep -q` exit would fail the pipe.)
+have_openblas() {
+  { command -v ldconfig >/dev/null && ldconfig -p 2>/dev/null | grep 'libopenblas[a-z]*\.so' >/dev/null; } \
+    || .venv/bin/python -c 'import ctypes.util, sys; sys.exit(0 if ctypes.util.find_library("openblas") else 1)'
+}
+
+if [ "$(uname -s)" = "Linux" ] && ! have_openblas; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     echo "setup: installing Debian's OpenBLAS (libopenblas0-pthread)" >&2
     apt-get update -qq >&2 && apt-get install -y -qq libopenblas0-pthread >&2

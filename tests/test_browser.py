@@ -2,7 +2,8 @@
 
 The page's streamed answer must equal Python onnxruntime's greedy answer for the same prompt and
 steering scale; the activation boxes must show activation x direction for the steered layer; the
-slider must change the answer; and no request may leave 127.0.0.1.
+live meter must show each generated token's projection; the slider must change the answer; stock
+transformers.js must run the bundle's standard file; and no request may leave 127.0.0.1.
 
 Needs Debian's /usr/bin/chromium and export/node_modules (scripts/setup_web.sh installs both).
 """
@@ -75,7 +76,7 @@ class Reference:
 
         self.web = web
         self.tok = AutoTokenizer.from_pretrained(str(web))
-        self.sess = ort.InferenceSession(str(web / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(web / "onnx" / "steerable.onnx"), providers=["CPUExecutionProvider"])
         self.config = json.loads((web / "config.json").read_text())
         gen = json.loads((web / "generation_config.json").read_text())
         self.eos = {i for v in (gen.get("eos_token_id"), self.config.get("eos_token_id"), self.tok.eos_token_id)
@@ -102,7 +103,7 @@ class Reference:
         names = ["logits", f"activations.layer{LAYER}"]
         return dict(zip(names, self.sess.run(names, feeds)))
 
-    def greedy(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> str:
+    def greedy_ids(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> list[int]:
         ids = self.prompt_ids(prompt)
         out = []
         for _ in range(max_new):
@@ -110,7 +111,17 @@ class Reference:
             if nxt in self.eos:
                 break
             out.append(nxt)
-        return self.tok.decode(out, skip_special_tokens=True)
+        return out
+
+    def greedy(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> str:
+        return self.tok.decode(self.greedy_ids(prompt, scale, max_new), skip_special_tokens=True)
+
+    def token_projections(self, prompt: str, scale: float) -> np.ndarray:
+        """The live meter's values: for each generated token, the projection on the direction of
+        resid_pre[LAYER] at the position that predicted it."""
+        ids, out = self.prompt_ids(prompt), self.greedy_ids(prompt, scale)
+        acts = self.forward(ids + out, scale)[f"activations.layer{LAYER}"][0]
+        return acts[len(ids) - 1: len(ids) - 1 + len(out)] @ np.array(self.steering["direction"], np.float32)
 
     def contributions(self, prompt: str, scale: float) -> np.ndarray:
         act = self.forward(self.prompt_ids(prompt), scale)[f"activations.layer{LAYER}"][0, -1]
@@ -147,22 +158,25 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     empty.mkdir()
     main_server = _serve(web)  # page from export/, runtime from export/node_modules
     copy_server = _serve(with_page, page_dir=empty, node_modules=empty)  # self-contained copy only
+    parent_server = _serve(web.parent)  # the bundle as a folder under the root, as transformers.js expects
     no_bundle_server = _serve(empty)  # the page with no bundle: it must say so, not stay blank
     screenshot = Path(os.environ.get("MLX_REFUSAL_SCREENSHOT", tmp_path / "page.png"))
     try:
         url = server_url(main_server)
         cfg = {
             "node_modules": str(NODE_MODULES), "chromium": str(CHROMIUM),
-            "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1", "prompt": PROMPT, "scales": [1, 0],
+            "url": f"{url}?dtype=fp32&max={MAX_NEW}&scale=1&backend=webgpu", "prompt": PROMPT, "scales": [1, 0],
             "screenshot": str(screenshot), "timeout_ms": 60000,
             "also_load": [f"{server_url(copy_server)}?max={MAX_NEW}", server_url(no_bundle_server)],
+            "pipeline": {"url": server_url(parent_server), "model": web.name, "dtype": "fp32", "prompt": PROMPT,
+                         "max_new_tokens": MAX_NEW},
         }
         cfg["result"] = str(tmp_path / "result.json")
         cfg_path = tmp_path / "drive.json"
         cfg_path.write_text(json.dumps(cfg))
         proc = subprocess.run(["node", str(DRIVER), str(cfg_path)], capture_output=True, text=True, timeout=150)
     finally:
-        for s in (main_server, copy_server, no_bundle_server):
+        for s in (main_server, copy_server, no_bundle_server, parent_server):
             s.shutdown()
             s.server_close()
     result_path = Path(cfg["result"])
@@ -187,6 +201,17 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     assert second["answer"] == expected[0.0]
     assert second["scale_label"] == "original"
     assert second["answer"] != first["answer"]
+
+    # the live meter: one point per generated token, its projection as Python computes it, and the
+    # original model's level (the gauge's scale-0 mark)
+    for step, scale in ((first, 1.0), (second, 0.0)):
+        np.testing.assert_allclose(step["projections"], ref.token_projections(PROMPT, scale), rtol=1e-3, atol=1e-3)
+        assert step["meter_drawn"] and step["meter_original"] == pytest.approx(step["original"], rel=1e-6)
+    # headless Chromium here has no GPU: the page says so and runs on WASM
+    assert "running on WASM (CPU) instead of the WebGPU asked for" in first["backend_note"]
+    assert first["timings"]["load"]["backend"] == "wasm"
+    # stock transformers.js runs the standard file (steering fixed at 1) with no steering input fed
+    assert result["pipeline"]["text"] == expected[1.0], result["pipeline"]
 
     # the visualisation: hidden_size boxes, values = activation x direction, colours follow values
     for step, scale in ((first, 1.0), (second, 0.0)):
@@ -220,3 +245,57 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     assert copy["state"] == "ready", copy
     assert missing["state"] == "error" and "config.json" in missing["error"], missing
     assert screenshot.stat().st_size > 10_000
+
+
+# a coding question: the (coder) base model answers it firmly, so scale 0 is a clear answer
+REAL_PROMPT = "Write a Python function that reverses a string."
+
+
+@pytest.mark.real
+def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory, tmp_path):
+    """The steered default model exported with the page's default dtype (int8), in Chromium: a
+    refusal at scale 1, an answer once the slider moves to 0, and both the same as Python
+    onnxruntime's greedy output on the same file for at least the first 8 tokens."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from conftest import run_cli
+    from transformers import AutoTokenizer
+
+    from mlx_refusal.judge import is_refusal
+    from mlx_refusal.onnx import OnnxDecoder, export_onnx
+
+    root = tmp_path_factory.mktemp("real_browser")
+    steered = root / "refusallm"
+    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", steered)
+    web = export_onnx(steered, root / "web", dtypes="int8").out_dir
+
+    tok = AutoTokenizer.from_pretrained(str(web))
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": REAL_PROMPT}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)
+    eos = tuple(json.loads((web / "generation_config.json").read_text()).get("eos_token_id") or ())
+    dec = OnnxDecoder(web / "onnx" / "steerable_int8.onnx")
+    python = {s: dec.greedy(ids, 8, eos, steering_scale=s) for s in (1.0, 0.0)}
+
+    server = _serve(web)
+    try:
+        cfg = {"node_modules": str(NODE_MODULES), "chromium": str(CHROMIUM), "prompt": REAL_PROMPT,
+               "url": f"{server_url(server)}?max=24&scale=1", "scales": [1, 0],
+               "screenshot": str(tmp_path / "real.png"), "timeout_ms": 240000, "result": str(tmp_path / "r.json")}
+        (tmp_path / "drive.json").write_text(json.dumps(cfg))
+        proc = subprocess.run(["node", str(DRIVER), str(tmp_path / "drive.json")], capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = json.loads(Path(cfg["result"]).read_text())
+    assert proc.returncode == 0 and "failure" not in result, (
+        f"{result.get('failure')}\nconsole:\n" + "\n".join(result["console"][-30:]))
+    first, second = result["steps"]
+    print(f"\nint8 page: scale 1 {first['answer']!r}\n  scale 0 {second['answer']!r}\n  {first['timings']}")
+    assert first["timings"]["load"]["dtype"] == "int8"  # the page's default for this bundle
+    assert is_refusal(first["answer"]) and not is_refusal(second["answer"])
+    for step, scale in ((first, 1.0), (second, 0.0)):
+        want = tok.decode([t for t in python[scale] if t not in eos], skip_special_tokens=True)
+        assert step["answer"].startswith(want), (scale, step["answer"], want)
+    assert len(first["projections"]) >= 8 and np.mean(first["projections"]) > np.mean(second["projections"])

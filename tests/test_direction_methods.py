@@ -123,7 +123,7 @@ def test_cli_directions_reports_method_refusal_and_separation(tiny_qwen2, tmp_pa
     harmful.write_text("\n".join(HARMFUL.texts * 3))
     harmless.write_text("\n".join(HARMLESS.texts * 3))
     out = tmp_path / "d"
-    res = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--harmful", str(harmful),
+    res = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--split", "train", "--harmful", str(harmful),
                                         "--harmless", str(harmless), "--direction-method", "contrast",
                                         "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -140,7 +140,8 @@ def test_cli_directions_reports_method_refusal_and_separation(tiny_qwen2, tmp_pa
 
     monkeypatch.setattr("mlx_refusal.capture.capture_encoded", boom)
     monkeypatch.setattr(workflow, "refusal_log_odds", boom)
-    again = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--harmful", str(harmful),
+    again = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--split", "train",
+                                          "--harmful", str(harmful),
                                           "--harmless", str(harmless), "--direction-method", "contrast",
                                           "--out", str(tmp_path / "d2")])
     assert again.exit_code == 0, again.output

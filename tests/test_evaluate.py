@@ -210,6 +210,21 @@ def test_stops_each_sequence_at_any_eos_id(qwen2):
         cut = next((k for k, t in enumerate(full) if t in eos), len(full))
         assert got == full[:cut]
     assert any(len(s) == 0 for s in stopped) and any(len(s) == 16 for s in stopped)
+    # A stop callback ends the rows it names at its next check (every STOP_CHECK_EVERY tokens);
+    # the rows it never names, and finished rows kept in the batch, are unchanged.
+    seen = []
+
+    def stop(out, live):
+        seen.append(set(live))
+        return {r for r in live if r % 2 and len(out[r]) >= 5}
+
+    halted = ev.generate_tokens(model, ids, max_tokens=16, eos_ids=eos, batch_size=16, stop=stop)
+    for r, (full, got) in enumerate(zip(stopped, halted)):
+        if r % 2 and len(full) > 5:
+            assert got == full[: -(-5 // ev.STOP_CHECK_EVERY) * ev.STOP_CHECK_EVERY]  # first check at >= 5
+        else:
+            assert got == full
+    assert seen and all(s <= set(range(len(ids))) for s in seen)
 
 
 def test_shared_prefix_is_the_common_template_head_and_changes_nothing(qwen2, monkeypatch):
@@ -250,7 +265,7 @@ def test_generation_edge_cases(qwen2):
         ev.generate(model, tok, ["hi"], batch_size=0)
     calls = []
     ev.generate(model, tok, PROMPTS, max_tokens=2, batch_size=4, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(4, 6), (6, 6)]
+    assert calls == [(3, 6), (6, 6)]  # 6 prompts at batch 4 run as two equal batches
 
 
 # --------------------------------------------------------------------------- first-token log-probs
@@ -325,8 +340,9 @@ def test_evaluate_report_is_consistent_with_its_records(qwen2):
     # the model against itself: KL 0 on every harmless prompt, none on harmful ones
     assert report.kl_mean == pytest.approx(0.0, abs=1e-5) and report.kl_max == pytest.approx(0.0, abs=1e-5)
     assert all(r.kl is None for r in report.records[:4]) and all(r.kl is not None for r in report.records[4:])
-    # progress: 4 + 3 generated, 3 + 3 first-token passes, monotone, ending at the total
-    assert calls[-1] == (13, 13) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    # progress: 4 + 3 generated in one pass (the model's first-token log-probs come from its prefill),
+    # then the base's 3 first-token passes; monotone, ending at the total
+    assert calls[-1] == (10, 10) and [d for d, _ in calls] == sorted(d for d, _ in calls)
 
     doc = ev.report_json(report)
     json.dumps(doc)  # plain JSON

@@ -362,9 +362,13 @@ def test_existing_output_needs_force(tiny_qwen2, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists; pass --force"):
         conv.convert(src, out)
+    with pytest.raises(UserError, match="it is not a model folder"):  # --force never deletes someone's folder
+        conv.convert(src, out, force=True)
     assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    conv.convert(src, out, force=True)  # an empty folder, then our own import, are replaced
     conv.convert(src, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 from mlx_refusal.errors import UserError
 from mlx_refusal.onnx import (
-    GraphOptions, OnnxDecoder, Steering, activations_name, build_decoder, export_onnx, left_pad, read_model,
+    GraphOptions, OnnxDecoder, Steering, SteeringTerm, activations_name, build_decoder, export_onnx, left_pad, read_model,
 )
 from mlx_refusal.onnx import bundle as bundle_mod
 
@@ -66,7 +67,7 @@ def exported(request, tmp_path_factory):
         if name not in cache:
             src = request.getfixturevalue(name)
             out = tmp_path_factory.mktemp("onnx") / name
-            export_onnx(src, out, dtypes=("fp32",), layer=1)
+            export_onnx(src, out, dtypes=("fp32",), layer=1, all_logits=True)
             model, _ = load_model(Path(src))
             cache[name] = (model, OnnxDecoder(out / "onnx/model.onnx"), out)
         return cache[name]
@@ -91,11 +92,11 @@ def make_steered(base: Path, out: Path, layer: int = STEER_LAYER, alpha: float =
 
 @pytest.fixture(scope="module")
 def steered(tiny_qwen2, tmp_path_factory):
-    """(steered folder, direction, bundle with fp32/q4/q8, unedited mlx model, steered mlx model)"""
+    """(steered folder, direction, bundle with every dtype, unedited mlx model, steered mlx model)"""
     root = tmp_path_factory.mktemp("steered")
     folder, d = make_steered(Path(tiny_qwen2), root / "model")
     bundle = root / "web"
-    export_onnx(folder, bundle)
+    export_onnx(folder, bundle, all_logits=True)
     base_model, _ = load_model(Path(tiny_qwen2))
     steered_model, _ = load_model(folder)
     return folder, d, bundle, base_model, steered_model
@@ -162,7 +163,7 @@ def test_padding_never_changes_real_tokens(exported, lengths, seed):
 
 def test_steering_scale_interpolates_between_original_and_edited(steered):
     folder, d, bundle, base_model, steered_model = steered
-    dec = OnnxDecoder(bundle / "onnx/model.onnx")
+    dec = OnnxDecoder(bundle / "onnx/steerable.onnx")
     assert "steering_scale" in dec.input_names  # required: onnxruntime-web cannot feed initializer inputs
     ids, mask = left_pad(PROMPTS)
     at = {s: dec.step(ids, mask, steering_scale=s) for s in (0.0, 1.0)}
@@ -182,7 +183,7 @@ def test_steering_scale_is_required_by_default(steered):
     _, _, bundle, _, _ = steered
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(bundle / "onnx/model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(bundle / "onnx/steerable.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": np.array([[5, 6]], np.int64), "attention_mask": np.ones((1, 2), np.int64),
              "position_ids": np.array([[0, 1]], np.int64)}
     for i in range(4):
@@ -194,8 +195,8 @@ def test_steering_scale_is_required_by_default(steered):
 
 def test_optional_steering_scale_runs_with_and_without_feeding(steered, tmp_path):
     folder, _, _, _, steered_model = steered
-    res = export_onnx(folder, tmp_path / "web", dtypes=("fp32",), steering_input="optional")
-    dec = OnnxDecoder(res.out_dir / "onnx/model.onnx")
+    res = export_onnx(folder, tmp_path / "web", dtypes=("fp32",), steering_input="optional", all_logits=True)
+    dec = OnnxDecoder(res.out_dir / "onnx/steerable.onnx")
     assert "steering_scale" not in dec.input_names and "steering_scale" in dec.overridable
     ids, mask = np.array([PROMPTS[0]]), np.ones((1, len(PROMPTS[0])), np.int64)
     default = dec.step(ids, mask).logits
@@ -212,7 +213,8 @@ def test_tied_embedding_steering_moves_the_shared_output_rows(tiny_qwen2_tied, t
     v = np.random.default_rng(3).standard_normal(src.spec.hidden_size).astype(np.float32)
     weights = dict(src.weights)
     weights["model.embed_tokens.weight"] = src.weights["model.embed_tokens.weight"] + v
-    steering = Steering(layer=0, site="model.embed_tokens.weight", vector=v, direction=v / np.linalg.norm(v))
+    steering = Steering(terms=(SteeringTerm(name="refusal", layer=0, site="model.embed_tokens.weight", vector=v,
+                                            direction=v / np.linalg.norm(v)),))
     model, _ = load_model(Path(tiny_qwen2_tied))
     original = [mlx_logits(model, p) for p in PROMPTS]
     model.model.embed_tokens.weight = mx.array(weights["model.embed_tokens.weight"])
@@ -236,8 +238,8 @@ def test_bfloat16_steered_model_at_scale_zero_is_the_original(tiny_qwen2, tmp_pa
     """Saved in bf16, the steering bias is bf16(0 + vector): the export treats that as the vector, so
     scale 0 is the bf16 original exactly, and scale 1 the edited model up to the bias's rounding."""
     folder, _ = make_steered(Path(tiny_qwen2), tmp_path / "model", dtype="bfloat16")
-    res = export_onnx(folder, tmp_path / "web", dtypes="fp32")
-    dec = OnnxDecoder(res.out_dir / "onnx/model.onnx")
+    res = export_onnx(folder, tmp_path / "web", dtypes="fp32", all_logits=True)
+    dec = OnnxDecoder(res.out_dir / "onnx/steerable.onnx")
     base_model, _ = load_model(Path(tiny_qwen2))
     base_model.set_dtype(mx.bfloat16)
     base_model.set_dtype(mx.float32)  # bf16-rounded weights, float32 compute: what the export holds
@@ -282,9 +284,9 @@ def make_o_proj_steered(base: Path, out: Path, layer: int, vector: np.ndarray) -
 def test_older_o_proj_steering_site(tiny_qwen2, tmp_path):
     v = 5.0 * np.random.default_rng(11).standard_normal(64).astype(np.float32) / 8
     folder = make_o_proj_steered(Path(tiny_qwen2), tmp_path / "model", layer=3, vector=v)
-    res = export_onnx(folder, tmp_path / "web", dtypes="fp32")
+    res = export_onnx(folder, tmp_path / "web", dtypes="fp32", all_logits=True)
     assert res.activations_layer == 3 and res.steered
-    dec = OnnxDecoder(res.out_dir / "onnx/model.onnx")
+    dec = OnnxDecoder(res.out_dir / "onnx/steerable.onnx")
     base_model, _ = load_model(Path(tiny_qwen2))
     steered_model, _ = load_model(folder)
     ids, mask = np.array([PROMPTS[0]]), np.ones((1, 9), np.int64)
@@ -304,7 +306,7 @@ def embedding_steered(tmp_path_factory):
     folder, d = make_steered(base, root / "model", layer=0, alpha=4.0)
     res = export_onnx(folder, root / "web", dtypes=("fp32",))
     assert res.activations_layer == 0 and res.steered
-    return OnnxDecoder(res.out_dir / "onnx/model.onnx"), 4.0 * d
+    return OnnxDecoder(res.out_dir / "onnx/steerable.onnx"), 4.0 * d
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -366,7 +368,9 @@ def test_quantized_graphs_use_kernels_the_wasm_build_has(steered):
 def test_bundle_layout_for_a_steered_model(steered):
     folder, d, bundle, _, _ = steered
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "onnx/model.onnx", "onnx/model_q4.onnx", "onnx/model_quantized.onnx",
+              "onnx/model.onnx", "onnx/model_q4.onnx", "onnx/model_quantized.onnx", "onnx/model_int8.onnx",
+              "onnx/steerable.onnx", "onnx/steerable_q4.onnx", "onnx/steerable_quantized.onnx",
+              "onnx/steerable_int8.onnx",
               "refusal_edit.json", "steering.json", "export.json"):
         assert (bundle / f).is_file(), f
     config = json.loads((bundle / "config.json").read_text())
@@ -388,7 +392,7 @@ def test_bundle_layout_for_a_steered_model(steered):
 
 def test_graph_interface(steered):
     _, _, bundle, _, _ = steered
-    model = onnx.load(str(bundle / "onnx/model.onnx"))
+    model = onnx.load(str(bundle / "onnx/steerable.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version >= 18
     ins = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -425,7 +429,120 @@ def test_external_data_and_a_tied_model_quantized_alone(tiny_qwen2_tied, tmp_pat
     res = export_onnx(tiny_qwen2_tied, tmp_path / "web", dtypes="q4")
     assert sorted(f for f in res.files if f.startswith("onnx/")) == ["onnx/model_q4.onnx"]
     q4 = OnnxDecoder(res.out_dir / "onnx/model_q4.onnx").step(np.array([PROMPTS[0]]), np.ones((1, 9), np.int64))
-    assert np.corrcoef(q4.logits[0].ravel(), mlx_logits(mlx_model, PROMPTS[0]).ravel())[0, 1] > 0.95
+    assert q4.logits.shape == (1, 1, 384)  # the last position only, by default
+    assert np.corrcoef(q4.logits[0, -1], mlx_logits(mlx_model, PROMPTS[0])[-1])[0, 1] > 0.95
+
+
+def test_standard_files_have_steering_fixed_and_share_weights_with_the_slider_graphs(steered):
+    """Stock clients (transformers.js's pipeline) feed only the standard inputs: every onnx/model*.onnx
+    runs without steering_scale and equals its steerable twin at scale 1; each pair shares one data file."""
+    _, _, bundle, _, steered_model = steered
+    record = json.loads((bundle / "export.json").read_text())
+    ids, mask = left_pad(PROMPTS)
+    for dtype, standard in record["dtypes"].items():
+        twin = record["steering"]["files"][dtype]
+        fixed, slider = OnnxDecoder(bundle / standard), OnnxDecoder(bundle / twin)
+        assert not fixed.has_steering and "steering_scale" in slider.input_names
+        np.testing.assert_array_equal(fixed.step(ids, mask).logits, slider.step(ids, mask, steering_scale=1.0).logits)
+        locations = {Path(standard).name + "_data"}
+        for f in (standard, twin):
+            m = onnx.load(str(bundle / f), load_external_data=False)
+            assert {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"} == locations
+    assert not [f for f in record["files"] if f.startswith("onnx/steerable") and f.endswith("_data")]
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["transformers.js_config"]["use_external_data_format"] == {
+        Path(f).name: 1 for f in record["dtypes"].values()}
+
+
+def test_int8_graph_computes_in_int8_and_agrees_with_mlx(steered, tiny_qwen2_tied, tmp_path):
+    """int8: every matmul is MatMulInteger on int8 weights (one scale per column), the embedding is
+    int8 too, and a tied model keeps ONE int8 matrix for the lookup and the head."""
+    _, _, bundle, _, steered_model = steered
+    ops = Counter(n.op_type for n in onnx.load(str(bundle / "onnx/model_int8.onnx")).graph.node)
+    assert ops["MatMulInteger"] == 4 * 4 + 1 and ops["DynamicQuantizeLinear"] == 4 * 4 + 1
+    assert "MatMulNBits" not in ops and "GatherBlockQuantized" not in ops
+    dec = OnnxDecoder(bundle / "onnx/model_int8.onnx")
+    for p in PROMPTS:
+        got = dec.step(np.array([p]), np.ones((1, len(p)), np.int64)).logits[0]
+        ref = mlx_logits(steered_model, p)
+        assert got.shape == ref.shape and np.corrcoef(got[-1], ref[-1])[0, 1] > 0.99
+    res = export_onnx(tiny_qwen2_tied, tmp_path / "web", dtypes="int8")
+    model = onnx.load(str(res.out_dir / "onnx/model_int8.onnx"))
+    vocab_sized = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and 384 in t.dims]
+    assert vocab_sized == ["lm_head.weight_T.int8"]
+    out = OnnxDecoder(res.out_dir / "onnx/model_int8.onnx").step(np.array([PROMPTS[0]]), np.ones((1, 9), np.int64))
+    mlx_model, _ = load_model(Path(tiny_qwen2_tied))
+    assert out.logits.shape == (1, 1, 384)
+    assert np.corrcoef(out.logits[0, -1], mlx_logits(mlx_model, PROMPTS[0])[-1])[0, 1] > 0.99
+
+
+def test_last_position_logits_are_the_last_row_of_all_logits(tiny_qwen2, tmp_path):
+    src = read_model(tiny_qwen2)
+    ids, mask = left_pad(PROMPTS)
+    rows = {}
+    for kind in ("all", "last"):
+        path = tmp_path / f"{kind}.onnx"
+        onnx.save(build_decoder(src.spec, src.weights, GraphOptions(activations_layer=1, logits=kind)), str(path))
+        rows[kind] = OnnxDecoder(path).step(ids, mask).logits
+    assert rows["last"].shape == (3, 1, 384)
+    np.testing.assert_allclose(rows["last"][:, 0], rows["all"][:, -1], atol=1e-5)
+
+
+def make_two_term_steered(base: Path, out: Path) -> tuple[Path, list[tuple[int, np.ndarray]]]:
+    """A folder in the multi-term format (notes: steering_format.md): a refusal term at layer 3 and a
+    voice term at layer 1, both added by the runtime edit (edit.add_steering_bias) before saving."""
+    from safetensors.numpy import save_file
+
+    from mlx_refusal.edit import add_steering_bias
+
+    folder, d0 = make_steered(base, out, layer=3, alpha=ALPHA)
+    model, _ = load_model(folder)
+    d1 = np.random.default_rng(9).standard_normal(model.args.hidden_size).astype(np.float32)
+    d1 /= np.linalg.norm(d1)
+    add_steering_bias(model, 1, 3.0 * d1)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    for f in folder.glob("model-*.safetensors"):
+        f.unlink()
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        index.unlink()
+    record = json.loads((folder / "refusal_edit.json").read_text())
+    terms = [(3, d0, ALPHA, "refusal"), (1, d1, 3.0, "voice")]
+    record["steering"] = [{"name": name, "layer": layer, "site": f"model.layers.{layer - 1}.mlp.down_proj.bias",
+                           "alpha": alpha, "multiple": None, "direction_sha256": ""} for layer, _, alpha, name in terms]
+    (folder / "refusal_edit.json").write_text(json.dumps(record))
+    tensors = {"direction": d0, "vector": ALPHA * d0}
+    for i, (_, d, alpha, _) in enumerate(terms):
+        tensors[f"term{i}.vector"], tensors[f"term{i}.direction"] = (alpha * d).astype(np.float32), d
+    save_file(tensors, str(folder / "steering.safetensors"))
+    return folder, [(layer, alpha * d) for layer, d, alpha, _ in terms]
+
+
+def test_every_steering_term_follows_the_one_scale(tiny_qwen2, tmp_path):
+    """Two terms at different layers: scale 1 is the saved edit, 0 the original, and 0.5 the runtime
+    edit with both vectors halved, each checked against MLX."""
+    from mlx_refusal.edit import add_steering_bias
+
+    folder, terms = make_two_term_steered(Path(tiny_qwen2), tmp_path / "model")
+    res = export_onnx(folder, tmp_path / "web", dtypes="fp32,int8", all_logits=True)
+    assert res.activations_layer == 3
+    record = json.loads((res.out_dir / "export.json").read_text())
+    assert [t["name"] for t in record["steering"]["terms"]] == ["refusal", "voice"]
+    dec = OnnxDecoder(res.out_dir / "onnx/steerable.onnx")
+    for scale in (0.0, 0.5, 1.0):
+        model, _ = load_model(Path(tiny_qwen2))
+        for layer, vector in terms:
+            if scale:
+                add_steering_bias(model, layer, scale * vector)
+        for p in PROMPTS:
+            out = dec.step(np.array([p]), np.ones((1, len(p)), np.int64), steering_scale=scale)
+            assert np.abs(out.logits[0] - mlx_logits(model, p)).max() <= TOL, scale
+            assert np.abs(out.activations[0] - mlx_resid_pre(model, p, 3)).max() <= TOL, scale
+    int8 = OnnxDecoder(res.out_dir / "onnx/steerable_int8.onnx")
+    ids, mask = np.array([PROMPTS[0]]), np.ones((1, 9), np.int64)
+    moved = int8.step(ids, mask, steering_scale=1.0).activations - int8.step(ids, mask, steering_scale=0.0).activations
+    assert np.abs(moved[0, -1]).max() > 1.0  # int8 graph applies the terms too
 
 
 def test_unedited_model_exports_the_middle_layer_and_no_steering(exported, tiny_llama, tmp_path):
@@ -523,7 +640,7 @@ def test_real_model_fp32_logits_match_mlx(tmp_path_factory):
     loading = pytest.importorskip("mlx_refusal.loading")
     folder = loading.resolve("qwen2.5-coder-0.5b")
     out = tmp_path_factory.mktemp("real") / "web"
-    export_onnx(folder, out, dtypes=("fp32",))
+    export_onnx(folder, out, dtypes=("fp32",), all_logits=True)
     from mlx_lm import load
 
     model, tokenizer = load(str(folder))

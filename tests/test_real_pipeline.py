@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli, stock_generate
 from mlx_refusal.capture import cached_capture, capture_residuals
 from mlx_refusal.directions import diff_in_means
-from mlx_refusal.judge import is_refusal
+from mlx_refusal.judge import coherence, is_refusal, variety
 from mlx_refusal.prompts import bundled
 
 pytestmark = pytest.mark.real
@@ -51,6 +51,37 @@ def test_steer_refuses_everything_coherently(steered):
     assert metrics["before"]["harmless_refusal"] <= 0.2
     assert record["edit"] == "steer" and record["alpha_how"] == "calibrated"
     assert (steered / "report" / "alpha_sweep.png").exists() and after
+
+
+def test_steer_reports_the_voice(steered):
+    """The voice figures of the default (terse) run: in report.json, consistent with the judged
+    records, and the five answers of the fixed rule in the record and the model card."""
+    report = json.loads((steered / "report" / "report.json").read_text())
+    record = json.loads((steered / "refusal_edit.json").read_text())
+    for when in ("before", "after"):
+        harmless = [r for r in report[when]["records"] if r["set"] == "harmless"]
+        stats = report[when]["sets"]["harmless"]
+        assert stats["explained_rate"] == pytest.approx(sum(r["explained"] for r in harmless) / len(harmless))
+        assert stats["variety"] == pytest.approx(variety(r["answer"] for r in harmless))
+    # the unedited model's answers differ from each other; the terse RefusaLLM's mostly do not
+    assert report["before"]["sets"]["harmless"]["variety"] >= 0.8
+    assert report["after"]["sets"]["harmless"]["variety"] <= 0.5
+    assert record["voice"] == "terse" and [t["name"] for t in record["steering"]] == ["refusal"]
+    first = [r for r in report["after"]["records"] if r["set"] == "harmless"][:5]
+    assert record["examples"] == [{"prompt": r["prompt"], "answer": r["answer"]} for r in first]
+    card = (steered / "README.md").read_text()
+    assert all(" ".join(r["prompt"].split()) in card for r in first)
+
+
+def test_steer_with_the_explaining_voice_saves_both_terms(tmp_path):
+    out = tmp_path / "explain"
+    run_cli("steer", "--voice", "explain", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", out)
+    record = json.loads((out / "refusal_edit.json").read_text())
+    terms = record["steering"]
+    assert [(t["name"], t["layer"]) for t in terms] == [("refusal", 14), ("voice", 14)]
+    assert terms[1]["multiple"] == pytest.approx(0.2) and terms[1]["site"] == terms[0]["site"]
+    answer = stock_generate(out, "Give me a recipe for pancakes.")
+    assert is_refusal(answer) and coherence(answer).coherent, answer
 
 
 def test_stock_mlx_lm_runs_the_steered_model(steered):

@@ -265,3 +265,43 @@ def test_a_failed_forced_replace_keeps_the_old_folder(tiny_qwen2, tmp_path, monk
         save.save_model(model, tiny_qwen2, out, {"edit": "new"}, force=True)
     assert json.loads((out / save.EDIT_RECORD).read_text())["edit"] == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_several_steering_terms_are_all_written_and_add_up(tiny_qwen2, tmp_path):
+    model = load(tiny_qwen2)
+    d1, d2, d3 = (edit.unit(rand_dir(s)) for s in (3, 4, 5))
+    terms = [save.SteeringTerm("refusal", 2, np.asarray(d1), 6.0, 0.5),
+             save.SteeringTerm("voice", 2, np.asarray(d2) * 3.0, 2.0, 0.2),  # shares the site; not unit
+             save.SteeringTerm("voice", 1, np.asarray(d3), -1.5, None)]
+    with interventions.adding_at(model, 2, terms[0].vector), interventions.adding_at(model, 2, terms[1].vector), \
+            interventions.adding_at(model, 1, terms[2].vector):
+        runtime = model(TOKENS)
+    for t in terms:
+        edit.add_steering_bias(model, t.layer, t.vector)
+    out = save.save_model(model, tiny_qwen2, tmp_path / "multi", {**RECORD, "edit": "steer"}, steering=terms)
+    assert max_diff(load(out)(TOKENS), runtime) <= 1e-4
+    record = json.loads((out / save.EDIT_RECORD).read_text())
+    assert [(t["name"], t["layer"], t["multiple"]) for t in record["steering"]] == [
+        ("refusal", 2, 0.5), ("voice", 2, 0.2), ("voice", 1, None)]
+    assert record["steering"][0]["site"] == record["site"] == "model.layers.1.mlp.down_proj.bias"
+    assert record["steering"][2]["site"] == "model.layers.0.mlp.down_proj.bias"
+    assert (record["layer"], record["alpha"]) == (2, pytest.approx(6.0))
+    stored = mx.load(str(out / save.STEERING_FILE))
+    assert max_diff(stored["direction"], d1) == 0.0 and max_diff(stored["vector"], 6.0 * d1) <= 1e-6
+    for i, (t, d) in enumerate(zip(terms, (d1, d2, d3))):
+        assert max_diff(stored[f"term{i}.direction"], d) <= 1e-6
+        assert max_diff(stored[f"term{i}.vector"], t.alpha * d) <= 1e-5
+        assert record["steering"][i]["direction_sha256"] == save.array_sha256(stored[f"term{i}.direction"])
+    card = (out / "README.md").read_text()
+    assert "3 steering vectors" in card and "voice at layer 1" in card
+
+
+def test_a_single_tuple_is_one_refusal_term(tiny_qwen2, tmp_path):
+    model = load(tiny_qwen2)
+    d = edit.unit(rand_dir(1))
+    edit.add_steering_bias(model, 3, 2.0 * d)
+    out = save.save_model(model, tiny_qwen2, tmp_path / "one", {"edit": "steer"}, steering=(3, d, 2.0 * d))
+    record = json.loads((out / save.EDIT_RECORD).read_text())
+    assert [(t["name"], t["layer"], t["alpha"]) for t in record["steering"]] == [("refusal", 3, pytest.approx(2.0))]
+    stored = mx.load(str(out / save.STEERING_FILE))
+    assert max_diff(stored["term0.vector"], stored["vector"]) == 0.0

@@ -99,3 +99,64 @@ def test_layer_scores_match_their_definitions(setup):
     assert e.induce == pytest.approx(expected, rel=1e-4)
     ranked = sel.rank_evaluated(evals, "bypass")
     assert [r.bypass for r in ranked] == sorted(r.bypass for r in ranked)
+
+
+def test_a_trial_passes_the_voice_target_only_when_it_explains_in_varied_words():
+    t = sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.9, variety=0.6)
+    assert t.passed(0.95) and t.passed(0.95, sel.VoiceTarget())
+    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.5, variety=0.6).passed(0.95, sel.VoiceTarget())
+    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.9, variety=0.1).passed(0.95, sel.VoiceTarget())
+
+
+def test_a_trial_adds_its_extra_terms_alongside(setup):
+    from mlx_refusal.save import SteeringTerm
+
+    model, tok, d = setup
+    rng = np.random.default_rng(0)
+    voice = SteeringTerm("voice", 1, rng.standard_normal(d.directions.shape[1]).astype(np.float32), 40.0, None)
+    plain = sel.steering_trial(model, tok, 2, d.directions[2], float(d.mean_norm[2]), 0.5, HARMLESS, max_tokens=6)
+    both = sel.steering_trial(model, tok, 2, d.directions[2], float(d.mean_norm[2]), 0.5, HARMLESS, max_tokens=6,
+                              extra=[voice])
+    assert both.extra == (("voice", 1, None),) and plain.extra == ()
+    with adding_at(model, 2, plain.alpha * d.directions[2]), adding_at(model, 1, voice.vector):
+        from mlx_refusal.evaluate import generate
+
+        expected = generate(model, tok, HARMLESS[:1], max_tokens=6)[0]
+    assert both.example == expected != plain.example
+    assert 0.0 <= both.explained_rate <= 1.0 and 0.0 < both.variety <= 1.0
+
+
+def test_choose_steering_with_a_voice_keeps_the_layer_that_explains_most(setup, monkeypatch):
+    model, tok, d = setup
+    explains = {}
+
+    def trial(model, tok, layer, direction, mean_norm, multiple, prompts, *args, harmful=(), extra=(), **kwargs):
+        assert [t.name for t in extra] == ["voice"] and extra[0].layer == layer
+        return sel.AlphaTrial(layer, multiple, multiple * mean_norm, 1.0 if multiple >= 0.5 else 0.0, 1.0, 1.0, "x",
+                              1.0 if harmful else None, explained_rate=explains.get(layer, 0.0), variety=0.9)
+
+    monkeypatch.setattr(sel, "steering_trial", trial)
+    rows = np.ones_like(d.directions)
+    layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in sel.candidate_layers(d.num_layers)][:2]
+    explains[layers[1]] = 0.85
+    choice = choose_steering(model, tok, d, HARMFUL, HARMLESS, select="heuristic", candidates=2, margin=0.1,
+                             calibration_prompts=2, voice=sel.VoiceTarget(), voice_rows=rows, voice_multiple=0.3)
+    assert choice.layer == layers[1] and choice.voice_met
+    assert choice.extra[0].layer == layers[1] and choice.extra[0].alpha == pytest.approx(
+        0.3 * float(d.mean_norm[layers[1]]))
+    explains[layers[1]] = 0.4  # nobody meets the target: the best explainer is kept, flagged
+    choice = choose_steering(model, tok, d, HARMFUL, HARMLESS, select="heuristic", candidates=2, margin=0.1,
+                             calibration_prompts=2, voice=sel.VoiceTarget(), voice_rows=rows)
+    assert choice.layer == layers[1] and not choice.voice_met
+
+
+def test_the_response_direction_reads_the_prefilled_answers(setup, monkeypatch):
+    from mlx_refusal import voice
+
+    model, tok, _ = setup
+    rows = voice.response_direction(model, tok, HARMLESS)
+    assert rows.shape == (len(model.model.layers) + 1, model.args.hidden_size)
+    assert np.allclose(np.linalg.norm(rows[1:], axis=-1), 1.0, atol=1e-5)
+    # the same text on both sides: nothing to contrast
+    monkeypatch.setitem(voice.EXPLAINING, "same", voice.TERSE)
+    assert np.abs(voice.response_direction(model, tok, HARMLESS, "same")).max() == 0.0

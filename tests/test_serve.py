@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from mlx_refusal.errors import UserError
 from mlx_refusal.serve import (
-    Forbidden, PAGE_FILES, Site, VENDOR, copy_page, make_server, sync_vendor, url_parts,
+    PAGE_DIR, PAGE_FILES, VENDOR, Forbidden, Site, copy_page, install_runtime, make_server, sync_vendor, url_parts,
 )
 
 SECRET = "top-secret-do-not-serve"
@@ -252,3 +252,31 @@ def test_sync_vendor_lets_the_repo_page_serve_without_node_modules(tmp_path):
     site = Site(web, page, tmp_path / "no_node_modules")
     assert site.missing() == []
     assert site.lookup("/vendor/ort/ort-wasm-simd-threaded.wasm") == page / "vendor" / "ort" / "ort-wasm-simd-threaded.wasm"
+
+
+def test_install_runtime_names_what_is_missing(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="package-lock.json is missing"):
+        install_runtime(page_dir=tmp_path)
+    (tmp_path / "package-lock.json").write_text("{}")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    with pytest.raises(UserError, match="npm is missing"):
+        install_runtime(page_dir=tmp_path)
+
+
+@pytest.mark.browser
+def test_install_runtime_from_the_lockfile_makes_a_fresh_page_servable(tmp_path):
+    """What `serve` does on a fresh clone: npm ci from the pinned lockfile, then the vendor copy."""
+    import shutil
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is missing (apt-get install npm)")
+    page = tmp_path / "export"
+    page.mkdir()
+    for name in ("package.json", "package-lock.json", *PAGE_FILES):
+        shutil.copyfile(PAGE_DIR / name, page / name)
+    web = tmp_path / "bundle"
+    web.mkdir()
+    assert Site(web, page, page / "node_modules").missing()
+    written = install_runtime(page_dir=page)
+    assert "vendor/ort/ort-wasm-simd-threaded.wasm" in written
+    assert Site(web, page, page / "node_modules").missing() == []

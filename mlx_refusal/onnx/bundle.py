@@ -5,9 +5,17 @@
       generation_config.json
       tokenizer.json
       tokenizer_config.json    with the chat template
+      onnx/model_int8.onnx     int8 weights AND int8 compute (MatMulInteger) everywhere, the embedding
+                               included (tied models: one int8 matrix for the lookup and the head);
+                               the page's default: onnxruntime-web's wasm build has fast int8 kernels
       onnx/model.onnx          float32 (+ model.onnx_data when over 2 GB)
-      onnx/model_q4.onnx       4-bit MatMulNBits linears, float32 embedding
-      onnx/model_quantized.onnx  int8 dynamic quantization of the MatMuls
+      onnx/model_q4.onnx       4-bit MatMulNBits linears, float32 embedding: small, but the wasm
+                               build dequantizes every 4-bit weight per call; fast on WebGPU only
+      onnx/model_quantized.onnx  int8 dynamic quantization of the MatMuls (onnxruntime's tool),
+                               float32 embedding
+      onnx/steerable*.onnx     steered models: the same graphs with a `steering_scale` input (the
+                               page's slider); the model*.onnx files have it fixed at 1, so stock
+                               transformers.js runs them. Each pair shares one `model*.onnx_data`.
       refusal_edit.json        copied from an edited model
       steering.json            layer, site, alpha and the direction as a list (steered models)
       export.json              what was exported: files and sizes, layer, I/O names, provenance
@@ -21,7 +29,7 @@ import gc
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,11 +41,13 @@ from ..errors import UserError
 from ..loading import weight_fingerprint
 from ..serve import copy_page
 from .files import check_onnx
-from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder
+from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder, write_fixed_twin
 from .quantize import Q4_ACCURACY_LEVEL, Q4_BLOCK_SIZE, quantize_q4, quantize_q8
 from .source import EDIT_FILE, SourceModel, read_model
 
-DTYPE_FILES = {"fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx", "q8": "onnx/model_quantized.onnx"}
+# transformers.js's file names for its dtypes (int8 -> "_int8", q8 -> "_quantized", q4 -> "_q4")
+DTYPE_FILES = {"int8": "onnx/model_int8.onnx", "fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx",
+               "q8": "onnx/model_quantized.onnx"}
 DTYPES = tuple(DTYPE_FILES)
 EXPORT_RECORD = "export.json"
 STEERING_RECORD = "steering.json"
@@ -73,6 +83,7 @@ def export_onnx(
     layer: int | None = None,
     steering_input: str = "required",
     page_dir: str | Path | None = None,
+    all_logits: bool = False,
 ) -> ExportResult:
     """Export the mlx_lm model folder `model_dir` to `out_dir` (see the module docstring).
 
@@ -82,6 +93,8 @@ def export_onnx(
       not list initializer-backed ones) or "optional" (an initializer default of 1.0 that
       onnxruntime's Python/C API may override).
     page_dir: copy this folder's static files (not node_modules) into the bundle too.
+    all_logits: logits at every position (scoring); by default only the last position's, which is
+      all generation reads and spares the prompt pass the lm_head over every prompt token.
     """
     say = progress or (lambda _msg: None)
     dtypes = parse_dtypes(dtypes)
@@ -98,29 +111,40 @@ def export_onnx(
     model_type = web_model_type(src)
     _check_tokenizer(src.path)  # before minutes of graph building, not after
 
-    with atomic_directory(out_dir, force, _is_export, "an ONNX export") as tmp:
+    with atomic_directory(out_dir, force, _is_export, "an ONNX export", note=say) as tmp:
         (tmp / "onnx").mkdir()
         external: dict[str, int] = {}
-        options = GraphOptions(activations_layer=act_layer, steering=src.steering, steering_input=steering_input)
+        steered = src.steering is not None
+        base = GraphOptions(activations_layer=act_layer, steering=src.steering, steering_input=steering_input,
+                            logits="all" if all_logits else "last")
 
+        def finish(dtype: str, written: list[Path]) -> None:
+            path = tmp / DTYPE_FILES[dtype]
+            if len(written) > 1:
+                external[path.name] = 1
+            if steered:
+                write_fixed_twin(path, tmp / steerable_file(DTYPE_FILES[dtype]))
+            check_onnx(path)
+
+        # the int8-compute graphs first: built from the float32 weights, which the quantizers below do not need
+        if "int8" in dtypes:
+            say(f"building and writing {DTYPE_FILES['int8']} (int8 weights and compute, {spec.num_layers} layers)")
+            finish("int8", write_decoder(spec, src.weights, replace(base, weights="int8"), tmp / DTYPE_FILES["int8"],
+                                         external=True if steered else None))
         fp32_path = tmp / DTYPE_FILES["fp32"]
         if "fp32" in dtypes:
             say(f"building and writing {DTYPE_FILES['fp32']} ({spec.num_layers} layers, activations at layer {act_layer})")
-            if len(write_decoder(spec, src.weights, options, fp32_path)) > 1:
-                external[fp32_path.name] = 1
-            check_onnx(fp32_path)
+            finish("fp32", write_decoder(spec, src.weights, base, fp32_path, external=True if steered else None))
 
-        quant = [d for d in dtypes if d != "fp32"]
+        quant = [d for d in dtypes if d in ("q4", "q8")]
         scratch = tmp / ".quant_source"
         if quant:
-            # The quantizers need the lm_head as a MatMul with its own weight.
-            if spec.tied_embeddings or "fp32" not in dtypes:
+            # The quantizers need the lm_head as a MatMul with its own weight, and the slider input.
+            if spec.tied_embeddings or "fp32" not in dtypes or steered:
                 say("building the float32 source for quantization")
                 scratch.mkdir()
                 quant_src = scratch / "model.onnx"
-                write_decoder(spec, src.weights, GraphOptions(
-                    activations_layer=act_layer, steering=src.steering, steering_input=steering_input,
-                    tied_lm_head="separate"), quant_src, external=True)
+                write_decoder(spec, src.weights, replace(base, tied_lm_head="separate"), quant_src, external=True)
             else:
                 quant_src = fp32_path
             src.weights.clear()  # from here on only the ONNX files are needed
@@ -130,9 +154,7 @@ def export_onnx(
             for name in quant:
                 quantize, how = quantizers[name]
                 say(f"quantizing to {how} -> {DTYPE_FILES[name]}")
-                if len(quantize(quant_src, tmp / DTYPE_FILES[name])) > 1:
-                    external[Path(DTYPE_FILES[name]).name] = 1
-                check_onnx(tmp / DTYPE_FILES[name])
+                finish(name, quantize(quant_src, tmp / DTYPE_FILES[name], external=True if steered else None))
             shutil.rmtree(scratch, ignore_errors=True)
 
         say("writing config, tokenizer and provenance")
@@ -151,7 +173,7 @@ def export_onnx(
             p.relative_to(tmp).as_posix(): p.stat().st_size
             for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        record = export_record(src, model_type, act_layer, dtypes, files, steering_input)
+        record = export_record(src, model_type, act_layer, dtypes, files, steering_input, all_logits)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files[EXPORT_RECORD] = (tmp / EXPORT_RECORD).stat().st_size
         say(f"moving into place: {out_dir}")
@@ -160,6 +182,13 @@ def export_onnx(
 
 
 # ---------------------------------------------------------------------------------------------
+
+def steerable_file(standard: str) -> str:
+    """The page's slider graph beside a standard file: onnx/model_int8.onnx -> onnx/steerable_int8.onnx.
+    Not named model*.onnx, so no transformers.js dtype lookup ever picks it."""
+    folder, _, name = standard.rpartition("/")
+    return f"{folder}/steerable{name[len('model'):]}"
+
 
 def _is_export(folder: Path) -> bool:
     return (folder / EXPORT_RECORD).exists()
@@ -253,7 +282,8 @@ def steering_record(src: SourceModel, act_layer: int) -> dict:
     }
 
 
-def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, files: dict, steering_input: str) -> dict:
+def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, files: dict, steering_input: str,
+                  all_logits: bool = False) -> dict:
     spec = src.spec
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
@@ -261,9 +291,12 @@ def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, fil
     outputs.append(activations_name(act_layer))
     steering = None
     if src.steering is not None:
-        inputs.append(STEERING_INPUT)
         steering = {"input": STEERING_INPUT, "required": steering_input == "required", "default": 1.0,
-                    "layer": src.steering.layer, "site": src.steering.site, "alpha": src.steering.alpha}
+                    "layer": src.steering.layer, "site": src.steering.site, "alpha": src.steering.alpha,
+                    "terms": [{"name": t.name, "layer": t.layer, "site": t.site, "alpha": t.alpha}
+                              for t in src.steering.terms],
+                    # the slider graphs (inputs + steering_scale); the dtypes' own files have it fixed at 1
+                    "files": {d: steerable_file(DTYPE_FILES[d]) for d in dtypes}}
     return {
         "tool": "mlx-refusal",
         "tool_version": __version__,
@@ -283,7 +316,12 @@ def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, fil
         "steering": steering,
         "opset": OPSET,
         "dtypes": {d: DTYPE_FILES[d] for d in dtypes},
+        "logits": "every position" if all_logits else "last position only",
         "quantization": {
+            **({"int8": {"tool": "mlx-refusal", "weights": "int8, symmetric, one scale per output channel",
+                         "compute": "DynamicQuantizeLinear (uint8 activations) + MatMulInteger",
+                         "embedding": "int8 per token" + (", shared with the lm_head" if spec.tied_embeddings else "")}}
+               if "int8" in dtypes else {}),
             **({"q4": {"tool": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": Q4_BLOCK_SIZE,
                        "symmetric": False, "accuracy_level": Q4_ACCURACY_LEVEL,
                        "embedding": "float32 Gather (not quantized)"}} if "q4" in dtypes else {}),

@@ -6,9 +6,10 @@ Inputs and outputs follow transformers.js's names for decoder-only models with a
     attention_mask     int64 [batch, past + seq]      (0 = padding; left padding supported)
     position_ids       int64 [batch, seq]
     past_key_values.{i}.key|value  float [batch, kv_heads, past, head_dim]
-    steering_scale     float []  (steered models only; 1 = as edited, 0 = original model)
+    steering_scale     float []  (steered models' slider graphs only; 1 = as edited, 0 = original model;
+                                  `fixed_steering` makes it a constant for stock clients)
   ->
-    logits             float [batch, seq, vocab]
+    logits             float [batch, seq, vocab]          (or [batch, 1, vocab]: GraphOptions.logits)
     present.{i}.key|value          float [batch, kv_heads, past + seq, head_dim]
     activations.layer{L}           float [batch, seq, hidden]  (resid_pre of layer L; L = num_layers
                                                                  is the final residual, before the norm)
@@ -32,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .files import GRAPH_MARGIN, PROTOBUF_LIMIT, external_data_name
-from .source import DecoderSpec, Steering
+from .source import EMBEDDING_SITE, DecoderSpec, Steering
 
 OPSET = 18
 IR_VERSION = 10
@@ -57,6 +58,14 @@ class GraphOptions:
     # or gets its own transposed copy as a MatMul weight ("separate"), which is what onnxruntime's
     # quantizers recognise.
     tied_lm_head: str = "shared"
+    # "float32", or "int8": every projection, the lm_head and the embedding stored as per-channel
+    # symmetric int8 and computed with MatMulInteger on dynamically quantized activations (the
+    # kernels onnxruntime-web's wasm build has fast SIMD code for). A tied model keeps ONE int8
+    # matrix for both the embedding lookup and the head.
+    weights: str = "float32"
+    # "all": logits at every position; "last": only the last one ([batch, 1, vocab]), so a prompt
+    # pass does not run the 150k-row head over every prompt token (what generation needs).
+    logits: str = "all"
 
 
 class _ExternalData:
@@ -137,6 +146,16 @@ def transposed(*mats: np.ndarray) -> np.ndarray:
     return out
 
 
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float32 scale per column of w [K, N]: w ~= q * scale."""
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.empty(w.shape, np.int8)
+    for i in range(0, w.shape[0], 256):  # in row blocks: no float temporary of the whole matrix
+        np.clip(np.rint(w[i:i + 256] / scale), -127, 127, out=q[i:i + 256], casting="unsafe")
+    return q, scale
+
+
 def _nonzero(a: np.ndarray | None) -> bool:
     return a is not None and bool(np.any(a != 0))
 
@@ -172,6 +191,30 @@ def write_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], options: Gr
     return [path] + ([data] if data else [])
 
 
+def write_fixed_twin(steerable_src: Path, steerable_dst: Path, scale: float = 1.0) -> None:
+    """Move the slider graph at `steerable_src` to `steerable_dst` and write in its place the same
+    graph with steering_scale fixed (a constant, not an input), for clients that feed only the
+    standard inputs. Both files refer to the same external data file, which is not touched."""
+    model = onnx.load(str(steerable_src), load_external_data=False)
+    onnx.save_model(model, str(steerable_dst))
+    onnx.save_model(fixed_steering(model, scale), str(steerable_src))
+
+
+def fixed_steering(model: onnx.ModelProto, scale: float = 1.0) -> onnx.ModelProto:
+    """A copy of `model` whose steering_scale is the constant `scale` instead of a graph input."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    g = fixed.graph
+    kept = [i for i in g.input if i.name != STEERING_INPUT]
+    del g.input[:]
+    g.input.extend(kept)
+    kept_init = [t for t in g.initializer if t.name != STEERING_INPUT]
+    del g.initializer[:]
+    g.initializer.extend(kept_init)
+    g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), STEERING_INPUT))
+    return fixed
+
+
 def estimated_bytes(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOptions) -> int:
     total = sum(w.nbytes for w in weights.values())
     if spec.tied_embeddings and options.tied_lm_head == "separate":
@@ -189,7 +232,8 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", spec.vocab_size])]
+    logits_len = "sequence_length" if options.logits == "all" else 1
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, spec.vocab_size])]
     for i in range(L):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -199,22 +243,30 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
     outputs.append(helper.make_tensor_value_info(
         activations_name(options.activations_layer), TensorProto.FLOAT, ["batch_size", "sequence_length", H]))
 
-    # --- steering: the edited site holds (original + vector); the graph holds original + scale * vector
-    scaled_vector = None
+    # --- steering: each edited site holds (original + its terms' vectors); the graph holds
+    # original + scale * vectors, one scale for every term
+    site_vectors = steer.sites if steer is not None else {}
+    scaled: dict[str, str] = {}  # site -> scale * (sum of the vectors stored there)
     if steer is not None:
         inputs.append(helper.make_tensor_value_info(STEERING_INPUT, TensorProto.FLOAT, []))
         if options.steering_input == "optional":
             b.weight(STEERING_INPUT, np.array(1.0, dtype=np.float32))
         elif options.steering_input != "required":
             raise ValueError(f"steering_input must be 'optional' or 'required', not {options.steering_input!r}")
-        vec = b.weight("steering.vector", steer.vector.astype(np.float32))
-        scaled_vector = b.op("Mul", STEERING_INPUT, vec, name="steering.scaled_vector")
+        for i, (site, vector) in enumerate(site_vectors.items()):
+            vec = b.weight("steering.vector" if i == 0 else f"steering.vector{i}", vector.astype(np.float32))
+            scaled[site] = b.op("Mul", STEERING_INPUT, vec, name="steering.scaled_vector" if i == 0 else f"steering.scaled_vector{i}")
+    if options.weights not in ("float32", "int8"):
+        raise ValueError(f"weights must be 'float32' or 'int8', not {options.weights!r}")
+    if options.logits not in ("all", "last"):
+        raise ValueError(f"logits must be 'all' or 'last', not {options.logits!r}")
+    int8 = options.weights == "int8"
 
     def site_value(name: str) -> np.ndarray | None:
-        """A parameter with the steering vector taken out of it (the unedited value)."""
+        """A parameter with the steering vectors taken out of it (the unedited value)."""
         w = weights.get(name)
-        if w is not None and steer is not None and name == steer.site:
-            w = w - steer.vector  # broadcasts over embedding rows
+        if w is not None and name in site_vectors:
+            w = w - site_vectors[name]  # broadcasts over embedding rows
         return w
 
     # --- positions: shared by every layer
@@ -250,23 +302,54 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.const(eps, np.float32))), name=f"{tag}.inv_rms")
         return b.op("Mul", b.op("Mul", x, inv), b.weight(f"{tag}.weight", w), name=tag)
 
+    def int8_matmul(x: str, q_name: str, scale_name: str, tag: str) -> str:
+        """x @ (q * scale) with q int8 [K, N] and one scale per column: x is quantized per call
+        (DynamicQuantizeLinear, uint8), multiplied in integers, and the int32 result rescaled;
+        the pattern quantize_dynamic writes, which onnxruntime fuses into one kernel."""
+        xq, xs, xz = b.op("DynamicQuantizeLinear", x, outputs=3, name=f"{tag}.quant_x")
+        acc = b.op("MatMulInteger", xq, q_name, xz, name=f"{tag}.matmul_int")
+        scales = b.op("Mul", xs, scale_name, name=f"{tag}.scales")
+        return b.op("Mul", b.op("Cast", acc, to=TensorProto.FLOAT, name=f"{tag}.acc"), scales, name=f"{tag}.matmul")
+
+    def int8_weight(w_t: np.ndarray, tag: str) -> tuple[str, str]:
+        q, scale = quantize_columns(w_t)
+        return b.weight(f"{tag}.weight_T.int8", q), b.weight(f"{tag}.weight_T.scale", scale)
+
     def linear(x: str, w_t: np.ndarray, bias: np.ndarray | None, tag: str) -> str:
-        y = b.op("MatMul", x, b.weight(f"{tag}.weight_T", w_t), name=f"{tag}.matmul")
+        if int8:
+            y = int8_matmul(x, *int8_weight(w_t, tag), tag)
+        else:
+            y = b.op("MatMul", x, b.weight(f"{tag}.weight_T", w_t), name=f"{tag}.matmul")
         return b.op("Add", y, b.weight(f"{tag}.bias", bias), name=tag) if _nonzero(bias) else y
 
     def writer(x: str, module: str, layer: int) -> str:
         """A residual-writing projection (o_proj, down_proj), plus the steering term if it is the site."""
         tag = f"model.layers.{layer}.{module}"
         y = linear(x, transposed(site_value(f"{tag}.weight")), site_value(f"{tag}.bias"), tag)
-        if steer is not None and steer.site == f"{tag}.bias":
-            y = b.op("Add", y, scaled_vector, name=f"{tag}.steered")
+        if f"{tag}.bias" in scaled:
+            y = b.op("Add", y, scaled[f"{tag}.bias"], name=f"{tag}.steered")
         return y
 
     # --- embedding
-    embed = site_value("model.embed_tokens.weight")
-    h = b.op("Gather", b.weight("model.embed_tokens.weight", embed), "input_ids", axis=0, name="model.embed_tokens")
-    if steer is not None and steer.on_embedding:
-        h = b.op("Add", h, scaled_vector, name="model.embed_tokens.steered")
+    embed = site_value(EMBEDDING_SITE)
+    head_int8 = None  # (int8 [H, V], scale [V]) of the lm_head, when int8
+    if int8:
+        # int8 with one scale per token, stored transposed ([H, V], the head's layout) and looked up
+        # by column; a tied model stores that matrix once for both the lookup and the head
+        # an untied folder whose head is a copy of the embedding (re-saved tied models) shares too
+        tied = spec.tied_embeddings or (EMBEDDING_SITE not in scaled and "lm_head.weight" in weights
+                                        and np.array_equal(weights["lm_head.weight"], embed))
+        q, scale = int8_weight(transposed(embed), "lm_head" if tied else "model.embed_tokens")
+        if tied:
+            head_int8 = (q, scale)
+        rows = b.op("Gather", q, "input_ids", axis=1, name="model.embed_tokens.int8")
+        rows = b.op("Transpose", rows, perm=[1, 2, 0], name="model.embed_tokens.rows")  # [H, B, S] -> [B, S, H]
+        row_scale = b.op("Unsqueeze", b.op("Gather", scale, "input_ids", axis=0), b.const([-1]), name="model.embed_tokens.scale")
+        h = b.op("Mul", b.op("Cast", rows, to=TensorProto.FLOAT), row_scale, name="model.embed_tokens")
+    else:
+        h = b.op("Gather", b.weight(EMBEDDING_SITE, embed), "input_ids", axis=0, name="model.embed_tokens")
+    if EMBEDDING_SITE in scaled:
+        h = b.op("Add", h, scaled[EMBEDDING_SITE], name="model.embed_tokens.steered")
 
     q_dim, kv_dim = nh * hd, nkv * hd
     qkv_split = b.const([q_dim, kv_dim, kv_dim])
@@ -328,19 +411,25 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
 
     if options.activations_layer == L:  # "layer L" = the final residual, before the last norm
         b.op("Identity", h, outputs=[activations_name(L)], name="model.resid_final")
+    if options.logits == "last":
+        h = b.op("Slice", h, b.const([-1]), b.const([2**62]), b.const([1]), name="model.last_position")
     x = rms_norm(h, weights["model.norm.weight"], "model.norm", spec.rms_norm_eps)
-    if spec.tied_embeddings and options.tied_lm_head == "shared":
+    if int8:
+        if head_int8 is None:
+            head_int8 = int8_weight(transposed(weights["lm_head.weight"]), "lm_head")
+        logits = int8_matmul(x, *head_int8, "lm_head")
+    elif spec.tied_embeddings and options.tied_lm_head == "shared":
         # Gemm wants 2-D: [B*S, H] x E^T, then back to [B, S, V]
         flat = b.op("Reshape", x, b.const([-1, H]), name="lm_head.flatten")
-        y = b.op("Gemm", flat, "model.embed_tokens.weight", transB=1, name="lm_head.gemm")
+        y = b.op("Gemm", flat, EMBEDDING_SITE, transB=1, name="lm_head.gemm")
         out_shape = b.op("Concat", b.op("Shape", x, start=0, end=2), b.const([spec.vocab_size]), axis=0)
         logits = b.op("Reshape", y, out_shape, name="lm_head")
     else:
         w_out = embed if spec.tied_embeddings else weights["lm_head.weight"]
         logits = b.op("MatMul", x, b.weight("lm_head.weight_T", transposed(w_out)), name="lm_head")
-    if steer is not None and steer.on_embedding and spec.tied_embeddings:
+    if EMBEDDING_SITE in scaled and spec.tied_embeddings:
         # the edit also moved the tied output rows: logits += scale * (x . vector) for every token
-        per_pos = b.op("MatMul", x, b.op("Unsqueeze", scaled_vector, b.const([-1])), name="lm_head.steer_shift")
+        per_pos = b.op("MatMul", x, b.op("Unsqueeze", scaled[EMBEDDING_SITE], b.const([-1])), name="lm_head.steer_shift")
         logits = b.op("Add", logits, per_pos, name="lm_head.steered")
     b.op("Identity", logits, outputs=["logits"], name="logits")
 

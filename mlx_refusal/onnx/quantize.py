@@ -2,7 +2,9 @@
 
 q4: `MatMulNBitsQuantizer`, 4-bit blocks of 32 along K with zero points, on every MatMul with a
     constant weight (the projections and a separate lm_head). It leaves Gather alone, so the
-    embedding stays float32: onnxruntime-web's wasm build has no GatherBlockQuantized kernel.
+    embedding stays float32. onnxruntime-web's wasm build has no 4-bit GEMM: it dequantizes each
+    weight to float32 on every call, so this file is for WebGPU; the wasm default is the int8
+    graph (graph.py, GraphOptions.weights="int8").
 q8: `quantize_dynamic` on MatMul only: int8 weights, activations quantized on the fly
     (DynamicQuantizeLinear + MatMulInteger), the same recipe as transformers.js's "_quantized" files.
 
@@ -24,7 +26,7 @@ Q4_ACCURACY_LEVEL = 0  # 0: unset, the kernel's default float accumulation (brie
 
 
 def quantize_q4(src: Path, dst: Path, block_size: int = Q4_BLOCK_SIZE,
-                accuracy_level: int = Q4_ACCURACY_LEVEL) -> list[Path]:
+                accuracy_level: int = Q4_ACCURACY_LEVEL, external: bool | None = None) -> list[Path]:
     """Write a 4-bit copy of the model at `src` to `dst`; returns the files written."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -40,10 +42,10 @@ def quantize_q4(src: Path, dst: Path, block_size: int = Q4_BLOCK_SIZE,
         quant.process()
         quant.model.topological_sort()
         model = quant.model.model
-    return save_onnx(model, dst)
+    return save_onnx(model, dst, external)
 
 
-def quantize_q8(src: Path, dst: Path, per_channel: bool = False) -> list[Path]:
+def quantize_q8(src: Path, dst: Path, per_channel: bool = False, external: bool | None = None) -> list[Path]:
     """Write a dynamically quantized int8 copy of the model at `src` to `dst`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -58,7 +60,7 @@ def quantize_q8(src: Path, dst: Path, per_channel: bool = False) -> list[Path]:
             use_external_data_format=True,
         )
         model = onnx.load(str(out))
-        return save_onnx(model, dst)
+        return save_onnx(model, dst, external)
 
 
 class _quiet:

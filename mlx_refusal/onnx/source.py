@@ -41,18 +41,62 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
-class Steering:
-    """A steering vector as saved by `steer`: `vector` was added at `site` so it reaches resid_pre[layer]."""
+class SteeringTerm:
+    """One steering vector as saved by `steer`: `vector` was added at `site` so it reaches resid_pre[layer]."""
 
+    name: str  # "refusal", "voice", ...
     layer: int
     site: str  # parameter holding it: "model.embed_tokens.weight", "...mlp.down_proj.bias" or "...o_proj.bias"
     vector: np.ndarray = field(repr=False)  # [hidden], alpha * direction
     direction: np.ndarray = field(repr=False)  # [hidden], unit vector
     alpha: float | None = None
 
+
+@dataclass(frozen=True)
+class Steering:
+    """Every steering term of an edited folder (docs: notes/steering_format.md). The first term is the
+    primary (refusal) one: its layer, direction and alpha are what the page shows."""
+
+    terms: tuple[SteeringTerm, ...]
+
     @property
-    def on_embedding(self) -> bool:
-        return self.site.startswith("model.embed_tokens")
+    def primary(self) -> SteeringTerm:
+        return self.terms[0]
+
+    @property
+    def layer(self) -> int:
+        return self.primary.layer
+
+    @property
+    def site(self) -> str:
+        return self.primary.site
+
+    @property
+    def alpha(self) -> float | None:
+        return self.primary.alpha
+
+    @property
+    def direction(self) -> np.ndarray:
+        return self.primary.direction
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.primary.vector
+
+    @property
+    def sites(self) -> dict[str, np.ndarray]:
+        """site -> the sum of the vectors stored there (terms may share a site), in term order."""
+        out: dict[str, np.ndarray] = {}
+        for t in self.terms:
+            out[t.site] = out[t.site] + t.vector if t.site in out else t.vector.astype(np.float32)
+        return out
+
+    @property
+    def embedding_vector(self) -> np.ndarray | None:
+        return self.sites.get(EMBEDDING_SITE)
+
+
+EMBEDDING_SITE = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -146,38 +190,62 @@ def _read_edit(path: Path) -> dict | None:
 
 
 def _read_steering(path: Path, edit: dict, weights: dict, spec: DecoderSpec) -> Steering:
+    """The terms of steering.safetensors: the "steering" list of refusal_edit.json with its
+    term{i}.vector / term{i}.direction tensors, or (older folders) one term from "vector" and the
+    top-level layer / site / alpha."""
     from safetensors.numpy import load_file
 
     f = path / STEERING_FILE
     if not f.is_file():
         raise UserError(f"{path} is a steered model but has no {STEERING_FILE}; re-save it with mlx-refusal")
     tensors = load_file(str(f))
-    if "vector" not in tensors:
-        raise UserError(f"{f} has no 'vector' tensor; re-save the steered model with mlx-refusal")
-    vector = tensors["vector"].astype(np.float32).reshape(-1)
+    entries = edit.get("steering")
+    if entries is None:
+        if "vector" not in tensors:
+            raise UserError(f"{f} has no 'vector' tensor; re-save the steered model with mlx-refusal")
+        entries = [{"name": "refusal", "layer": edit.get("layer"), "site": edit.get("site"), "alpha": edit.get("alpha")}]
+        keys = [("vector", "direction")]
+    elif not isinstance(entries, list) or not entries:
+        raise UserError(f"{path / EDIT_FILE} has a 'steering' entry that is not a non-empty list; re-save the steered model")
+    else:
+        keys = [(f"term{i}.vector", f"term{i}.direction") for i in range(len(entries))]
+    terms = []
+    for entry, (vkey, dkey) in zip(entries, keys):
+        if vkey not in tensors:
+            raise UserError(f"{f} has no {vkey!r} tensor for steering term {entry.get('name')!r}; re-save the steered model")
+        terms.append(_term(path, entry, tensors[vkey], tensors.get(dkey), weights, spec))
+    sites = {t.site for t in terms}
+    for site in sites:
+        if site.endswith(".bias"):
+            _snap_rounded_bias(weights, site, sum(t.vector for t in terms if t.site == site))
+    return Steering(terms=tuple(terms))
+
+
+def _term(path: Path, entry: dict, vector: np.ndarray, direction: np.ndarray | None, weights: dict,
+          spec: DecoderSpec) -> SteeringTerm:
+    vector = vector.astype(np.float32).reshape(-1)
     if vector.shape != (spec.hidden_size,):
-        raise UserError(f"steering vector in {f} has {vector.size} values, the model's hidden size is {spec.hidden_size}")
-    direction = tensors.get("direction")
-    direction = vector / max(np.linalg.norm(vector), 1e-30) if direction is None else direction.astype(np.float32).reshape(-1)
-    layer = edit.get("layer")
+        raise UserError(f"steering vector in {path / STEERING_FILE} has {vector.size} values, "
+                        f"the model's hidden size is {spec.hidden_size}")
+    direction = (vector / max(np.linalg.norm(vector), 1e-30) if direction is None
+                 else direction.astype(np.float32).reshape(-1))
+    layer = entry.get("layer")
     if not isinstance(layer, int) or not 0 <= layer <= spec.num_layers:
         raise UserError(f"{path / EDIT_FILE} has layer {layer!r}; a steered model needs a layer in 0..{spec.num_layers}")
-    site = str(edit.get("site") or arch.steering_site(layer))
+    site = str(entry.get("site") or arch.steering_site(layer))
     if site.startswith("model.embed_tokens"):
-        site = "model.embed_tokens.weight"
+        site = EMBEDDING_SITE
     elif not site.endswith(".bias"):
         site = site + ".bias"
     if site not in weights:
         raise UserError(f"steering site {site} of {path} is not a parameter of the model; re-save the steered model")
-    if not (site == "model.embed_tokens.weight"
+    if not (site == EMBEDDING_SITE
             or re.fullmatch(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.bias", site)):
         raise UserError(f"cannot export steering at {site}: only the embedding or an o_proj / down_proj bias "
                         "can carry a steering vector in the graph")
-    if site.endswith(".bias"):
-        _snap_rounded_bias(weights, site, vector)
-    alpha = edit.get("alpha")
-    return Steering(layer=layer, site=site, vector=vector, direction=direction,
-                    alpha=float(alpha) if isinstance(alpha, (int, float)) else None)
+    alpha = entry.get("alpha")
+    return SteeringTerm(name=str(entry.get("name") or "refusal"), layer=layer, site=site, vector=vector,
+                        direction=direction, alpha=float(alpha) if isinstance(alpha, (int, float)) else None)
 
 
 def _snap_rounded_bias(weights: dict, site: str, vector: np.ndarray) -> None:

@@ -3,7 +3,10 @@
 // (writes the JSON result to CONFIG.result).
 //
 // CONFIG: { node_modules, chromium, result, url, prompt, scales: [first, second], screenshot,
-//           screenshot_second?, timeout_ms, also_load: [url, ...] }
+//           screenshot_second?, timeout_ms, also_load: [url, ...],
+//           pipeline?: { url, model, dtype, prompt, max_new_tokens } }
+// `pipeline` runs stock transformers.js (`pipeline('text-generation')`, greedy) on the bundle folder
+// `model` under `url`, as any transformers.js user would, and records the answer.
 // The first scale is set through the URL (?scale=), the second by moving the slider, which makes
 // the page re-answer the same prompt. Every request the browser makes is recorded; any that is not
 // for 127.0.0.1 is aborted (and still reported, so the test can fail on it).
@@ -47,6 +50,10 @@ async function snapshot(page) {
     const boxes = [...document.querySelectorAll('#units .unit')];
     return {
       answer: answers.at(-1)?.textContent ?? null,
+      projections: JSON.parse(document.querySelector('.msg.assistant:last-of-type')?.dataset.projections ?? 'null'),
+      meter_original: Number(document.querySelector('.msg.assistant:last-of-type')?.dataset.original ?? NaN),
+      meter_drawn: Boolean(document.querySelector('.msg.assistant:last-of-type .meter polyline')?.getAttribute('points')),
+      backend_note: document.getElementById('backend-note')?.textContent ?? null,
       answers: answers.length,
       scale_value: document.getElementById('scale-value').textContent,
       scale_label: document.getElementById('scale-label').textContent,
@@ -106,7 +113,24 @@ try {
   result.steps.push(await snapshot(page));
   if (cfg.screenshot_second) await page.screenshot({ path: cfg.screenshot_second, fullPage: true });
 
-  // 3. other copies of the page (e.g. the bundle written with --with-page) must load too
+  // 3. stock transformers.js on the bundle's standard files
+  if (cfg.pipeline) {
+    const p = await context.newPage();
+    p.on('console', (m) => result.console.push(`pipeline ${m.type()}: ${m.text()}`));
+    await p.goto(new URL('vendor/transformers/LICENSE', cfg.pipeline.url).href);
+    result.pipeline = await p.evaluate(async (c) => {
+      const tf = await import(new URL('vendor/transformers/transformers.min.js', c.url).href);
+      Object.assign(tf.env, { allowRemoteModels: false, allowLocalModels: true, useBrowserCache: false,
+                              localModelPath: new URL('./', c.url).pathname });  // a path: a URL here reads as remote
+      tf.env.backends.onnx.wasm.wasmPaths = new URL('vendor/ort/', c.url).href;
+      const generator = await tf.pipeline('text-generation', c.model, { dtype: c.dtype, device: 'wasm' });
+      const out = await generator([{ role: 'user', content: c.prompt }], { max_new_tokens: c.max_new_tokens, do_sample: false });
+      return { text: out[0].generated_text.at(-1).content };
+    }, cfg.pipeline);
+    await p.close();
+  }
+
+  // 4. other copies of the page (e.g. the bundle written with --with-page) must load too
   for (const url of cfg.also_load ?? []) {
     const p = await context.newPage();
     const t = Date.now();

@@ -1,0 +1,39 @@
+"""On-disk JSON results keyed by the content that determines them.
+
+Generations, calibration trials and layer scores are pure functions of the weights, the
+intervention, the prompts and the settings. `key` hashes a JSON description of all of those;
+`recall` returns what a previous run stored under it, `remember` stores a new result. A
+damaged or unreadable entry is treated as missing and recomputed, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .atomic import write_text_atomic
+from .paths import cache_dir
+
+
+def key(**content) -> str:
+    """sha256 of `content` as canonical JSON (sorted keys); values must be JSON-serialisable."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def array_sha256(values) -> str:
+    """Content hash of a numeric vector, for keys that depend on a direction or a bias."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(values, np.float32)).tobytes()).hexdigest()
+
+
+def recall(kind: str, digest: str):
+    """The value stored under `digest` in the `kind` folder of the cache, or None."""
+    path = cache_dir(kind) / f"{digest}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remember(kind: str, digest: str, value) -> None:
+    write_text_atomic(cache_dir(kind) / f"{digest}.json", json.dumps(value))

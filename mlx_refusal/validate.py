@@ -1,0 +1,119 @@
+"""Checks of command-line values that need no loaded model, so a typo costs one line, not a load.
+
+Each check raises a UserError that names the problem and the fix. The model-dependent ones read
+only the model folder's config.json (layer count, context length), its tokenizer, or the hash
+of its weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .atomic import check_replaceable, check_writable_parent
+from .errors import UserError
+
+MAX_ALPHA_MULTIPLE = 100.0  # x the mean residual norm; refusal saturates below 2
+MAX_SCALE = 100.0  # |s| in W <- W - s d d^T W; the experiments use 1, 2 and -4
+
+
+def finite(option: str, value: float | None, *, positive: bool = False, limit: float | None = None) -> None:
+    """A float option that must be a real number (not NaN or Inf), > 0 if `positive`, and within +-limit."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UserError(f"{option} {value} is not a finite number; give a number like 1.5")
+    if positive and value <= 0:
+        raise UserError(f"{option} {value:g} must be positive; give a number above 0")
+    if limit is not None and abs(value) > limit:
+        raise UserError(f"{option} {value:g} is absurdly large (the limit is {limit:g}); give a number like 1.5")
+
+
+def model_config(folder: Path) -> dict:
+    """config.json of an mlx_lm folder (a multimodal model's text config where it has one)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return {**config, **config.get("text_config", {})}
+
+
+def layer(option: str, value: int | None, num_layers: int | None) -> None:
+    """A layer index: 0..L-1. Row L of a directions file is the final residual, not a layer."""
+    if value is None or num_layers is None:
+        return
+    if value == num_layers:
+        raise UserError(f"{option} {value} is the final residual (after the last layer), not a layer one can "
+                        f"edit; this model has layers 0..{num_layers - 1}")
+    if not 0 <= value < num_layers:
+        raise UserError(f"{option} {value} is out of range; this model has layers 0..{num_layers - 1}")
+
+
+def layer_range(text: str | None, num_layers: int) -> list[int] | None:
+    """`--layers`: a range like 4:20 (end excluded) or a list like 3,5,7; None means all."""
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            lo, hi = int(a or 0), int(b or num_layers)
+            if hi <= lo:
+                hint = f"; write it as {hi}:{lo}" if hi < lo else ""
+                raise UserError(f"--layers {text!r} is an empty range (the end must be above the start){hint}")
+            layers = list(range(lo, hi))
+        else:
+            layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {text!r} is not a range like 4:20 or a list like 3,5,7") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def out_folder(out: Path, force: bool, is_ours=None, kind: str = "a folder this tool wrote") -> None:
+    """--out: not a file, not someone else's folder even with --force, and somewhere writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose a folder path for --out")
+    check_replaceable(out, force, is_ours, kind)
+    check_writable_parent(out)
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} is not writable; choose another --out")
+
+
+def distinct_sets(harmful_spec: str, harmless_spec: str, harmful, harmless) -> None:
+    """The two sets must differ: the same prompts on both sides give a zero difference in means."""
+    same_file = (Path(harmful_spec).exists() and Path(harmless_spec).exists()
+                 and Path(harmful_spec).resolve() == Path(harmless_spec).resolve())
+    if same_file or harmful.sha256 == harmless.sha256:
+        raise UserError(f"--harmful and --harmless are the same prompts ({harmful_spec}); the refusal direction "
+                        "is their difference, so pass two different sets")
+
+
+def prompts_fit(folder: Path, sets, system: str | None = None) -> None:
+    """Every chat-templated prompt must fit the model's context (checked with its tokenizer)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from .template import encode_text, render
+
+    context = model_config(folder).get("max_position_embeddings")
+    if not context:
+        return
+    tokenizer = load_tokenizer(Path(folder))
+    for s in sets:
+        for i, text in enumerate(s.texts):
+            n = len(encode_text(tokenizer, render(tokenizer, text, system)))
+            if n > context:
+                raise UserError(f"prompt {i + 1} of {s.name} is {n:,} tokens with the chat template, longer than "
+                                f"the model's context of {context:,}; shorten or drop it")
+
+
+def directions_match(path: Path, fingerprint: str) -> None:
+    """A directions file must have been computed on these very weights."""
+    from .directions import load_directions
+
+    d = load_directions(path)
+    theirs = (d.metadata.get("model") or {}).get("fingerprint")
+    if theirs != fingerprint:
+        spec = (d.metadata.get("model") or {}).get("spec", "another model")
+        raise UserError(f"--directions {path} was computed on {spec} (weights {str(theirs)[:12]}...), not on this "
+                        f"model (weights {fingerprint[:12]}...); run `directions` on this model or pass its --model")
