@@ -158,7 +158,8 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     d = _directions(m, harmful, harmless, split, positions, system, batch_size, no_cache)
     if not distributed.is_writer():
         return
-    prov = api.write_directions(m, d, out, harmful, harmless, split, system, batch_size, progress=progress_bar)
+    prov = api.write_directions(m, d, out, harmful, harmless, split, system, batch_size, use_cache=not no_cache,
+                                progress=progress_bar)
     click.echo(ranking(d, prov["separation_auroc_val"], top))
     click.echo(f"wrote {', '.join(str(out / f) for f in prov['outputs'])} in {time.perf_counter() - t0:.1f} s"
                + (" (activations from cache)" if all(d.run["cache_hits"].values()) else ""))

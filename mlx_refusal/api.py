@@ -86,7 +86,7 @@ def compute_directions(m: Model, harmful: str = "harmful", harmless: str = "harm
 
 def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", harmless: str = "harmless",
                      split: str | None = None, system: str | None = None, batch_size: int = 32,
-                     progress: ProgressFactory | None = None) -> dict:
+                     use_cache: bool = True, progress: ProgressFactory | None = None) -> dict:
     """Write directions.safetensors, the layer ranking (ranking.json, ranking.png) and
     provenance.json to `out`. When both sets came from their train split, the held-back val split
     gives each layer's separation AUROC. Returns the provenance (with the AUROCs and file names)."""
@@ -102,8 +102,8 @@ def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", har
     if set(splits.values()) == {"train"}:
         hval, lval = prompt_sets(harmful, harmless, "val")
         with (progress or _silent)("separation (val)", 1) as update:
-            auc = [round(float(a), 4) for a in held_back_separation(m.model, m.tokenizer, d, hval, lval, system,
-                                                                      batch_size)]
+            auc = held_back_separation(m.model, m.tokenizer, m.info, d, hval, lval, system, batch_size, use_cache)
+            auc = [round(float(a), 4) for a in auc]
             update(1)
     prov = {**d.metadata, "split": splits, "run": d.run, "outputs": [path.name, jpath.name, ppath.name],
             "separation_auroc_val": auc}
