@@ -248,7 +248,7 @@ def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit,
     from mlx_refusal import api, distributed
     from mlx_refusal.atomic import write_text_atomic
     from mlx_refusal.console import progress_bar
-    from mlx_refusal.evaluate import report_json, report_markdown
+    from mlx_refusal.evaluation import report_json, report_markdown
 
     t0 = time.perf_counter()
     m = _load(model_spec, tensor_parallel)

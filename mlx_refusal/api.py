@@ -24,7 +24,7 @@ import numpy as np
 from . import distributed, validate
 from .directions import Directions
 from .errors import UserError
-from .evaluate import EvalReport
+from .evaluation import EvalReport
 from .loading import DEFAULT_PRESET, ModelInfo
 from .workflow import ProgressFactory, _silent
 
@@ -144,7 +144,7 @@ def _about(info: ModelInfo) -> dict:
 
 
 def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None):
-    from .evaluate import evaluate as judge_answers
+    from .evaluation import evaluate as judge_answers
 
     total = len(hset) + len(lset) + (len(lset) if base is not None else 0)
     with (progress or _silent)(desc, total) as update:
@@ -209,7 +209,7 @@ class Edit:
         import json
 
         from .atomic import write_text_atomic
-        from .evaluate import report_json, report_markdown
+        from .evaluation import report_json, report_markdown
         from .select import plot_sweep
 
         if self.trials:
@@ -232,7 +232,7 @@ def _provenance(d: Directions, **fields) -> dict:
 
 def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache):
     """The unedited model's first-token log-probs (for the KL after) and its report."""
-    from .evaluate import first_token_logprobs
+    from .evaluation import first_token_logprobs
 
     base_lp = first_token_logprobs(m.model, m.tokenizer, lset.texts, batch_size, system)
     before = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval before",
