@@ -188,17 +188,7 @@ def serve(webdir, host, port, quiet):
 
 
 @main.command("export-onnx")
-@click.option("--model", "model_spec", default=opt.DEFAULT_MODEL, show_default=True,
-              help="The model folder to export (an edited folder from steer/ablate/project, or a preset).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder to write the transformers.js bundle (config, tokenizer, onnx/*.onnx) to.")
-@click.option("--dtype", "dtypes", default="int8", show_default=True,
-              help="Comma-separated subset of int8 (int8 weights and compute: the page's fast default), "
-                   "fp32, q4 (4-bit MatMulNBits, for WebGPU), q8 (onnxruntime's dynamic int8, float embedding).")
-@click.option("--layer", type=int, default=None,
-              help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle).")
-@click.option("--force", is_flag=True, help="Replace an existing export in --out.")
-@click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host.")
+@opt.export_options
 def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
     in each chosen dtype; for a steered model, standard onnx/model*.onnx files (steering fixed, for
@@ -222,23 +212,7 @@ def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
 
 
 @main.command("eval")
-@opt.model
-@click.option("--base", "base_spec", default=None,
-              help="Unedited model to compare with: adds first-token KL(base || model) on harmless prompts.")
-@opt.harmful
-@opt.harmless
-@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
-              help="Which split of the prompt sets to evaluate on.")
-@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="New tokens per answer (greedy).")
-@click.option("--limit", default=None, type=click.IntRange(1), help="At most N prompts per set (evenly spread).")
-@opt.system
-@opt.batch
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON.")
-@click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
-              help="Write the report (tables and every answer) as Markdown.")
-@click.option("--examples", default=3, show_default=True, help="Answers per set to print.")
-@opt.tensor_parallel
+@opt.eval_options
 def eval_cmd(model_spec, base_spec, harmful, harmless, split, max_tokens, limit, system, batch_size,
              json_out, md_out, examples, tensor_parallel):
     """Generate greedy answers to harmful and harmless prompts and report refusal rates (per set
