@@ -78,7 +78,7 @@ def worker(model: str, prompts: int, gen_prompts: int, tokens: int, out: Path) -
 
     from mlx_refusal import distributed
     from mlx_refusal.capture import capture_residuals
-    from mlx_refusal.evaluate import generate
+    from mlx_refusal.evaluation import generate
     from mlx_refusal.loading import load
     from mlx_refusal.prompts import bundled
 

@@ -1,4 +1,4 @@
-"""Greedy generation speed of mlx_refusal.evaluate: one prompt at a time vs batched.
+"""Greedy generation speed of mlx_refusal.evaluation: one prompt at a time vs batched.
 
 By default it builds a random model shaped like Qwen2.5-0.5B (hidden 896, 24 layers, MLP 4864,
 14 query / 2 KV heads, vocabulary 151936, tied embeddings) in memory, so it needs no download;
@@ -21,7 +21,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_refusal import batching, evaluate
+from mlx_refusal import batching, evaluation as evaluate
 
 QWEN05_SHAPE = dict(
     model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_refusal.evaluate import generate  # noqa: E402
+from mlx_refusal.evaluation import generate  # noqa: E402
 from mlx_refusal.interventions import adding_at  # noqa: E402
 from mlx_refusal.judge import coherence, is_refusal, variety, voice  # noqa: E402
 from mlx_refusal.loading import load  # noqa: E402
@@ -45,7 +45,7 @@ def eos_direction(model, tok):
     import mlx.core as mx
 
     from mlx_refusal import arch
-    from mlx_refusal.evaluate import eos_token_ids
+    from mlx_refusal.evaluation import eos_token_ids
 
     eye = mx.array(sorted(eos_token_ids(tok)))
     rows = mx.take(arch.decoder(model).embed_tokens.weight, eye, axis=0).astype(mx.float32) \

@@ -26,6 +26,7 @@ class Directions:
     mean_norm: np.ndarray  # [L+1] mean residual norm over both sets (scale for alpha)
     degenerate: list[int] = field(default_factory=list)  # rows that were zero or non-finite
     metadata: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict, repr=False)  # what computing them measured (cache hits); not saved
 
     @property
     def num_layers(self) -> int:

@@ -131,7 +131,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     direction, the prompts and the settings.
     """
     from . import memo
-    from .evaluate import first_token_logprobs, kl_divergence
+    from .evaluation import first_token_logprobs, kl_divergence
     from .interventions import adding_at, projecting_out
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
@@ -269,7 +269,7 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
     reach that target (see `refusal_probe`); None generates every answer in full."""
     from contextlib import ExitStack
 
-    from .evaluate import generate_cached
+    from .evaluation import generate_cached
     from .interventions import adding_at
     from .judge import coherence, is_refusal, variety, voice
     from .memo import array_sha256

@@ -135,6 +135,37 @@ def should_stream(folder: Path, max_memory: int | None) -> bool:
     return limit is not None and in_memory_bytes(folder) > limit
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    folder: Path
+    limit: int | None  # the memory budget in bytes
+    why: str
+    warnings: tuple[str, ...] = ()
+
+
+def plan(model_spec: str, directions_file: Path | None, max_memory: int | None, note=None) -> StreamPlan | None:
+    """A StreamPlan if the edit is to be streamed: `max_memory` below what an in-memory edit
+    needs or, with a directions file, less free memory than that; else None."""
+    from .loading import resolve
+
+    if max_memory is None and directions_file is None:
+        return None
+    folder = resolve(model_spec, progress=note)
+    if not should_stream(folder, max_memory):
+        return None
+    limit = max_memory or free_memory()
+    need = format_size(in_memory_bytes(folder))
+    budget = f"--max-memory {format_size(max_memory)}" if max_memory else f"free memory ({format_size(free_memory())})"
+    if directions_file is None:
+        raise UserError(f"editing {folder.name} in memory needs about {need}, more than {budget}; "
+                        "pass --directions FILE (from `directions`) to rewrite its shards one at a time")
+    warnings = ()
+    if 2 * largest_tensor_bytes(folder) > limit:
+        warnings = (f"the largest tensor is {format_size(largest_tensor_bytes(folder))}; with its float32 edit "
+                    f"the peak will exceed {format_size(limit)}",)
+    return StreamPlan(folder, limit, f"in memory it would need about {need}, more than {budget}", warnings)
+
+
 # ---------------------------------------------------------------------------------------------
 # The streamed edit.
 

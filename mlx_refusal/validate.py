@@ -117,3 +117,30 @@ def directions_match(path: Path, fingerprint: str) -> None:
         spec = (d.metadata.get("model") or {}).get("spec", "another model")
         raise UserError(f"--directions {path} was computed on {spec} (weights {str(theirs)[:12]}...), not on this "
                         f"model (weights {fingerprint[:12]}...); run `directions` on this model or pass its --model")
+
+
+
+def before_loading(model_spec: str, harmful: str, harmless: str, out: Path, force: bool, *,
+                   layer_index: int | None = None, layers_text: str | None = None,
+                   directions_file: Path | None = None, system: str | None = None, out_kind: str = "model",
+                   note=None) -> Path:
+    """Every check of a model command that needs no loaded model, so bad input fails in one line
+    before any slow work; returns the model folder."""
+    from .loading import resolve, weight_fingerprint
+    from .prompts import is_bundled, resolve_prompts
+    from .save import is_model_folder
+
+    out_folder(out, force, *((is_model_folder, "a model folder") if out_kind == "model" else ()))
+    sets = [resolve_prompts(spec, "all") for spec in (harmful, harmless)]
+    distinct_sets(harmful, harmless, *sets)
+    folder = resolve(model_spec, progress=note)
+    num_layers = model_config(folder).get("num_hidden_layers")
+    layer("--layer", layer_index, num_layers)
+    if layers_text and num_layers:
+        layer_range(layers_text, num_layers)
+    files = [s for spec, s in zip((harmful, harmless), sets) if not is_bundled(spec)]
+    if files:
+        prompts_fit(folder, files, system)
+    if directions_file is not None:
+        directions_match(directions_file, weight_fingerprint(folder))
+    return folder

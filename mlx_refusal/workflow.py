@@ -43,7 +43,7 @@ MIN_FILTERED = 8  # fewer kept prompts on either side than this is too few for a
 def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = None,
                      batch_size: int = 16) -> np.ndarray:
     """Per prompt: log-odds that the unedited model's first answer token opens a refusal."""
-    from .evaluate import first_token_logprobs
+    from .evaluation import first_token_logprobs
     from .select import refusal_scores, refusal_token_ids
 
     logprobs = first_token_logprobs(model, tokenizer, texts, batch_size, system)

@@ -36,7 +36,7 @@ def single_process_results(model, tok) -> dict:
     """What each check computes; the worker runs it on N ranks, the test on one."""
     from mlx_refusal.capture import capture_residuals
     from mlx_refusal.directions import from_captures
-    from mlx_refusal.evaluate import evaluate, first_token_logprobs
+    from mlx_refusal.evaluation import evaluate, first_token_logprobs
 
     d = from_captures(capture_residuals(model, tok, HARMFUL, batch_size=3),
                       capture_residuals(model, tok, HARMLESS, batch_size=3))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mlx_lm import load as mlx_load
 
 from mlx_refusal import batching
-from mlx_refusal import evaluate as ev
+from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
 from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker
 

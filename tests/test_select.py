@@ -8,7 +8,7 @@ from mlx_refusal import select as sel
 from mlx_refusal.capture import capture_residuals
 from mlx_refusal.directions import from_captures
 from mlx_refusal.errors import UserError
-from mlx_refusal.evaluate import first_token_logprobs
+from mlx_refusal.evaluation import first_token_logprobs
 from mlx_refusal.interventions import adding_at
 from mlx_refusal.workflow import choose_steering
 
@@ -119,7 +119,7 @@ def test_a_trial_adds_its_extra_terms_alongside(setup):
                               extra=[voice])
     assert both.extra == (("voice", 1, None),) and plain.extra == ()
     with adding_at(model, 2, plain.alpha * d.directions[2]), adding_at(model, 1, voice.vector):
-        from mlx_refusal.evaluate import generate
+        from mlx_refusal.evaluation import generate
 
         expected = generate(model, tok, HARMLESS[:1], max_tokens=6)[0]
     assert both.example == expected != plain.example

@@ -357,6 +357,7 @@ class EvalReport:
     kl_max: float | None
     records: list[Record]
     settings: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # what was evaluated: model, base, prompts
 
     @property
     def sets(self) -> list[SetStats]:
@@ -539,6 +540,7 @@ def report_json(report: EvalReport) -> dict:
             },
         }
     return {
+        **report.provenance,
         "settings": report.settings,
         "sets": sets,
         "first_token_kl": None if report.kl_mean is None else {"mean": report.kl_mean, "max": report.kl_max},

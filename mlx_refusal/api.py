@@ -1,0 +1,472 @@
+"""The Python API: load a chat model, find its refusal directions, edit it, evaluate, export.
+
+    import mlx_refusal as mr
+
+    m = mr.load("qwen2.5-coder-0.5b")
+    d = mr.compute_directions(m)          # harmful vs harmless, bundled train split, cached
+    edit = mr.steer(m, d)                 # layer and alpha calibrated on the validation split
+    edit.save("runs/refusallm")           # stock mlx_lm folder + record + report
+    print(edit.after.harmless.refusal_rate)
+
+Every verb returns a plain dataclass. Long steps report through `progress(desc, total)`, a
+context-manager factory yielding `update(n_items, n_tokens)` (workflow.ProgressFactory), the one
+progress protocol; the library never prints. The CLI (cli.py) is a shell over these verbs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import distributed, validate
+from .directions import Directions
+from .errors import UserError
+from .evaluation import EvalReport
+from .loading import DEFAULT_PRESET, ModelInfo
+from .workflow import ProgressFactory, _silent
+
+VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
+EXAMPLES = 5  # answers kept in the record, shown in the model card and README
+
+
+@dataclass
+class Model:
+    """A loaded chat model: the mlx_lm model (float32 compute), its tokenizer and what it is."""
+
+    model: object
+    tokenizer: object
+    info: ModelInfo
+
+
+def load(spec: str = DEFAULT_PRESET, tensor_parallel: bool = False,
+         note: Callable[[str], None] | None = None) -> Model:
+    """A preset name, an mlx_lm folder, a .gguf file or a Hugging Face repo id -> Model.
+    tensor_parallel: under mlx.launch, each rank loads its slice of every block."""
+    from .loading import load as load_folder
+
+    if tensor_parallel and distributed.size() == 1:
+        raise UserError("--tensor-parallel needs several ranks: start the command with mlx.launch -n N ...")
+    return Model(*load_folder(spec, progress=note, tensor_parallel=tensor_parallel))
+
+
+def prompt_sets(harmful: str, harmless: str, split: str, limit: int | None = None):
+    """The (harmful, harmless) PromptSets of `split`, each cut to at most `limit` prompts spread
+    evenly through the set, so every category stays represented."""
+    from .prompts import resolve_prompts
+
+    return tuple(_spread(resolve_prompts(spec, split), limit) for spec in (harmful, harmless))
+
+
+def _spread(pset, limit: int | None):
+    n = len(pset)
+    if not limit or limit >= n:
+        return pset
+    return dataclasses.replace(pset, prompts=tuple(pset.prompts[round(i * n / limit)] for i in range(limit)))
+
+
+def compute_directions(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, split: str | None = None,
+                       positions: str = "last", system: str | None = None, batch_size: int = 32,
+                       method: str = "auto", use_cache: bool = True,
+                       progress: ProgressFactory | None = None) -> Directions:
+    """One candidate refusal direction per residual site (workflow.compute_directions for the
+    methods). split: default the train split of a bundled set (its val and test splits stay held
+    out) and all of a file. What the run measured is in `metadata["run"]`."""
+    from .prompts import directions_split, resolve_prompts
+    from .workflow import compute_directions as compute
+
+    hset, lset = (resolve_prompts(spec, directions_split(spec, split)) for spec in (harmful, harmless))
+    d, run = compute(m.model, m.tokenizer, m.info, hset, lset, positions, system, batch_size,
+                     use_cache=use_cache, progress=progress, method=method)
+    d.run = run
+    return d
+
+
+def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", harmless: str = "harmless",
+                     split: str | None = None, system: str | None = None, batch_size: int = 32,
+                     use_cache: bool = True, progress: ProgressFactory | None = None) -> dict:
+    """Write directions.safetensors, the layer ranking (ranking.json, ranking.png) and
+    provenance.json to `out`. When both sets came from their train split, the held-back val split
+    gives each layer's separation AUROC. Returns the provenance (with the AUROCs and file names)."""
+    from .directions import save_directions
+    from .prompts import directions_split
+    from .select import heuristic_scores, rank_heuristic, write_ranking
+    from .workflow import held_back_separation, write_provenance
+
+    path = save_directions(d, out)
+    jpath, ppath = write_ranking(heuristic_scores(d), rank_heuristic(d), out)
+    splits = {"harmful": directions_split(harmful, split), "harmless": directions_split(harmless, split)}
+    auc = None
+    if set(splits.values()) == {"train"}:
+        hval, lval = prompt_sets(harmful, harmless, "val")
+        with (progress or _silent)("separation (val)", 1) as update:
+            auc = held_back_separation(m.model, m.tokenizer, m.info, d, hval, lval, system, batch_size, use_cache)
+            auc = [round(float(a), 4) for a in auc]
+            update(1)
+    prov = {**d.metadata, "split": splits, "run": d.run, "outputs": [path.name, jpath.name, ppath.name],
+            "separation_auroc_val": auc}
+    write_provenance(out, prov)
+    return prov
+
+
+def check_directions(d: Directions, info: ModelInfo, where: str = "the directions") -> Directions:
+    if d.directions.shape != (info.num_layers + 1, info.hidden_size):
+        raise UserError(f"{where} hold directions of shape {d.directions.shape}, not "
+                        f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    return d
+
+
+def evaluate(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, split: str = "test",
+             base: Model | None = None, limit: int | None = None, max_tokens: int = 64, system: str | None = None,
+             batch_size: int = 32, progress: ProgressFactory | None = None) -> EvalReport:
+    """Greedy answers to both sets, judged (refusal, coherence, voice), per set and category; with
+    `base`, the first-token KL(base || m) on the harmless prompts; `provenance` says what was
+    evaluated."""
+    hset, lset = prompt_sets(harmful, harmless, split, limit)
+    if len(hset) == 0 or len(lset) == 0:
+        raise UserError("a prompt set is empty after the split; use --split all or a larger prompt file")
+    report = _evaluate(m, hset, lset, max_tokens, batch_size, system, progress, "eval",
+                       base=None if base is None else (base.model, base.tokenizer))
+    report.provenance.update({
+        "model": _about(m.info),
+        "base": None if base is None else {"spec": str(base.info.spec), "fingerprint": base.info.fingerprint},
+        "prompts": {k: {"name": p.name, "split": split, "n": len(p), "sha256": p.sha256}
+                    for k, p in (("harmful", hset), ("harmless", lset))}})
+    if distributed.describe(m.model):
+        report.provenance["distributed"] = distributed.describe(m.model)
+    return report
+
+
+def _about(info: ModelInfo) -> dict:
+    return {"spec": str(info.spec), "fingerprint": info.fingerprint, "model_type": info.model_type}
+
+
+def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None):
+    from .evaluation import evaluate as judge_answers
+
+    total = len(hset) + len(lset) + (len(lset) if base is not None else 0)
+    with (progress or _silent)(desc, total) as update:
+        seen = [0]
+
+        def advance(done, _total):  # evaluate counts cumulatively; the protocol takes increments
+            update(done - seen[0])
+            seen[0] = done
+
+        return judge_answers(m.model, m.tokenizer, hset, lset, base=base, max_tokens=max_tokens,
+                             batch_size=batch_size, progress=advance, system=system, cache_key=cache_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits. Each verb edits the model in memory, evaluates before and after on the test split, and
+# returns an Edit; nothing is written until Edit.save.
+
+
+@dataclass
+class Edit:
+    """An edited model and everything known about the edit: `record` (refusal_edit.json),
+    the before/after reports, and what report.json adds (`details`). `model` is None for a
+    streamed edit, which `save` rewrites from `source` shard by shard (`rewrite`)."""
+
+    kind: str  # steer | ablate | project
+    model: Model | None
+    source: Path
+    record: dict
+    before: EvalReport | None = None
+    after: EvalReport | None = None
+    steering: list | None = None  # save.SteeringTerm, primary first
+    rewrite: object = None  # stream_edit.Steering | Projection: the edit, for a shard-by-shard rewrite
+    max_memory: int | None = None
+    details: dict = field(default_factory=dict)
+    trials: list = field(default_factory=list)  # select.AlphaTrial of a calibrated steer
+    target: float = 0.95
+    choice: object = None  # workflow.SteeringChoice of a steer
+    layer_evals: list = field(default_factory=list)  # select.LayerEval of an evaluated layer choice
+
+    def save(self, out, force: bool = False, dtype: str = "bfloat16", progress: ProgressFactory | None = None,
+             note: Callable[[str], None] | None = None) -> Path:
+        """Write the edited model to `out` as a stock mlx_lm folder (atomically), with its record,
+        model card and, when evaluated, report/ (report.json, report.md, alpha_sweep.png). Under
+        mlx.launch only rank 0 writes."""
+        from .save import save_model
+        from .stream_edit import stream_edit
+
+        out = Path(out)
+        if not distributed.is_writer():
+            return out
+        if self.model is None or distributed.is_tensor_parallel(self.model.model):
+            with (progress or _silent)("rewrite tensors", 0) as update:
+                stream_edit(self.source, out, self.rewrite, self.record, force, max_memory=self.max_memory,
+                            progress=lambda done, total: update(1), dtype=dtype, say=note)
+        else:
+            save_model(self.model.model, self.source, out, self.record, steering=self.steering, force=force,
+                       dtype=dtype, progress=note)
+        self._write_report(out / "report")
+        return out
+
+    def _write_report(self, folder: Path) -> None:
+        import json
+
+        from .atomic import write_text_atomic
+        from .evaluation import report_json, report_markdown
+        from .select import plot_sweep
+
+        if self.trials:
+            folder.mkdir(parents=True, exist_ok=True)
+            plot_sweep(self.trials, folder / "alpha_sweep.png", self.target)
+        if self.after is None:
+            return
+        doc = {"before": report_json(self.before) if self.before else None, "after": report_json(self.after),
+               **self.details}
+        write_text_atomic(folder / "report.json", json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+        md = report_markdown(self.after, title="After the edit")
+        if self.before:
+            md = report_markdown(self.before, title="Before the edit") + "\n\n" + md
+        write_text_atomic(folder / "report.md", md)
+
+
+def _provenance(d: Directions, **fields) -> dict:
+    return {**fields, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts")}
+
+
+def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache):
+    """The unedited model's first-token log-probs (for the KL after) and its report."""
+    from .evaluation import first_token_logprobs
+
+    base_lp = first_token_logprobs(m.model, m.tokenizer, lset.texts, batch_size, system)
+    before = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval before",
+                       cache_key=m.info.fingerprint if use_cache else None)
+    return base_lp, before
+
+
+def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", *,
+          layer: int | None = None, alpha: float | None = None, alpha_multiple: float | None = None,
+          select: str = "evaluate", candidates: int = 3, target: float = 0.95, margin: float = 0.1,
+          calibration_prompts: int = 32, voice: str = "terse", voice_multiple: float = 0.2, system: str | None = None,
+          batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 64,
+          seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
+          on_trial: Callable | None = None) -> Edit:
+    """A RefusaLLM: alpha x the refusal direction added as a bias at one layer's resid_pre, so
+    the model refuses every request. Layer and alpha are calibrated on the validation split
+    (workflow.choose_steering) unless given; `voice="explain"` adds a response-direction term.
+    eval_limit: prompts per set in the before/after report (None: the whole test split; 0: none)."""
+    from .edit import add_steering_bias
+    from .memo import array_sha256
+    from .save import SteeringTerm
+    from .select import VoiceTarget, candidate_layers
+    from .voice import response_direction
+    from .workflow import choose_steering
+
+    _check_strength(alpha, alpha_multiple)
+    validate.layer("--layer", layer, m.info.num_layers)
+    if voice == "explain" and distributed.is_tensor_parallel(m.model):
+        # the sharded save rewrites one steering term from the source; the voice adds a second
+        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
+    check_directions(d, m.info)
+    hval, lval = prompt_sets(harmful, harmless, "val")
+    voice_rows = None
+    if voice == "explain":
+        _, ltrain = prompt_sets(harmful, harmless, "train", VOICE_PROMPTS)
+        voice_rows = response_direction(m.model, m.tokenizer, ltrain.texts, system=system, batch_size=batch_size)
+    scored = layer is None and select == "evaluate"
+    with (progress or _silent)("score layers", len(candidate_layers(d.num_layers)) if scored else 0) as update:
+        choice = choose_steering(m.model, m.tokenizer, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
+                                 multiple=alpha_multiple, select=select, candidates=candidates, target=target,
+                                 calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
+                                 system=system, on_layers=update, on_trial=on_trial,
+                                 voice=VoiceTarget() if voice == "explain" else None, voice_rows=voice_rows,
+                                 voice_multiple=voice_multiple, cache_key=m.info.fingerprint if use_cache else None)
+
+    hset, lset = prompt_sets(harmful, harmless, "test", eval_limit)
+    base_lp = before = after = None
+    if eval_limit != 0:
+        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache)
+    direction = np.asarray(d.directions[choice.layer], np.float32)
+    terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
+    site = add_steering_bias(m.model, choice.layer, terms[0].vector)
+    for term in terms[1:]:
+        add_steering_bias(m.model, term.layer, term.vector)  # a shared site: the vectors add
+    if eval_limit != 0:
+        after_key = None if not use_cache else {
+            "weights": m.info.fingerprint,
+            "bias": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in terms]}
+        after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after",
+                          base=base_lp, cache_key=after_key)
+
+    record = _provenance(
+        d, edit="steer", layer=choice.layer, site=site, alpha=choice.alpha, alpha_multiple=choice.multiple,
+        alpha_how=choice.how, select=select, scale=None, voice=voice, seed=seed,
+        positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(choice.layer),
+        metrics=None if after is None else _steer_metrics(before, after))
+    if after is not None:
+        # A fixed rule, not a choice: the first harmless test prompts of the report.
+        record["examples_rule"] = f"The first {EXAMPLES} harmless test prompts"
+        record["examples"] = [{"prompt": r.prompt, "answer": r.answer}
+                              for r in after.records if r.set == "harmless"][:EXAMPLES]
+    record["distributed"] = distributed.describe(m.model)
+    from .stream_edit import Steering
+
+    details = {"choice": {"layer": choice.layer, "alpha": choice.alpha, "multiple": choice.multiple,
+                          "how": choice.how, "voice": voice, "voice_met": choice.voice_met,
+                          "candidates": choice.candidates, "trials": [t.__dict__ for t in choice.trials],
+                          "layer_evals": [e.__dict__ for e in choice.layer_evals]}}
+    edit = Edit("steer", m, m.info.path, record, before, after, steering=terms,
+                rewrite=Steering(choice.layer, direction, choice.alpha), details=details,
+                trials=choice.trials, target=target, choice=choice)
+    return edit
+
+
+def _check_strength(alpha, alpha_multiple) -> None:
+    if alpha is not None and alpha_multiple is not None:
+        raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
+    validate.finite("--alpha", alpha, positive=True)
+    validate.finite("--alpha-multiple", alpha_multiple, positive=True, limit=validate.MAX_ALPHA_MULTIPLE)
+
+
+def _steer_metrics(before: EvalReport, after: EvalReport) -> dict:
+    return {"harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
+            "harmless_coherence": after.harmless.coherence_rate, "harmful_coherence": after.harmful.coherence_rate,
+            "harmless_explained": after.harmless.explained_rate, "harmless_variety": after.harmless.variety,
+            "before": {"harmful_refusal": before.harmful.refusal_rate,
+                       "harmless_refusal": before.harmless.refusal_rate,
+                       "harmless_explained": before.harmless.explained_rate,
+                       "harmless_variety": before.harmless.variety}}
+
+
+def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", harmless: str = "harmless", *,
+            layer: int | None = None, select: str = "evaluate", max_kl: float = 0.2,
+            writer_layers: list[int] | None = None, per_layer: bool = False, norm_preserve: bool = False,
+            system: str | None = None, batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64,
+            gen_batch_size: int = 64, seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
+            kind: str = "project") -> Edit:
+    """W <- W - scale d d^T W for every matrix writing to the residual stream (the embedding,
+    attention out and MLP down projections; of `writer_layers` only, if given). The direction is
+    that of `layer`, else chosen by `select` ('evaluate': Arditi et al.'s bypass score with the
+    harmless KL at most `max_kl`; 'heuristic': FailSpy's), or each layer's own with `per_layer`."""
+    from .edit import ablate as orthogonalize_writers
+    from .select import candidate_layers, evaluate_layers, rank_evaluated
+
+    validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    validate.layer("--layer", layer, m.info.num_layers)
+    check_directions(d, m.info)
+    evals = []
+    decided, chosen = layer_without_running(d, per_layer, layer, select)
+    if not decided:
+        hval, lval = prompt_sets(harmful, harmless, "val", 32)
+        layers = candidate_layers(d.num_layers)
+        with (progress or _silent)("score layers", len(layers)) as update:
+            evals = evaluate_layers(m.model, m.tokenizer, d, hval.texts, lval.texts, layers, ("bypass", "kl"),
+                                    batch_size, max_kl=max_kl, system=system, progress=update)
+        ranked = rank_evaluated(evals, "bypass")
+        if not ranked:
+            raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
+                            "pass --layer to choose one anyway, or raise --max-kl")
+        chosen = ranked[0].layer
+    directions = d.directions if per_layer else d.direction(chosen)
+
+    hset, lset = prompt_sets(harmful, harmless, "test", eval_limit)
+    base_lp = before = after = None
+    if eval_limit != 0:
+        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache)
+    summary = orthogonalize_writers(m.model, directions, layers=writer_layers, scale=scale,
+                                    norm_preserve=norm_preserve)
+    if eval_limit != 0:
+        after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after", base=base_lp)
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+    record["summary"] = summary.as_record()
+    record["metrics"] = None if after is None else {
+        "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
+        "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
+                                             "harmless_refusal": before.harmless.refusal_rate}}
+    record["distributed"] = distributed.describe(m.model)
+    edit = Edit(kind, m, m.info.path, record, before, after, rewrite=_projection(directions, scale, writer_layers,
+                                                                                  norm_preserve),
+                details={"layer_evals": [e.__dict__ for e in evals]}, layer_evals=evals)
+    return edit
+
+
+def ablate(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", **options) -> Edit:
+    """Abliterate: project the refusal direction out of every residual writer (`project` with
+    scale 1), so the model stops refusing."""
+    return project(m, d, 1.0, harmful, harmless, kind="ablate", **options)
+
+
+def layer_without_running(d: Directions, per_layer: bool, layer: int | None, select: str) -> tuple[bool, int | None]:
+    """(decided, layer whose direction is used; None = each layer's own) when the choice needs no
+    model run: per_layer, a given layer or select='heuristic'. (False, None) for 'evaluate'."""
+    from .select import candidate_layers, rank_heuristic
+
+    if per_layer:
+        return True, None
+    if layer is not None:
+        return True, layer
+    if select == "heuristic":
+        allowed = set(candidate_layers(d.num_layers))
+        return True, next(s.layer for s in rank_heuristic(d) if s.layer in allowed)
+    return False, None
+
+
+def _projection(directions, scale, writer_layers, norm_preserve):
+    from .stream_edit import Projection
+
+    return Projection(directions, scale, None if writer_layers is None else tuple(writer_layers), norm_preserve)
+
+
+def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system) -> dict:
+    return _provenance(
+        d, edit=kind, layer=chosen, per_layer=per_layer, site="residual writers", alpha=None, scale=scale,
+        norm_preserve=norm_preserve, writer_layers=writer_layers, select=select, seed=seed,
+        positions=d.metadata.get("positions"), system=system,
+        direction_sha256=d.sha256(None if per_layer else chosen), summary=None, metrics=None)
+
+
+# Streamed edits: the model is never loaded whole (it does not fit in memory), so nothing is
+# chosen by running it and nothing is evaluated; `save` rewrites the shards from the source.
+
+
+def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float | None = None,
+                   alpha_multiple: float | None = None, max_memory: int | None = None, seed: int = 0,
+                   system: str | None = None) -> Edit:
+    from .stream_edit import Steering
+
+    _check_strength(alpha, alpha_multiple)
+    if layer is None or (alpha is None and alpha_multiple is None):
+        raise UserError("a streamed steer needs --layer and --alpha or --alpha-multiple (choosing them runs the model)")
+    direction = np.asarray(d.direction(layer), np.float32)
+    a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
+    record = _provenance(d, edit="steer", layer=layer, alpha=a, alpha_multiple=a / float(d.mean_norm[layer]),
+                         alpha_how="given", select=None, scale=None, seed=seed,
+                         positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(layer),
+                         metrics=None)
+    return Edit("steer", None, Path(folder), record, rewrite=Steering(layer, direction, a), max_memory=max_memory)
+
+
+def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | None = None,
+                     select: str = "heuristic", writer_layers: list[int] | None = None, per_layer: bool = False,
+                     norm_preserve: bool = False, max_memory: int | None = None, seed: int = 0,
+                     system: str | None = None, kind: str = "project") -> Edit:
+    validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    decided, chosen = layer_without_running(d, per_layer, layer, select)
+    if not decided:
+        raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
+                        "(--select evaluate runs the model)")
+    directions = d.directions if per_layer else d.direction(chosen)
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+    return Edit(kind, None, Path(folder), record,
+                rewrite=_projection(directions, scale, writer_layers, norm_preserve), max_memory=max_memory)
+
+
+def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | None = None, force: bool = False,
+                with_page: bool = False, note: Callable[[str], None] | None = None):
+    """The model folder (an edited one, or a preset) as a transformers.js bundle for the browser
+    page; with_page also copies the page in, ready for any static host."""
+    from .onnx import export_onnx as export
+    from .onnx import parse_dtypes
+    from .serve import PAGE_DIR
+
+    parse_dtypes(dtypes)
+    if with_page and not (PAGE_DIR / "index.html").is_file():
+        raise UserError(f"--with-page: no page in {PAGE_DIR} (index.html missing); restore export/ from the repository")
+    page = PAGE_DIR if with_page else None
+    return export(model_folder, out_dir, dtypes=dtypes, force=force, progress=note, layer=layer, page_dir=page)
