@@ -286,7 +286,7 @@ def _save(edit, out: Path, force: bool, save_dtype: str, t0: float) -> None:
 @opt.edit_outputs
 @opt.scale_out
 def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache, directions_file, out, force,
-          seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory, **choice):
+          eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory, **choice):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -304,19 +304,19 @@ def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
         edit = api.streamed_steer(folder, load_directions(directions_file), choice["layer"], choice["alpha"],
-                                  choice["alpha_multiple"], plan.limit, seed, system)
+                                  choice["alpha_multiple"], plan.limit, system)
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)
     edit = api.steer(m, d, harmful, harmless, system=system, batch_size=batch_size, eval_limit=eval_limit,
-                     max_tokens=max_tokens, gen_batch_size=gen_batch_size, seed=seed, use_cache=not no_cache,
+                     max_tokens=max_tokens, gen_batch_size=gen_batch_size, use_cache=not no_cache,
                      progress=progress_bar, on_trial=print_trial, **choice)
     print_choice(edit.choice)
     _save(edit, out, force, save_dtype, t0)
 
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, batch_size, no_cache, directions_file,
-                     out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel,
+                     out, force, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel,
                      max_memory, scale, layers_text, **choice):
     """ablate and project: the same edit with scale 1 or the given scale."""
     from mlx_refusal import api, validate
@@ -335,13 +335,13 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, bat
     if plan is not None:
         edit = api.streamed_project(folder, load_directions(directions_file), scale, layer=choice["layer"],
                                     select=choice["select"], writer_layers=writers, per_layer=choice["per_layer"],
-                                    norm_preserve=choice["norm_preserve"], max_memory=plan.limit, seed=seed,
+                                    norm_preserve=choice["norm_preserve"], max_memory=plan.limit,
                                     system=system, kind=kind)
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)
     edit = api.project(m, d, scale, harmful, harmless, writer_layers=writers, system=system, batch_size=batch_size,
-                       eval_limit=eval_limit, max_tokens=max_tokens, gen_batch_size=gen_batch_size, seed=seed,
+                       eval_limit=eval_limit, max_tokens=max_tokens, gen_batch_size=gen_batch_size,
                        use_cache=not no_cache, progress=progress_bar, kind=kind, **choice)
     if edit.layer_evals:
         click.echo(layer_evals(edit.layer_evals))

@@ -245,7 +245,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
           select: str = "evaluate", candidates: int = 3, target: float = 0.95, margin: float = 0.1,
           calibration_prompts: int = 32, voice: str = "terse", voice_multiple: float = 0.2, system: str | None = None,
           batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 64,
-          seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
+          use_cache: bool = True, progress: ProgressFactory | None = None,
           on_trial: Callable | None = None) -> Edit:
     """A RefusaLLM: alpha x the refusal direction added as a bias at one layer's resid_pre, so
     the model refuses every request. Layer and alpha are calibrated on the validation split
@@ -296,7 +296,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
 
     record = _provenance(
         d, edit="steer", layer=choice.layer, site=site, alpha=choice.alpha, alpha_multiple=choice.multiple,
-        alpha_how=choice.how, select=select, scale=None, voice=voice, seed=seed,
+        alpha_how=choice.how, select=select, scale=None, voice=voice,
         positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(choice.layer),
         metrics=None if after is None else _steer_metrics(before, after))
     if after is not None:
@@ -338,7 +338,7 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
             layer: int | None = None, select: str = "evaluate", max_kl: float = 0.2,
             writer_layers: list[int] | None = None, per_layer: bool = False, norm_preserve: bool = False,
             system: str | None = None, batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64,
-            gen_batch_size: int = 64, seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
+            gen_batch_size: int = 64, use_cache: bool = True, progress: ProgressFactory | None = None,
             kind: str = "project") -> Edit:
     """W <- W - scale d d^T W for every matrix writing to the residual stream (the embedding,
     attention out and MLP down projections; of `writer_layers` only, if given). The direction is
@@ -373,7 +373,7 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
                                     norm_preserve=norm_preserve)
     if eval_limit != 0:
         after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after", base=base_lp)
-    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
     record["summary"] = summary.as_record()
     record["metrics"] = None if after is None else {
         "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
@@ -413,10 +413,10 @@ def _projection(directions, scale, writer_layers, norm_preserve):
     return Projection(directions, scale, None if writer_layers is None else tuple(writer_layers), norm_preserve)
 
 
-def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system) -> dict:
+def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system) -> dict:
     return _provenance(
         d, edit=kind, layer=chosen, per_layer=per_layer, site="residual writers", alpha=None, scale=scale,
-        norm_preserve=norm_preserve, writer_layers=writer_layers, select=select, seed=seed,
+        norm_preserve=norm_preserve, writer_layers=writer_layers, select=select,
         positions=d.metadata.get("positions"), system=system,
         direction_sha256=d.sha256(None if per_layer else chosen), summary=None, metrics=None)
 
@@ -426,7 +426,7 @@ def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_
 
 
 def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float | None = None,
-                   alpha_multiple: float | None = None, max_memory: int | None = None, seed: int = 0,
+                   alpha_multiple: float | None = None, max_memory: int | None = None,
                    system: str | None = None) -> Edit:
     from .stream_edit import Steering
 
@@ -436,7 +436,7 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
     direction = np.asarray(d.direction(layer), np.float32)
     a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
     record = _provenance(d, edit="steer", layer=layer, alpha=a, alpha_multiple=a / float(d.mean_norm[layer]),
-                         alpha_how="given", select=None, scale=None, seed=seed,
+                         alpha_how="given", select=None, scale=None,
                          positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(layer),
                          metrics=None)
     return Edit("steer", None, Path(folder), record, rewrite=Steering(layer, direction, a), max_memory=max_memory)
@@ -444,7 +444,7 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
 
 def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | None = None,
                      select: str = "heuristic", writer_layers: list[int] | None = None, per_layer: bool = False,
-                     norm_preserve: bool = False, max_memory: int | None = None, seed: int = 0,
+                     norm_preserve: bool = False, max_memory: int | None = None,
                      system: str | None = None, kind: str = "project") -> Edit:
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
     decided, chosen = layer_without_running(d, per_layer, layer, select)
@@ -452,7 +452,7 @@ def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | 
         raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
                         "(--select evaluate runs the model)")
     directions = d.directions if per_layer else d.direction(chosen)
-    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
     return Edit(kind, None, Path(folder), record,
                 rewrite=_projection(directions, scale, writer_layers, norm_preserve), max_memory=max_memory)
 

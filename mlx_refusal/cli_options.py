@@ -62,7 +62,6 @@ edit_outputs = _all(
     click.option("--out", type=click.Path(path_type=Path), default=None,
                  help="Output model folder [default: runs/<model>/<command>]."),
     click.option("--force", is_flag=True, help="Replace --out if it already exists."),
-    click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance)."),
     click.option("--eval-limit", default=None, type=click.IntRange(0),
                  help="Prompts per set for the before/after report (default: the whole test split; 0 skips the "
                       "report)."),

@@ -116,17 +116,6 @@ def _project_vector(b: mx.array, d: mx.array, scale: float, norm_preserve: bool)
     return out.astype(b.dtype)
 
 
-def steering_alpha(mean_residual_norm: float, multiple: float) -> float:
-    """alpha for a steering vector alpha * d_hat given as a multiple of the mean residual norm at the
-    layer (the norm is measured during capture). An absolute alpha is used as is."""
-    return float(multiple) * float(mean_residual_norm)
-
-
-def steering_vector(direction, alpha: float) -> mx.array:
-    """alpha * d_hat: what `add_steering_bias` adds to the residual stream."""
-    return float(alpha) * unit(direction)
-
-
 # ---------------------------------------------------------------------------------------------
 # Quantized modules: dequantize, edit, re-quantize with the same settings.
 
