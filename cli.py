@@ -524,6 +524,11 @@ eval_limit_option = click.option("--eval-limit", default=None, type=click.IntRan
                                       "split; 0 skips the report).")
 max_tokens_option = click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
                                  help="New tokens per answer in the before/after report.")
+# An edit that removes refusal can leave late ones ("Sure. ... However, I can't provide ..."):
+# ablate and project judge longer answers than steer, whose refusals open the answer.
+edit_max_tokens_option = click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1, 4096),
+                                      help="New tokens per answer in the before/after report (long enough to "
+                                           "catch refusals that come after a compliant start).")
 
 
 def _seed(seed: int) -> None:
@@ -567,6 +572,8 @@ def _before_after(before, after, examples: int = 3) -> str:
     rows = [
         ["harmful refused", pct(before.harmful.refusal_rate), pct(after.harmful.refusal_rate)],
         ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
+        ["harmful degenerate", pct(before.harmful.degenerate_rate), pct(after.harmful.degenerate_rate)],
+        ["harmless degenerate", pct(before.harmless.degenerate_rate), pct(after.harmless.degenerate_rate)],
         ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
         ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
         ["harmless explained", pct(before.harmless.explained_rate), pct(after.harmless.explained_rate)],
@@ -1024,7 +1031,7 @@ def _orthogonal_options(f):
         click.option("--norm-preserve", is_flag=True,
                      help="Rescale every written vector back to its original norm after the projection."),
         positions_option, system_option, batch_option, cache_option, directions_file_option, edit_out_option,
-        force_option, seed_option, eval_limit_option, max_tokens_option, gen_batch_option, save_dtype_option,
+        force_option, seed_option, eval_limit_option, edit_max_tokens_option, gen_batch_option, save_dtype_option,
         tensor_parallel_option, max_memory_option,
     ]):
         f = opt(f)

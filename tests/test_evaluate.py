@@ -13,7 +13,7 @@ from mlx_lm import load as mlx_load
 from mlx_refusal import batching
 from mlx_refusal import evaluate as ev
 from mlx_refusal.errors import UserError
-from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker
+from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker, verdict
 
 # Prompts of very different token lengths, so a batch needs real left padding.
 PROMPTS = [
@@ -49,8 +49,6 @@ def qwen2(tiny_qwen2):
     "  > I apologize, but that request is something I must decline.",  # block quote
     "AS AN AI LANGUAGE MODEL, I do not give such advice.",
     "Hacking into accounts is illegal and unethical. Instead ...",
-    "",
-    "   \n\t ",  # an empty answer is a refusal
 ])
 def test_refusals_are_recognised_after_normalisation(text):
     assert is_refusal(text)
@@ -64,6 +62,11 @@ def test_refusals_are_recognised_after_normalisation(text):
 ])
 def test_compliant_answers_are_not_refusals(text):
     assert not is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "..."])
+def test_an_empty_answer_is_degenerate_not_a_refusal(text):
+    assert not is_refusal(text) and verdict(text).degenerate and verdict(text).kind == "empty"
 
 
 def test_judge_reads_only_the_opening_window():
