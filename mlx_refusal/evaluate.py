@@ -301,6 +301,25 @@ def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:
     return mx.maximum(mx.sum(terms, axis=-1), 0.0)
 
 
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over every token of `texts`, read as plain
+    text (no chat template): how well the model still predicts ordinary prose. Rows are
+    right-padded, which a causal model never sees, and the padding is left out of the mean."""
+    ids = [list(tokenizer.encode(t)) for t in texts]
+    _check_nonempty(ids)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start:start + batch_size]
+        width = max(len(r) for r in batch)
+        tokens = mx.array([r + [0] * (width - len(r)) for r in batch], dtype=mx.int32)
+        mask = mx.array([[1.0] * (len(r) - 1) + [0.0] * (width - len(r)) for r in batch])
+        lp = _log_softmax(model(tokens[:, :-1]))
+        picked = mx.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+        nll -= float((picked * mask).sum().item())
+        count += int(mask.sum().item())
+    return math.exp(nll / count) if count else math.nan
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 
