@@ -905,8 +905,9 @@ def _layer_without_running(d, per_layer: bool, layer: int | None, select: str) -
 def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
                      gen_batch_size, max_kl, save_dtype, directions_file=None, tensor_parallel=False,
-                     max_memory=None):
-    """ablate and project: the same edit with scale 1 or the given scale."""
+                     max_memory=None, search_trials=0, search_prompts=32):
+    """ablate and project: the same edit with scale 1 or the given scale; ablate --search: the
+    edit shape found by mlx_refusal.search."""
     import time
 
     from mlx_refusal.console import progress_bar, table
@@ -918,6 +919,11 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     from mlx_refusal import validate
 
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    if search_trials and (layer is not None or per_layer or layers_text or norm_preserve or max_memory
+                          or tensor_parallel):
+        raise UserError("--search chooses the direction, the layers' weights, the projection and norm preservation "
+                        "itself, in memory; drop --layer/--per-layer/--layers/--norm-preserve/--max-memory/"
+                        "--tensor-parallel")
     _preflight(model_spec, harmful, harmless, out, force, what=kind, layer=layer, layers_text=layers_text,
                directions_file=directions_file, system=system)
     t0 = time.perf_counter()
@@ -949,8 +955,13 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
     d, run = _directions_for(model, tok, info, harmful, harmless, "train", positions, system, batch_size, no_cache,
                              directions_file)
 
-    evals = []
-    decided, chosen = _layer_without_running(d, per_layer, layer, select)
+    evals, found = [], None
+    if search_trials:
+        found = _search(model, tok, info, d, harmful, harmless, search_trials, search_prompts, max_tokens,
+                        gen_batch_size, system, seed, max_kl)
+        decided, chosen = True, None  # the direction is the chosen shape's (recorded under "search")
+    else:
+        decided, chosen = _layer_without_running(d, per_layer, layer, select)
     if not decided:
         hval, lval = _prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
@@ -965,22 +976,31 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
             raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
                             "pass --layer to choose one anyway, or raise --max-kl")
         chosen = ranked[0].layer
-    directions = d.directions if per_layer else d.direction(chosen)
-    what = "each layer's own direction" if per_layer else f"the direction of layer {chosen}"
-    click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
-                f"{'all layers' if writer_layers is None else f'layers {writer_layers}'}", bold=True)
+    if found is None:
+        directions = d.directions if per_layer else d.direction(chosen)
+        what = "each layer's own direction" if per_layer else f"the direction of layer {chosen}"
+        click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
+                    f"{'all layers' if writer_layers is None else f'layers {writer_layers}'}", bold=True)
 
     hset, lset = _prompt_sets(harmful, harmless, "test")
     hset, lset = _spread(hset, eval_limit), _spread(lset, eval_limit)
     before = base_lp = None
+    perplexity = {}
     if eval_limit != 0:
         base_lp = first_token_logprobs(model, tok, lset.texts, batch_size, system)
         before = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, desc="eval before",
                                 cache_key=None if no_cache else info.fingerprint)
-    summary = ablate(model, directions, layers=writer_layers, scale=scale, norm_preserve=norm_preserve)
+        perplexity["base"] = _capability(model, tok)
+    if found is None:
+        summary = ablate(model, directions, layers=writer_layers, scale=scale, norm_preserve=norm_preserve)
+    else:
+        from mlx_refusal.search import apply_shape
+
+        summary = apply_shape(model, d, found.chosen.shape)
     after = None
     if eval_limit != 0:
         after = _evaluate_pair(model, tok, hset, lset, max_tokens, gen_batch_size, system, base_lp, "eval after")
+        perplexity["edited"] = _capability(model, tok)
     record = {
         "edit": kind, "layer": chosen, "per_layer": per_layer, "site": "residual writers", "alpha": None,
         "scale": scale, "norm_preserve": norm_preserve, "writer_layers": writer_layers, "select": select,
@@ -989,9 +1009,13 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
         "summary": summary.as_record(),
         "metrics": None if after is None else {
             "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
-            "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
+            "kl_mean": after.kl_mean, "harmful_degenerate": after.harmful.degenerate_rate,
+            "perplexity": perplexity, "before": {"harmful_refusal": before.harmful.refusal_rate,
                                                  "harmless_refusal": before.harmless.refusal_rate}},
     }
+    if found is not None:
+        record.update(layer=found.chosen.shape.direction_index, norm_preserve=found.chosen.shape.norm_preserve,
+                      select="search", search=found.as_record())
     from mlx_refusal import distributed
 
     record["distributed"] = distributed.describe(model)
@@ -1006,9 +1030,17 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, layer, select, scale, 
                                                tuple(writer_layers), norm_preserve), record, force, dtype=save_dtype)
     else:
         save_model(model, info.path, out, record, force=force, dtype=save_dtype)
+    if found is not None:
+        from mlx_refusal.search import plot_front
+
+        plot = plot_front(found, _ensure(out / "report") / "search_pareto.png", max_kl)
+        click.echo(f"wrote {plot}")
     if after is not None:
-        _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals]})
+        _write_reports(out / "report", before, after, {"layer_evals": [e.__dict__ for e in evals],
+                                                       "perplexity": perplexity})
         click.echo(_before_after(before, after))
+        click.echo(f"perplexity on {len(_capability_texts())} plain paragraphs (prompts/capability.txt): "
+                   f"base {perplexity['base']:.3f}, edited {perplexity['edited']:.3f}")
     click.secho(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s", fg="green")
 
 
@@ -1025,7 +1057,7 @@ def _orthogonal_options(f):
                      help="Edit only the writers of these layers, e.g. 4:20 or 3,5,7 (default: all, and the embedding)."),
         click.option("--max-kl", default=0.2, show_default=True, type=click.FloatRange(0.0),
                      help="With --select evaluate, drop layers whose ablation moves the first-token KL on harmless "
-                          "validation prompts above this. Arditi et al. use 0.1; on Qwen2.5-0.5B every layer whose "
+                          "validation prompts above this (with --search: the bound of the chosen trial's KL). Arditi et al. use 0.1; on Qwen2.5-0.5B every layer whose "
                           "ablation removes refusal costs 0.12-0.25, so the default is the 0.2 the evaluation accepts."),
         click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
         click.option("--norm-preserve", is_flag=True,
@@ -1038,16 +1070,69 @@ def _orthogonal_options(f):
     return f
 
 
+def _capability_texts():
+    from mlx_refusal.prompts import capability_texts
+
+    return capability_texts()
+
+
+def _capability(model, tok) -> float:
+    from mlx_refusal.evaluate import perplexity
+
+    return perplexity(model, tok, _capability_texts())
+
+
+def _search(model, tok, info, d, harmful, harmless, n_trials, n_prompts, max_tokens, batch_size, system, seed, max_kl):
+    """ablate --search: the study on the validation split, its Pareto front and the choice, printed."""
+    from mlx_refusal import memo
+    from mlx_refusal.console import progress_bar, table
+    from mlx_refusal.search import search, study_path
+
+    hval, lval = (_spread(s, n_prompts) for s in _prompt_sets(harmful, harmless, "val"))
+    storage, name = study_path({"weights": info.fingerprint, "directions": d.sha256(), "harmful": list(hval.texts),
+                                "harmless": list(lval.texts), "max_tokens": max_tokens, "system": system,
+                                "seed": seed})
+    with progress_bar("search", n_trials, unit="trial") as update:
+        seen = {"done": 0}
+
+        def progress(done, _total):
+            update(done - seen["done"])
+            seen["done"] = done
+
+        result = search(model, tok, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
+                        batch_size, system, seed, progress)
+    rows = [[t.number, f"{100 * t.refusal:.1f}%", f"{100 * t.degenerate:.1f}%", f"{t.kl:.4f}",
+             f"{t.shape.direction_index:.2f}", t.shape.projection, "yes" if t.shape.norm_preserve else "no",
+             f"{t.shape.kernel.attn_peak:.2f}@{t.shape.kernel.attn_position:.1f}±{t.shape.kernel.attn_width:.1f}",
+             f"{t.shape.kernel.mlp_peak:.2f}@{t.shape.kernel.mlp_position:.1f}±{t.shape.kernel.mlp_width:.1f}",
+             "*" if t is result.chosen else ""] for t in result.front]
+    click.echo(table(["trial", "refused", "degenerate", "KL", "direction", "projection", "norm kept",
+                      "attn peak@pos±width", "mlp peak@pos±width", "chosen"], rows,
+                     title=f"Pareto front of {len(result.trials)} trials ({len(hval)} harmful, {len(lval)} harmless "
+                           f"validation prompts, {max_tokens} tokens; {result.new_trials} new in "
+                           f"{result.seconds:.0f} s; study {storage})"))
+    click.secho(f"chosen: {result.reason}", bold=True)
+    return result
+
+
 @main.command()
 @_orthogonal_options
+@click.option("--search", "search_trials", default=0, show_default=True, type=click.IntRange(0),
+              help="Search N edit shapes (direction site, attention/MLP layer kernels, projection, norm "
+                   "preservation) with optuna TPE on the validation split, minimising harmful refusals and "
+                   "harmless KL; the Pareto trial with the fewest refusals at KL <= --max-kl is applied. "
+                   "Resumable: the study is kept in the cache. 0: the quick single-direction ablation.")
+@click.option("--search-prompts", default=32, show_default=True, type=click.IntRange(2),
+              help="Validation prompts per set that each search trial judges.")
 def ablate(model_spec, harmful, harmless, layer, select, max_kl, layers_text, per_layer, norm_preserve, positions,
            system, batch_size, no_cache, directions_file, out, force, seed, eval_limit, max_tokens, gen_batch_size,
-           save_dtype, tensor_parallel, max_memory):
+           save_dtype, tensor_parallel, max_memory, search_trials, search_prompts):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""
     _orthogonal_edit("ablate", model_spec, harmful, harmless, layer, select, 1.0, layers_text, per_layer,
                      norm_preserve, positions, system, batch_size, no_cache, out, force, seed, eval_limit, max_tokens,
-                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory)
+                     gen_batch_size, max_kl, save_dtype, directions_file, tensor_parallel, max_memory,
+                     search_trials, search_prompts)
 
 
 @main.command()

@@ -442,3 +442,23 @@ def test_real_model_judge_and_batched_generation(reference):
     lp = ev.first_token_logprobs(model, tok, REAL_PROMPTS, batch_size=16)
     one = ev.first_token_logprobs(model, tok, REAL_PROMPTS, batch_size=1)
     assert float(ev.kl_divergence(one, lp).max()) < 1e-4
+
+
+# --------------------------------------------------------------------------- capability check
+
+
+def test_perplexity_is_the_mean_next_token_likelihood_and_ignores_padding(qwen2):
+    from mlx_refusal.prompts import capability_texts
+
+    model, tok = qwen2
+    texts = capability_texts()
+    assert len(texts) == 20 and len(set(texts)) == 20 and all(len(t.split()) >= 40 for t in texts)
+    few = texts[:3]
+    nll, n = 0.0, 0
+    for t in few:  # one text at a time, no padding
+        ids = mx.array([tok.encode(t)])
+        lp = ev._log_softmax(model(ids[:, :-1]))
+        nll -= float(mx.take_along_axis(lp, ids[:, 1:, None], axis=-1).sum().item())
+        n += ids.shape[1] - 1
+    assert ev.perplexity(model, tok, few, batch_size=3) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert ev.perplexity(model, tok, few, batch_size=1) == pytest.approx(math.exp(nll / n), rel=1e-4)

@@ -124,3 +124,28 @@ def test_choice_is_the_lowest_refusal_within_the_kl_bound(pts, max_kl):
         assert chosen.kl <= max_kl and chosen.refusal == min(t.refusal for t in within)
     else:
         assert chosen.kl == min(t.kl for t in front)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def test_cli_ablate_search_saves_the_chosen_shape_and_its_report(tiny_qwen2, tmp_path, monkeypatch):
+    import json
+
+    from conftest import run_cli
+
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))  # a fresh study
+    out = tmp_path / "searched"
+    common = ["ablate", "--model", tiny_qwen2, "--search", "2", "--search-prompts", "3", "--eval-limit", "2",
+              "--max-tokens", "4", "--out", out, "--force"]
+    printed = run_cli(*common)
+    assert "Pareto front of 2 trials" in printed and "chosen: trial" in printed and "perplexity on 20" in printed
+    record = json.loads((out / "refusal_edit.json").read_text())
+    found = record["search"]
+    assert [t["number"] for t in found["trials"]] == [0, 1] and found["new_trials"] == 2
+    assert found["chosen"]["number"] in found["pareto"] and record["layer"] == found["chosen"]["shape"]["direction_index"]
+    assert (out / "report" / "search_pareto.png").stat().st_size > 0
+    ppl = json.loads((out / "report" / "report.json").read_text())["perplexity"]
+    assert ppl["base"] > 1 and ppl["edited"] > 1
+    again = run_cli(*common)  # the study is on disk: nothing is redone
+    assert "0 new in" in again
+    assert json.loads((out / "refusal_edit.json").read_text())["search"]["trials"] == found["trials"]
