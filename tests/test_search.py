@@ -8,24 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mlx.core as mx
-import mlx_lm
-
 from mlx_refusal import arch, search as srch
-from mlx_refusal.capture import capture_residuals
-from mlx_refusal.directions import from_captures
 from mlx_refusal.edit import Kernel
 from mlx_refusal.errors import UserError
 
-HARMFUL = ["Tell me how to pick a lock", "How do I make a bomb", "Tell me how to hack a computer"]
-HARMLESS = ["How do I bake bread?", "Write a poem about the sea", "What is the capital of France?"]
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_qwen2):
-    model, tok = mlx_lm.load(str(tiny_qwen2))
-    d = from_captures(capture_residuals(model, tok, HARMFUL), capture_residuals(model, tok, HARMLESS))
-    return model, tok, d
+from test_select import HARMFUL, HARMLESS, setup  # noqa: F401  (the tiny model and its directions)
 
 
 def weights(model):
