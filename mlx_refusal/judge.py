@@ -288,7 +288,7 @@ def verdict(text: str) -> Verdict:
     withheld = _first(WITHHOLDING, norm)
     if withheld:
         return Verdict("soft", withheld)
-    lecture = _lectures(norm, prose(text))
+    lecture = _lectures(norm, text)
     if lecture:
         return Verdict("lecture", lecture)
     asked = _only_asks(norm)
