@@ -270,7 +270,7 @@ def _directions_for(model, tok, info, harmful, harmless, split, positions, syste
     return d, run
 
 
-def _held_back_separation(model, tok, d, harmful, harmless, split, system, batch_size):
+def _held_back_separation(model, tok, info, d, harmful, harmless, split, system, batch_size, no_cache):
     """AUROC per layer on the validation split, when the directions came from the train split."""
     from mlx_refusal.console import progress_bar
     from mlx_refusal.workflow import held_back_separation
@@ -279,7 +279,7 @@ def _held_back_separation(model, tok, d, harmful, harmless, split, system, batch
         return None
     hval, lval = _prompt_sets(harmful, harmless, "val")
     with progress_bar("separation (val)", 1) as update:
-        auc = held_back_separation(model, tok, d, hval, lval, system, batch_size)
+        auc = held_back_separation(model, tok, info, d, hval, lval, system, batch_size, use_cache=not no_cache)
         update(1, 0)
     return auc
 
@@ -326,7 +326,7 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     splits = {"harmful": directions_split(harmful, split), "harmless": directions_split(harmless, split)}
     # the val split is held back only when both sets were taken from their train split
     held_back = "train" if set(splits.values()) == {"train"} else "all"
-    auc = _held_back_separation(model, tok, d, harmful, harmless, held_back, system, batch_size)
+    auc = _held_back_separation(model, tok, info, d, harmful, harmless, held_back, system, batch_size, no_cache)
     write_provenance(out, {**d.metadata, "split": splits, "run": run, "outputs": [path.name, jpath.name, ppath.name],
                            "separation_auroc_val": None if auc is None else [round(float(a), 4) for a in auc]})
     rows = [[r.layer, r.heuristic, r.diff_norm, r.relative_diff] + ([auc[r.layer]] if auc is not None else [])

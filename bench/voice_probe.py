@@ -45,9 +45,8 @@ def eos_direction(model, tok):
     import mlx.core as mx
 
     from mlx_refusal import arch
-    from mlx_refusal.evaluate import _output_projection, eos_token_ids
+    from mlx_refusal.evaluate import eos_token_ids
 
-    head = _output_projection(model)
     eye = mx.array(sorted(eos_token_ids(tok)))
     rows = mx.take(arch.decoder(model).embed_tokens.weight, eye, axis=0).astype(mx.float32) \
         if not hasattr(model, "lm_head") else mx.take(model.lm_head.weight, eye, axis=0).astype(mx.float32)

@@ -125,14 +125,14 @@ def build_tokenizer(meta: dict):
 
 
 def _byte_level_bpe(meta: dict, vocab: dict):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 
     name = meta.get("tokenizer.ggml.pre")
     if name not in PRE_TOKENIZERS:
         raise UserError(f"unsupported GGUF pre-tokenizer '{name}'; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
     pre = PRE_TOKENIZERS[name]
     merges = [tuple(str(m).split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
+    tk = Tokenizer(_bpe(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
     if pre.nfc:
         tk.normalizer = normalizers.NFC()
     make = {
@@ -147,6 +147,15 @@ def _byte_level_bpe(meta: dict, vocab: dict):
     return tk
 
 
+def _bpe(**kwargs):
+    from tokenizers import models
+
+    try:
+        return models.BPE(**kwargs)
+    except Exception as exc:  # tokenizers raises a bare Exception for tables that do not fit together
+        raise UserError(f"the GGUF's tokenizer tables do not fit together ({exc}); the file is damaged") from None
+
+
 def sentencepiece_merges(tokens: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece's score-driven merging: every way of writing a
     normal piece as two normal pieces, ordered by the merged piece's score (higher first), ties by id."""
@@ -159,15 +168,15 @@ def sentencepiece_merges(tokens: list[str], types: list[int], scores: list[float
 
 
 def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], vocab: dict):
-    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, normalizers
 
     scores = [float(s) for s in (meta.get("tokenizer.ggml.scores") or [])]
     if len(scores) != len(tokens):
         raise UserError(f"SentencePiece GGUF has {len(tokens)} tokens but {len(scores)} scores; the file is damaged")
     unk = next((t for t, ty in zip(tokens, types) if ty == TOKEN_UNKNOWN), None)
     has_bytes = TOKEN_BYTE in types
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, types, scores), unk_token=unk,
-                              fuse_unk=True, byte_fallback=has_bytes))
+    tk = Tokenizer(_bpe(vocab=vocab, merges=sentencepiece_merges(tokens, types, scores), unk_token=unk,
+                        fuse_unk=True, byte_fallback=has_bytes))
     # llama.cpp's default for SentencePiece is a space before the text (and after each special
     # token); Gemma's GGUFs turn it off.
     add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))

@@ -117,21 +117,18 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         run["cache_hits"][name], run["stats"][name] = hit, cap.stats
         return cap
 
+    hk, lk = harmful.texts, harmless.texts
+    if chosen == "filtered":
+        hk = [t for t, o in zip(hk, odds["harmful"]) if o > 0]
+        lk = [t for t, o in zip(lk, odds["harmless"]) if o <= 0]
+        run["kept"] = {"harmful": len(hk), "harmless": len(lk)}
+        if min(len(hk), len(lk)) < MIN_FILTERED:
+            raise UserError(f"filtering kept {len(hk)} harmful and {len(lk)} harmless prompts (the base model "
+                            f"refuses {refused['harmful']:.0%} of harmful ones), too few for a direction; "
+                            "use --direction-method contrast")
     if chosen == "contrast":
-        texts = harmful.texts + harmless.texts
-        pos, neg = capture("refusing", texts, REFUSAL_PREFILL), capture("complying", texts, COMPLIANCE_PREFILL)
         run["prefills"] = {"refusal": REFUSAL_PREFILL, "compliance": COMPLIANCE_PREFILL}
-    else:
-        hk, lk = harmful.texts, harmless.texts
-        if chosen == "filtered":
-            hk = [t for t, o in zip(hk, odds["harmful"]) if o > 0]
-            lk = [t for t, o in zip(lk, odds["harmless"]) if o <= 0]
-            run["kept"] = {"harmful": len(hk), "harmless": len(lk)}
-            if min(len(hk), len(lk)) < MIN_FILTERED:
-                raise UserError(f"filtering kept {len(hk)} harmful and {len(lk)} harmless prompts (the base model "
-                                f"refuses {refused['harmful']:.0%} of harmful ones), too few for a direction; "
-                                "use --direction-method contrast")
-        pos, neg = capture("harmful", hk), capture("harmless", lk)
+    pos, neg = (capture(name, texts, prefill) for name, texts, prefill in _contrasted_sides(chosen, hk, lk))
     meta = {
         "tool": "mlx-refusal", "version": __version__,
         "model": {"spec": info.spec, "fingerprint": info.fingerprint, "model_type": info.model_type},
@@ -148,22 +145,24 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
     return from_captures(pos, neg, meta), run
 
 
-def held_back_separation(model, tokenizer, d: Directions, harmful, harmless, system: str | None = None,
-                         batch_size: int = 16) -> np.ndarray:
-    """AUROC per residual site of `d` on prompts it was not computed from, for the pair its
-    method contrasts (harmful vs harmless prompts, or refusing vs complying answers)."""
-    from .capture import capture_shared
-    from .template import encode_prefilled, encode_prompts
+def _contrasted_sides(method: str, harmful: list[str], harmless: list[str]) -> list[tuple[str, list[str], str | None]]:
+    """The two captures a method's direction is the difference of: (name, prompts, prefill)."""
+    if method == "contrast":
+        both = harmful + harmless
+        return [("refusing", both, REFUSAL_PREFILL), ("complying", both, COMPLIANCE_PREFILL)]
+    return [("harmful", harmful, None), ("harmless", harmless, None)]
 
+
+def held_back_separation(model, tokenizer, info, d: Directions, harmful, harmless, system: str | None = None,
+                         batch_size: int = 16, use_cache: bool = True) -> np.ndarray:
+    """AUROC per residual site of `d` on prompts it was not computed from, for the pair its
+    method contrasts (harmful vs harmless prompts, or refusing vs complying answers). The
+    activations are cached like every capture, so a repeated run recomputes nothing."""
     used = d.metadata.get("method", {}).get("used", "means")
-    if used == "contrast":
-        texts = harmful.texts + harmless.texts
-        sides = [encode_prefilled(tokenizer, texts, REFUSAL_PREFILL, system),
-                 encode_prefilled(tokenizer, texts, COMPLIANCE_PREFILL, system)]
-    else:
-        positions = d.metadata.get("positions", "last")
-        sides = [encode_prompts(tokenizer, ps.texts, positions, system) for ps in (harmful, harmless)]
-    pos, neg = (capture_shared(model, enc, batch_size, keep_all=True).acts for enc in sides)
+    positions = d.metadata.get("positions", "last") if used != "contrast" else "last"
+    pos, neg = (cached_capture(model, tokenizer, texts, info.fingerprint, positions, system, batch_size,
+                               keep_all=True, use_cache=use_cache, prefill=prefill)[0].acts
+                for _, texts, prefill in _contrasted_sides(used, harmful.texts, harmless.texts))
     return separation(d.directions, pos, neg)
 
 

@@ -133,3 +133,16 @@ def test_cli_directions_reports_method_refusal_and_separation(tiny_qwen2, tmp_pa
     assert prov["method"]["used"] == "contrast"
     auc = prov["separation_auroc_val"]
     assert len(auc) == 5 and all(0.0 <= a <= 1.0 for a in auc)
+
+    # a second run (held-back separation included) takes every activation from the cache
+    def boom(*a, **k):
+        raise AssertionError("should have come from the cache")
+
+    monkeypatch.setattr("mlx_refusal.capture.capture_encoded", boom)
+    monkeypatch.setattr(workflow, "refusal_log_odds", boom)
+    again = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--split", "train",
+                                          "--harmful", str(harmful),
+                                          "--harmless", str(harmless), "--direction-method", "contrast",
+                                          "--out", str(tmp_path / "d2")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "d2" / "provenance.json").read_text())["separation_auroc_val"] == auc

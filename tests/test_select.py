@@ -104,8 +104,8 @@ def test_layer_scores_match_their_definitions(setup):
 def test_a_trial_passes_the_voice_target_only_when_it_explains_in_varied_words():
     t = sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.9, variety=0.6)
     assert t.passed(0.95) and t.passed(0.95, sel.VoiceTarget())
-    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, 0.5, 0.6).passed(0.95, sel.VoiceTarget())
-    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, 0.9, 0.1).passed(0.95, sel.VoiceTarget())
+    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.5, variety=0.6).passed(0.95, sel.VoiceTarget())
+    assert not sel.AlphaTrial(3, 0.5, 1.0, 1.0, 1.0, 1.0, "x", None, explained_rate=0.9, variety=0.1).passed(0.95, sel.VoiceTarget())
 
 
 def test_a_trial_adds_its_extra_terms_alongside(setup):
@@ -133,7 +133,7 @@ def test_choose_steering_with_a_voice_keeps_the_layer_that_explains_most(setup, 
     def trial(model, tok, layer, direction, mean_norm, multiple, prompts, *args, harmful=(), extra=(), **kwargs):
         assert [t.name for t in extra] == ["voice"] and extra[0].layer == layer
         return sel.AlphaTrial(layer, multiple, multiple * mean_norm, 1.0 if multiple >= 0.5 else 0.0, 1.0, 1.0, "x",
-                              1.0 if harmful else None, explains.get(layer, 0.0), 0.9)
+                              1.0 if harmful else None, explained_rate=explains.get(layer, 0.0), variety=0.9)
 
     monkeypatch.setattr(sel, "steering_trial", trial)
     rows = np.ones_like(d.directions)

@@ -18,7 +18,8 @@ def _steering_config(config: dict) -> dict:
 
 
 def _gguf_config(cfg: dict, meta: dict, tensor_names: set) -> dict:
-    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) != cfg["hidden_size"] // cfg["num_attention_heads"]:
+    even = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("head_dim", even) != even:
         raise UserError("this qwen2 GGUF has head_dim != hidden/heads, which mlx_lm's qwen2 cannot express")
     return {}
 
