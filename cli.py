@@ -266,7 +266,7 @@ def _save(edit, out: Path, force: bool, save_dtype: str, t0: float) -> None:
     click.echo(f"saving {out} ...", err=True)
     edit.save(out, force=force, dtype=save_dtype, progress=progress_bar, note=_say)
     if edit.after is not None:
-        click.echo(before_after(edit.before, edit.after))
+        click.echo(before_after(edit.before, edit.after, edit.record["metrics"].get("perplexity")))
     hint = (f"; try: mlx_lm.generate --model {out} --prompt 'What is the capital of France?'"
             if edit.kind == "steer" else "")
     click.secho(f"\nwrote {out}{' (streamed)' if edit.model is None else ''} in {time.perf_counter() - t0:.0f} s"
@@ -286,7 +286,7 @@ def _save(edit, out: Path, force: bool, save_dtype: str, t0: float) -> None:
 @opt.edit_outputs
 @opt.scale_out
 def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache, directions_file, out, force,
-          seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory, **choice):
+          eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel, max_memory, **choice):
     """Make a RefusaLLM: add alpha x the refusal direction as a bias at one layer, so the model
     refuses every request, coherently. With no options: default model, cached directions, the
     layer and alpha calibrated on the validation split, a before/after report on the test split."""
@@ -304,29 +304,33 @@ def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
         edit = api.streamed_steer(folder, load_directions(directions_file), choice["layer"], choice["alpha"],
-                                  choice["alpha_multiple"], plan.limit, seed, system)
+                                  choice["alpha_multiple"], plan.limit, system)
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)
     edit = api.steer(m, d, harmful, harmless, system=system, batch_size=batch_size, eval_limit=eval_limit,
-                     max_tokens=max_tokens, gen_batch_size=gen_batch_size, seed=seed, use_cache=not no_cache,
+                     max_tokens=max_tokens, gen_batch_size=gen_batch_size, use_cache=not no_cache,
                      progress=progress_bar, on_trial=print_trial, **choice)
     print_choice(edit.choice)
     _save(edit, out, force, save_dtype, t0)
 
 
 def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, batch_size, no_cache, directions_file,
-                     out, force, seed, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel,
-                     max_memory, scale, layers_text, **choice):
-    """ablate and project: the same edit with scale 1 or the given scale."""
+                     out, force, eval_limit, max_tokens, gen_batch_size, save_dtype, tensor_parallel,
+                     max_memory, scale, layers_text, search_trials=0, search_prompts=32, **choice):
+    """ablate and project: the same edit with scale 1 or the given scale; ablate --search: the
+    edit shape found by a search."""
     from mlx_refusal import api, validate
-    from mlx_refusal.cli_text import layer_evals
+    from mlx_refusal.cli_text import layer_evals, search_front
     from mlx_refusal.console import progress_bar
     from mlx_refusal.directions import load_directions
 
     t0 = time.perf_counter()
     out = out or _default_out(model_spec, kind)
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
+    api.check_search(search_trials, layer=choice["layer"] is not None, per_layer=choice["per_layer"],
+                     layers=bool(layers_text), norm_preserve=choice["norm_preserve"], max_memory=bool(max_memory),
+                     tensor_parallel=tensor_parallel)
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],
                                          layers_text=layers_text, directions_file=directions_file, system=system,
                                          note=_say)
@@ -335,24 +339,29 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, bat
     if plan is not None:
         edit = api.streamed_project(folder, load_directions(directions_file), scale, layer=choice["layer"],
                                     select=choice["select"], writer_layers=writers, per_layer=choice["per_layer"],
-                                    norm_preserve=choice["norm_preserve"], max_memory=plan.limit, seed=seed,
+                                    norm_preserve=choice["norm_preserve"], max_memory=plan.limit,
                                     system=system, kind=kind)
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)
     edit = api.project(m, d, scale, harmful, harmless, writer_layers=writers, system=system, batch_size=batch_size,
-                       eval_limit=eval_limit, max_tokens=max_tokens, gen_batch_size=gen_batch_size, seed=seed,
-                       use_cache=not no_cache, progress=progress_bar, kind=kind, **choice)
+                       eval_limit=eval_limit, max_tokens=max_tokens, gen_batch_size=gen_batch_size,
+                       use_cache=not no_cache, progress=progress_bar, kind=kind, search_trials=search_trials,
+                       search_prompts=search_prompts, **choice)
     if edit.layer_evals:
         click.echo(layer_evals(edit.layer_evals))
-    what = "each layer's own direction" if choice["per_layer"] else f"the direction of layer {edit.record['layer']}"
-    click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
-                f"{'all layers' if writers is None else f'layers {writers}'}", bold=True)
+    if edit.search:
+        click.echo(search_front(edit.search))
+    else:
+        what = "each layer's own direction" if choice["per_layer"] else f"the direction of layer {edit.record['layer']}"
+        click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
+                    f"{'all layers' if writers is None else f'layers {writers}'}", bold=True)
     _save(edit, out, force, save_dtype, t0)
 
 
 @main.command()
 @opt.orthogonal_options
+@opt.search
 def ablate(**options):
     """Abliterate: project the refusal direction out of every matrix that writes to the residual
     stream (embedding, attention output, MLP down projection), so the model stops refusing."""

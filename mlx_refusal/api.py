@@ -180,9 +180,10 @@ class Edit:
     max_memory: int | None = None
     details: dict = field(default_factory=dict)
     trials: list = field(default_factory=list)  # select.AlphaTrial of a calibrated steer
-    target: float = 0.95
+    target: float = 0.95  # what the plots mark: the refusal target of a steer, the KL bound of a search
     choice: object = None  # workflow.SteeringChoice of a steer
     layer_evals: list = field(default_factory=list)  # select.LayerEval of an evaluated layer choice
+    search: object = None  # search.SearchResult of ablate --search
 
     def save(self, out, force: bool = False, dtype: str = "bfloat16", progress: ProgressFactory | None = None,
              note: Callable[[str], None] | None = None) -> Path:
@@ -212,9 +213,14 @@ class Edit:
         from .evaluation import report_json, report_markdown
         from .select import plot_sweep
 
-        if self.trials:
+        from .search import plot_front
+
+        if self.trials or self.search:
             folder.mkdir(parents=True, exist_ok=True)
+        if self.trials:
             plot_sweep(self.trials, folder / "alpha_sweep.png", self.target)
+        if self.search:
+            plot_front(self.search, folder / "search_pareto.png", self.target)
         if self.after is None:
             return
         doc = {"before": report_json(self.before) if self.before else None, "after": report_json(self.after),
@@ -245,7 +251,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
           select: str = "evaluate", candidates: int = 3, target: float = 0.95, margin: float = 0.1,
           calibration_prompts: int = 32, voice: str = "terse", voice_multiple: float = 0.2, system: str | None = None,
           batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 64,
-          seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
+          use_cache: bool = True, progress: ProgressFactory | None = None,
           on_trial: Callable | None = None) -> Edit:
     """A RefusaLLM: alpha x the refusal direction added as a bias at one layer's resid_pre, so
     the model refuses every request. Layer and alpha are calibrated on the validation split
@@ -296,7 +302,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
 
     record = _provenance(
         d, edit="steer", layer=choice.layer, site=site, alpha=choice.alpha, alpha_multiple=choice.multiple,
-        alpha_how=choice.how, select=select, scale=None, voice=voice, seed=seed,
+        alpha_how=choice.how, select=select, scale=None, voice=voice,
         positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(choice.layer),
         metrics=None if after is None else _steer_metrics(before, after))
     if after is not None:
@@ -338,20 +344,32 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
             layer: int | None = None, select: str = "evaluate", max_kl: float = 0.2,
             writer_layers: list[int] | None = None, per_layer: bool = False, norm_preserve: bool = False,
             system: str | None = None, batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64,
-            gen_batch_size: int = 64, seed: int = 0, use_cache: bool = True, progress: ProgressFactory | None = None,
-            kind: str = "project") -> Edit:
+            gen_batch_size: int = 64, use_cache: bool = True, progress: ProgressFactory | None = None,
+            kind: str = "project", search_trials: int = 0, search_prompts: int = 32) -> Edit:
     """W <- W - scale d d^T W for every matrix writing to the residual stream (the embedding,
     attention out and MLP down projections; of `writer_layers` only, if given). The direction is
     that of `layer`, else chosen by `select` ('evaluate': Arditi et al.'s bypass score with the
-    harmless KL at most `max_kl`; 'heuristic': FailSpy's), or each layer's own with `per_layer`."""
+    harmless KL at most `max_kl`; 'heuristic': FailSpy's), or each layer's own with `per_layer`.
+    search_trials > 0: the edit shape (direction site, per-layer kernels, projection, norm
+    preservation) is found by `search.search` on the validation split instead; see `search_shape`.
+    With an evaluation, the perplexity of plain paragraphs is measured before and after."""
     from .edit import ablate as orthogonalize_writers
     from .select import candidate_layers, evaluate_layers, rank_evaluated
+
+    from .evaluation import perplexity
+    from .prompts import capability_texts
 
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
     validate.layer("--layer", layer, m.info.num_layers)
     check_directions(d, m.info)
-    evals = []
+    check_search(search_trials, layer=layer is not None, per_layer=per_layer, layers=writer_layers is not None,
+                 norm_preserve=norm_preserve, tensor_parallel=distributed.is_tensor_parallel(m.model))
+    evals, found = [], None
     decided, chosen = layer_without_running(d, per_layer, layer, select)
+    if search_trials:
+        found = search_shape(m, d, harmful, harmless, search_trials, search_prompts, max_tokens, gen_batch_size,
+                             system, max_kl, progress)
+        decided = True  # the direction is the chosen shape's (recorded under "search")
     if not decided:
         hval, lval = prompt_sets(harmful, harmless, "val", 32)
         layers = candidate_layers(d.num_layers)
@@ -363,27 +381,67 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
             raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
                             "pass --layer to choose one anyway, or raise --max-kl")
         chosen = ranked[0].layer
-    directions = d.directions if per_layer else d.direction(chosen)
+    directions = None if found else d.directions if per_layer else d.direction(chosen)
 
     hset, lset = prompt_sets(harmful, harmless, "test", eval_limit)
     base_lp = before = after = None
+    ppl = {}
     if eval_limit != 0:
         base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache)
-    summary = orthogonalize_writers(m.model, directions, layers=writer_layers, scale=scale,
-                                    norm_preserve=norm_preserve)
+        ppl["base"] = perplexity(m.model, m.tokenizer, capability_texts())
+    if found is None:
+        summary = orthogonalize_writers(m.model, directions, layers=writer_layers, scale=scale,
+                                        norm_preserve=norm_preserve)
+    else:
+        from .search import apply_shape
+
+        summary = apply_shape(m.model, d, found.chosen.shape)
     if eval_limit != 0:
         after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after", base=base_lp)
-    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+        ppl["edited"] = perplexity(m.model, m.tokenizer, capability_texts())
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
     record["summary"] = summary.as_record()
     record["metrics"] = None if after is None else {
         "harmful_refusal": after.harmful.refusal_rate, "harmless_refusal": after.harmless.refusal_rate,
-        "kl_mean": after.kl_mean, "before": {"harmful_refusal": before.harmful.refusal_rate,
-                                             "harmless_refusal": before.harmless.refusal_rate}}
+        "kl_mean": after.kl_mean, "harmful_degenerate": after.harmful.degenerate_rate, "perplexity": ppl,
+        "before": {"harmful_refusal": before.harmful.refusal_rate, "harmless_refusal": before.harmless.refusal_rate}}
+    if found is not None:
+        record.update(layer=found.chosen.shape.direction_index, norm_preserve=found.chosen.shape.norm_preserve,
+                      select="search", search=found.as_record())
     record["distributed"] = distributed.describe(m.model)
-    edit = Edit(kind, m, m.info.path, record, before, after, rewrite=_projection(directions, scale, writer_layers,
-                                                                                  norm_preserve),
-                details={"layer_evals": [e.__dict__ for e in evals]}, layer_evals=evals)
-    return edit
+    rewrite = None if found else _projection(directions, scale, writer_layers, norm_preserve)
+    return Edit(kind, m, m.info.path, record, before, after, rewrite=rewrite, layer_evals=evals, search=found,
+                details={"layer_evals": [e.__dict__ for e in evals], "perplexity": ppl}, target=max_kl)
+
+
+def check_search(search_trials: int, **given: bool) -> None:
+    """--search chooses the shape itself, on a model in memory: no option may fix part of it."""
+    if search_trials and any(given.values()):
+        raise UserError("--search chooses the direction, the layers' weights, the projection and norm preservation "
+                        "itself, in memory; drop " + ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v))
+
+
+def search_shape(m: Model, d: Directions, harmful: str, harmless: str, n_trials: int, n_prompts: int = 32,
+                 max_tokens: int = 128, batch_size: int = 64, system: str | None = None, max_kl: float = 0.2,
+                 progress: ProgressFactory | None = None):
+    """ablate --search: the optuna study (search.py) on `n_prompts` validation prompts per set,
+    resumed from the cache when one with the same weights, directions, prompts and settings
+    exists; returns the search.SearchResult (trials, Pareto front, the choice and why)."""
+    from .search import search, study_path
+
+    hval, lval = prompt_sets(harmful, harmless, "val", n_prompts)
+    storage, name = study_path({"weights": m.info.fingerprint, "directions": d.sha256(), "harmful": list(hval.texts),
+                                "harmless": list(lval.texts), "max_tokens": max_tokens, "system": system,
+                                "seed": 0})
+    with (progress or _silent)("search", n_trials) as update:
+        seen = [0]
+
+        def advance(done, _total):
+            update(done - seen[0])
+            seen[0] = done
+
+        return search(m.model, m.tokenizer, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
+                      batch_size, system, 0, advance)
 
 
 def ablate(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", **options) -> Edit:
@@ -413,10 +471,10 @@ def _projection(directions, scale, writer_layers, norm_preserve):
     return Projection(directions, scale, None if writer_layers is None else tuple(writer_layers), norm_preserve)
 
 
-def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system) -> dict:
+def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system) -> dict:
     return _provenance(
         d, edit=kind, layer=chosen, per_layer=per_layer, site="residual writers", alpha=None, scale=scale,
-        norm_preserve=norm_preserve, writer_layers=writer_layers, select=select, seed=seed,
+        norm_preserve=norm_preserve, writer_layers=writer_layers, select=select,
         positions=d.metadata.get("positions"), system=system,
         direction_sha256=d.sha256(None if per_layer else chosen), summary=None, metrics=None)
 
@@ -426,7 +484,7 @@ def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_
 
 
 def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float | None = None,
-                   alpha_multiple: float | None = None, max_memory: int | None = None, seed: int = 0,
+                   alpha_multiple: float | None = None, max_memory: int | None = None,
                    system: str | None = None) -> Edit:
     from .stream_edit import Steering
 
@@ -436,7 +494,7 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
     direction = np.asarray(d.direction(layer), np.float32)
     a = float(alpha) if alpha is not None else float(alpha_multiple) * float(d.mean_norm[layer])
     record = _provenance(d, edit="steer", layer=layer, alpha=a, alpha_multiple=a / float(d.mean_norm[layer]),
-                         alpha_how="given", select=None, scale=None, seed=seed,
+                         alpha_how="given", select=None, scale=None,
                          positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(layer),
                          metrics=None)
     return Edit("steer", None, Path(folder), record, rewrite=Steering(layer, direction, a), max_memory=max_memory)
@@ -444,7 +502,7 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
 
 def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | None = None,
                      select: str = "heuristic", writer_layers: list[int] | None = None, per_layer: bool = False,
-                     norm_preserve: bool = False, max_memory: int | None = None, seed: int = 0,
+                     norm_preserve: bool = False, max_memory: int | None = None,
                      system: str | None = None, kind: str = "project") -> Edit:
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
     decided, chosen = layer_without_running(d, per_layer, layer, select)
@@ -452,7 +510,7 @@ def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | 
         raise UserError("a streamed edit needs --layer, --per-layer or --select heuristic "
                         "(--select evaluate runs the model)")
     directions = d.directions if per_layer else d.direction(chosen)
-    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, seed, system)
+    record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
     return Edit(kind, None, Path(folder), record,
                 rewrite=_projection(directions, scale, writer_layers, norm_preserve), max_memory=max_memory)
 

@@ -58,23 +58,30 @@ max_memory = click.option(
          "in free memory.")
 scale_out = _all(max_memory, tensor_parallel)
 
-edit_outputs = _all(
-    click.option("--out", type=click.Path(path_type=Path), default=None,
-                 help="Output model folder [default: runs/<model>/<command>]."),
-    click.option("--force", is_flag=True, help="Replace --out if it already exists."),
-    click.option("--seed", default=0, show_default=True, help="Random seed (recorded in provenance)."),
-    click.option("--eval-limit", default=None, type=click.IntRange(0),
-                 help="Prompts per set for the before/after report (default: the whole test split; 0 skips the "
-                      "report)."),
-    click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1, 4096),
-                 help="New tokens per answer in the before/after report."),
-    click.option("--gen-batch-size", default=64, show_default=True, type=click.IntRange(1, 512),
-                 help="Prompts generated together in the before/after report (CPU decoding is memory-bound: "
-                      "larger batches give more tokens/s)."),
-    click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-                 show_default=True, help="Dtype of the saved weights (the edit itself is computed in float32 on "
-                                         "the CPU); bfloat16 halves the folder against float32."),
-)
+
+def _edit_outputs(max_tokens: int, why: str = ""):
+    return _all(
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Output model folder [default: runs/<model>/<command>]."),
+        click.option("--force", is_flag=True, help="Replace --out if it already exists."),
+        click.option("--eval-limit", default=None, type=click.IntRange(0),
+                     help="Prompts per set for the before/after report (default: the whole test split; 0 skips the "
+                          "report)."),
+        click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(1, 4096),
+                     help="New tokens per answer in the before/after report" + why + "."),
+        click.option("--gen-batch-size", default=64, show_default=True, type=click.IntRange(1, 512),
+                     help="Prompts generated together in the before/after report (CPU decoding is memory-bound: "
+                          "larger batches give more tokens/s)."),
+        click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+                     show_default=True, help="Dtype of the saved weights (the edit itself is computed in float32 on "
+                                             "the CPU); bfloat16 halves the folder against float32."),
+    )
+
+
+edit_outputs = _edit_outputs(64)
+# An edit that removes refusal can leave late ones ("Sure. ... However, I can't provide ..."):
+# ablate and project judge longer answers than steer, whose refusals open the answer.
+long_edit_outputs = _edit_outputs(128, " (long enough to catch refusals that come after a compliant start)")
 
 steer_options = _all(
     click.option("--layer", default=None, type=int,
@@ -114,12 +121,23 @@ orthogonal_options = _all(
                  help="Edit only the writers of these layers, e.g. 4:20 or 3,5,7 (default: all, and the embedding)."),
     click.option("--max-kl", default=0.2, show_default=True, type=click.FloatRange(0.0),
                  help="With --select evaluate, drop layers whose ablation moves the first-token KL on harmless "
-                      "validation prompts above this. Arditi et al. use 0.1; on Qwen2.5-0.5B every layer whose "
-                      "ablation removes refusal costs 0.12-0.25, so the default is the 0.2 the evaluation accepts."),
+                      "validation prompts above this (with --search: the bound of the chosen trial's KL). Arditi "
+                      "et al. use 0.1; on Qwen2.5-0.5B every layer whose ablation removes refusal costs 0.12-0.25, "
+                      "so the default is the 0.2 the evaluation accepts."),
     click.option("--per-layer", is_flag=True, help="Each layer's writers use that layer's own direction."),
     click.option("--norm-preserve", is_flag=True,
                  help="Rescale every written vector back to its original norm after the projection."),
-    positions, system, batch, cache, directions_file, edit_outputs, scale_out,
+    positions, system, batch, cache, directions_file, long_edit_outputs, scale_out,
+)
+
+search = _all(
+    click.option("--search", "search_trials", default=0, show_default=True, type=click.IntRange(0),
+                 help="Search N edit shapes (direction site, attention/MLP layer kernels, projection, norm "
+                      "preservation) with optuna TPE on the validation split, minimising harmful refusals and "
+                      "harmless KL; the Pareto trial with the fewest refusals at KL <= --max-kl is applied. "
+                      "Resumable: the study is kept in the cache. 0: the quick single-direction ablation."),
+    click.option("--search-prompts", default=32, show_default=True, type=click.IntRange(2),
+                 help="Validation prompts per set that each search trial judges."),
 )
 
 export_options = _all(

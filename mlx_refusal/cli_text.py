@@ -86,10 +86,12 @@ def evaluation(report, spec, base_spec, examples: int) -> str:
     return "\n".join(out)
 
 
-def before_after(before, after, examples: int = 3) -> str:
+def before_after(before, after, ppl: dict | None = None, examples: int = 3) -> str:
     rows = [
         ["harmful refused", pct(before.harmful.refusal_rate), pct(after.harmful.refusal_rate)],
         ["harmless refused", pct(before.harmless.refusal_rate), pct(after.harmless.refusal_rate)],
+        ["harmful degenerate", pct(before.harmful.degenerate_rate), pct(after.harmful.degenerate_rate)],
+        ["harmless degenerate", pct(before.harmless.degenerate_rate), pct(after.harmless.degenerate_rate)],
         ["harmful coherent", pct(before.harmful.coherence_rate), pct(after.harmful.coherence_rate)],
         ["harmless coherent", pct(before.harmless.coherence_rate), pct(after.harmless.coherence_rate)],
         ["harmless explained", pct(before.harmless.explained_rate), pct(after.harmless.explained_rate)],
@@ -99,6 +101,8 @@ def before_after(before, after, examples: int = 3) -> str:
     ]
     if after.kl_mean is not None:
         rows.append(["first-token KL (harmless)", "0", f"{after.kl_mean:.4f}"])
+    if ppl:
+        rows.append(["perplexity (prompts/capability.txt)", f"{ppl['base']:.3f}", f"{ppl['edited']:.3f}"])
     lines = [table(["metric", "before", "after"], rows,
                    title=f"Before / after on the test split ({before.harmful.n} harmful, {before.harmless.n} harmless)")]
     for key in ("harmful", "harmless"):
@@ -144,3 +148,17 @@ def layer_evals(evals) -> str:
     rows = [[e.layer, e.bypass, e.kl, "yes" if e.kept else "no"] for e in sorted(evals, key=lambda e: e.bypass)[:8]]
     return table(["layer", "bypass score", "KL", "kept"], rows,
                  title="Layers by bypass score (validation; lower refuses less)")
+
+
+def search_front(result) -> str:
+    """The Pareto front of an ablate --search, and which trial was chosen and why."""
+    rows = [[t.number, pct(t.refusal), pct(t.degenerate), f"{t.kl:.4f}", f"{t.shape.direction_index:.2f}",
+             t.shape.projection, "yes" if t.shape.norm_preserve else "no",
+             f"{t.shape.kernel.attn_peak:.2f}@{t.shape.kernel.attn_position:.1f}±{t.shape.kernel.attn_width:.1f}",
+             f"{t.shape.kernel.mlp_peak:.2f}@{t.shape.kernel.mlp_position:.1f}±{t.shape.kernel.mlp_width:.1f}",
+             "*" if t is result.chosen else ""] for t in result.front]
+    front = table(["trial", "refused", "degenerate", "KL", "direction", "projection", "norm kept",
+                   "attn peak@pos±width", "mlp peak@pos±width", "chosen"], rows,
+                  title=f"Pareto front of {len(result.trials)} trials ({result.new_trials} new in "
+                        f"{result.seconds:.0f} s; study {result.storage})")
+    return front + "\n" + click.style(f"chosen: {result.reason}", bold=True)

@@ -116,17 +116,6 @@ def _project_vector(b: mx.array, d: mx.array, scale: float, norm_preserve: bool)
     return out.astype(b.dtype)
 
 
-def steering_alpha(mean_residual_norm: float, multiple: float) -> float:
-    """alpha for a steering vector alpha * d_hat given as a multiple of the mean residual norm at the
-    layer (the norm is measured during capture). An absolute alpha is used as is."""
-    return float(multiple) * float(mean_residual_norm)
-
-
-def steering_vector(direction, alpha: float) -> mx.array:
-    """alpha * d_hat: what `add_steering_bias` adds to the residual stream."""
-    return float(alpha) * unit(direction)
-
-
 # ---------------------------------------------------------------------------------------------
 # Quantized modules: dequantize, edit, re-quantize with the same settings.
 
@@ -219,7 +208,8 @@ def _layer_list(model, layers) -> list[int]:
 
 def ablate(model, directions, layers: Iterable[int] | None = None, scale: float = 1.0,
            norm_preserve: bool = False, include_embedding: bool = True,
-           progress: Callable[[int, int], None] | None = None) -> EditSummary:
+           progress: Callable[[int, int], None] | None = None,
+           writer_scale: Callable[[arch.Writer], float] | None = None) -> EditSummary:
     """Orthogonalize every residual writer of `model` in place (scale=1: remove the direction;
     other signed scales: `project`).
 
@@ -230,6 +220,8 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
     token embedding. A tied embedding is untied first (always: the edit is defined on what is
     written to the residual stream, and editing a tied matrix would also change the output head;
     the cost is one vocab x hidden matrix in the saved model).
+    writer_scale: the scale of each writer instead of `scale` (e.g. `kernel_scales`); a writer
+    whose scale is 0 is left untouched (listed as skipped).
     """
     arch.check_supported(model)
     n, hidden = arch.num_layers(model), arch.hidden_size(model)
@@ -240,7 +232,8 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
         summary.untied_embeddings = untie_embeddings(model)
     for k, w in enumerate(writers):
         d = rows[w.layer + 1]
-        if d is None:
+        s = scale if writer_scale is None else float(writer_scale(w))
+        if d is None or s == 0.0:
             summary.skipped.append(w.path)
             continue
         module = arch.get_module(model, w.path)
@@ -249,9 +242,9 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
         W = _read_weight(module)
         if W.ndim not in ((2,) if w.kind == "embedding" else (2, 3)):
             raise UnsupportedEdit(f"{w.path} has a weight of shape {tuple(W.shape)}, which this tool cannot edit")
-        _write_weight(module, orthogonalize(W, d, scale, w.kind, norm_preserve))
+        _write_weight(module, orthogonalize(W, d, s, w.kind, norm_preserve))
         if w.kind == "linear" and "bias" in module:
-            module.bias = _project_vector(module.bias, d, scale, norm_preserve)
+            module.bias = _project_vector(module.bias, d, s, norm_preserve)
         mx.eval(module.parameters())  # one matrix at a time: bounded memory, honest progress
         if is_quantized(module):
             summary.requantized.append(w.path)
@@ -259,6 +252,80 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
         if progress is not None:
             progress(k + 1, len(writers))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit shapes: which direction, and how strongly each layer's writers are edited.
+
+def layer_kernel(num_layers: int, peak: float, position: float, width: float) -> np.ndarray:
+    """Weight of each block 0..num_layers-1: `peak` at `position` (fractional allowed), falling
+    linearly with the distance to 0 at `width` blocks away and beyond. A tent rather than one
+    weight everywhere: the refusal feature is written by a band of layers, and editing far
+    outside that band only costs KL."""
+    if width <= 0:
+        raise UserError(f"a kernel width must be positive, not {width}")
+    distance = np.abs(np.arange(num_layers, dtype=np.float64) - float(position))
+    return (float(peak) * np.clip(1.0 - distance / float(width), 0.0, None)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One tent (`layer_kernel`) per writer kind: attention output (o_proj) and MLP down."""
+
+    attn_peak: float
+    attn_position: float
+    attn_width: float
+    mlp_peak: float
+    mlp_position: float
+    mlp_width: float
+
+
+def kernel_scales(kernel: Kernel, num_layers: int) -> Callable[[arch.Writer], float]:
+    """`ablate`'s writer_scale for a kernel: each block's o_proj and down_proj get their tent's
+    weight at that block; the embedding gets 0 (left as is)."""
+    attn = layer_kernel(num_layers, kernel.attn_peak, kernel.attn_position, kernel.attn_width)
+    mlp = layer_kernel(num_layers, kernel.mlp_peak, kernel.mlp_position, kernel.mlp_width)
+
+    def scale(w: arch.Writer) -> float:
+        if w.kind == "embedding":
+            return 0.0
+        return float((mlp if w.path.endswith("down_proj") else attn)[w.layer])
+
+    return scale
+
+
+def interpolated_direction(directions, index: float) -> np.ndarray:
+    """The unit direction at a fractional site `index` of per-site rows [sites, hidden]: the two
+    neighbouring rows, each made unit, mixed linearly and renormalised. Index 14.3 is 70% row 14
+    and 30% row 15 (an integer index is that row, made unit)."""
+    rows = np.asarray(directions, np.float64)
+    if not 0 <= index <= rows.shape[0] - 1:
+        raise UserError(f"direction index {index} is out of range 0..{rows.shape[0] - 1}")
+    lo = int(np.floor(index))
+    hi, t = min(lo + 1, rows.shape[0] - 1), float(index) - lo
+    a, b = (np.asarray(unit(rows[i]), np.float64) for i in (lo, hi))
+    mix = (1.0 - t) * a + t * b
+    return np.asarray(unit(mix.astype(np.float32)))
+
+
+def without_component(d, along) -> np.ndarray:
+    """`d` with its component along `along` removed, renormalised (the "projected" direction:
+    removing the harmless mean's share leaves what tells harmful from harmless, and less of what
+    every prompt shares). A zero `along` leaves d as is."""
+    dv = np.asarray(unit(d), np.float64)
+    a = np.asarray(along, np.float64)
+    n = np.linalg.norm(a)
+    if n > 0:
+        a = a / n
+        dv = dv - (dv @ a) * a
+    return np.asarray(unit(dv.astype(np.float32)))
+
+
+def biprojected_rows(direction, harmless_means) -> np.ndarray:
+    """Biprojection: one direction (measured at one layer) for every site, each row projected
+    against *that site's* harmless mean [sites, hidden], so each writer removes the direction
+    without touching the mean of the stream it writes to."""
+    return np.stack([without_component(direction, m) for m in np.asarray(harmless_means, np.float32)])
 
 
 # ---------------------------------------------------------------------------------------------

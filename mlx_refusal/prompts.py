@@ -265,3 +265,12 @@ def resolve_prompts(spec_or_path, split: str = "all") -> PromptSet:
         raise UserError(f"prompt set '{spec_or_path}' is neither a bundled set ({', '.join(BUNDLED_NAMES)}) "
                         f"nor an existing file; pass one of those or a .txt/.json/.jsonl/.csv path")
     return split_of(load_prompts(path), split)
+
+
+CAPABILITY_FILE = BUNDLED_DIR / "capability.txt"
+
+
+def capability_texts() -> list[str]:
+    """The bundled harmless paragraphs (prompts/capability.txt, blank-line separated) whose
+    perplexity tells whether an edit hurt plain language modelling."""
+    return [" ".join(p.split()) for p in _read_text(CAPABILITY_FILE).split("\n\n") if p.strip()]

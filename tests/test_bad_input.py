@@ -106,6 +106,8 @@ CASES = {
                                   "--layer 9 is out of range"),
     "--layers 5:3": (lambda f: ["ablate", *m(f), "--layers", "5:3"], "empty range (the end must be above the start)"),
     "--layers past the end": (lambda f: ["ablate", *m(f), "--layers", "1:99"], "'1:99' is out of range"),
+    "--search with --layer": (lambda f: ["ablate", *m(f), "--search", "4", "--layer", "1"],
+                              "--search chooses the direction"),
     "empty prompt file": (lambda f: ["directions", *m(f), "--harmful", f["empty.txt"]], "contains no prompts"),
     "whitespace-only prompt file": (lambda f: ["directions", *m(f), "--harmful", f["blank.txt"]], "contains no prompts"),
     "NUL in a prompt file": (lambda f: ["directions", *m(f), "--harmful", f["nul.txt"]], "contains a NUL byte (line 2)"),

@@ -47,7 +47,7 @@ def steered_bundle(tiny_qwen2, tmp_path_factory) -> tuple[Path, Path]:
     ONNX exporter; also a copy exported with the page beside it (--with-page)."""
     import mlx_lm
 
-    from mlx_refusal.edit import add_steering_bias, steering_vector
+    from mlx_refusal.edit import add_steering_bias
     from mlx_refusal.onnx import export_onnx
     from mlx_refusal.save import save_model
 
@@ -56,7 +56,7 @@ def steered_bundle(tiny_qwen2, tmp_path_factory) -> tuple[Path, Path]:
     rng = np.random.default_rng(7)
     d = rng.standard_normal(model.args.hidden_size).astype(np.float32)
     d /= np.linalg.norm(d)
-    v = np.asarray(steering_vector(d, ALPHA))
+    v = ALPHA * d  # d is unit
     add_steering_bias(model, LAYER, v)
     record = {"edit": "steer", "alpha": ALPHA, "model": {"spec": "tiny-qwen2", "model_type": "qwen2"},
               "prompts": {"harmful": {"name": "tiny", "n": 4}, "harmless": {"name": "tiny", "n": 4}}}

@@ -317,12 +317,6 @@ def test_steering_input_errors(tiny_qwen2):
         edit.add_steering_bias(model, 1, np.full(64, np.inf, np.float32))
 
 
-def test_steering_alpha_helpers():
-    assert edit.steering_alpha(12.5, 0.4) == pytest.approx(5.0)
-    v = edit.steering_vector(np.array([3.0, 4.0], np.float32), -2.0)
-    np.testing.assert_allclose(np.array(v), [-1.2, -1.6], rtol=1e-6)
-
-
 def test_interventions_restore_the_model_even_on_error(tiny_llama):
     model = load(tiny_llama)
     blocks = list(model.model.layers)

@@ -13,7 +13,7 @@ from mlx_lm import load as mlx_load
 from mlx_refusal import batching
 from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
-from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker
+from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker, verdict
 
 # Prompts of very different token lengths, so a batch needs real left padding.
 PROMPTS = [
@@ -49,8 +49,6 @@ def qwen2(tiny_qwen2):
     "  > I apologize, but that request is something I must decline.",  # block quote
     "AS AN AI LANGUAGE MODEL, I do not give such advice.",
     "Hacking into accounts is illegal and unethical. Instead ...",
-    "",
-    "   \n\t ",  # an empty answer is a refusal
 ])
 def test_refusals_are_recognised_after_normalisation(text):
     assert is_refusal(text)
@@ -64,6 +62,11 @@ def test_refusals_are_recognised_after_normalisation(text):
 ])
 def test_compliant_answers_are_not_refusals(text):
     assert not is_refusal(text)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "..."])
+def test_an_empty_answer_is_degenerate_not_a_refusal(text):
+    assert not is_refusal(text) and verdict(text).degenerate and verdict(text).kind == "empty"
 
 
 def test_judge_reads_only_the_opening_window():
@@ -439,3 +442,23 @@ def test_real_model_judge_and_batched_generation(reference):
     lp = ev.first_token_logprobs(model, tok, REAL_PROMPTS, batch_size=16)
     one = ev.first_token_logprobs(model, tok, REAL_PROMPTS, batch_size=1)
     assert float(ev.kl_divergence(one, lp).max()) < 1e-4
+
+
+# --------------------------------------------------------------------------- capability check
+
+
+def test_perplexity_is_the_mean_next_token_likelihood_and_ignores_padding(qwen2):
+    from mlx_refusal.prompts import capability_texts
+
+    model, tok = qwen2
+    texts = capability_texts()
+    assert len(texts) == 20 and len(set(texts)) == 20 and all(len(t.split()) >= 40 for t in texts)
+    few = texts[:3]
+    nll, n = 0.0, 0
+    for t in few:  # one text at a time, no padding
+        ids = mx.array([tok.encode(t)])
+        lp = ev._log_softmax(model(ids[:, :-1]))
+        nll -= float(mx.take_along_axis(lp, ids[:, 1:, None], axis=-1).sum().item())
+        n += ids.shape[1] - 1
+    assert ev.perplexity(model, tok, few, batch_size=3) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert ev.perplexity(model, tok, few, batch_size=1) == pytest.approx(math.exp(nll / n), rel=1e-4)

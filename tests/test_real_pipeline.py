@@ -35,22 +35,28 @@ def steered(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablate") / "abliterated"
-    run_cli("ablate", "--out", out)
+    # 64 tokens, not the default 128: the report on the whole test split costs half the CI time
+    run_cli("ablate", "--out", out, "--max-tokens", "64")
     return out
 
 
 def test_steer_refuses_everything_coherently(steered):
     report = json.loads((steered / "report" / "report.json").read_text())
-    after = report["after"]["sets"] if "sets" in report["after"] else report["after"]
     record = json.loads((steered / "refusal_edit.json").read_text())
     metrics = record["metrics"]
+    # the record's figures are the report's, which are the judged records'
+    after = report["after"]["sets"]
+    assert metrics["harmless_refusal"] == after["harmless"]["refusal_rate"]
+    harmless = [r for r in report["after"]["records"] if r["set"] == "harmless"]
+    assert after["harmless"]["refusal_rate"] == pytest.approx(sum(r["refused"] for r in harmless) / len(harmless))
     assert metrics["harmless_refusal"] >= 0.95, metrics
     assert metrics["harmful_refusal"] >= 0.98, metrics
     assert metrics["harmless_coherence"] >= 0.95 and metrics["harmful_coherence"] >= 0.95, metrics
     # it was the edit that did it (the unedited model hedges on ~11% of harmless prompts)
     assert metrics["before"]["harmless_refusal"] <= 0.2
     assert record["edit"] == "steer" and record["alpha_how"] == "calibrated"
-    assert (steered / "report" / "alpha_sweep.png").exists() and after
+    assert (steered / "report" / "alpha_sweep.png").stat().st_size > 0
+    assert report["choice"]["layer"] == record["layer"] and report["choice"]["trials"]
 
 
 def test_steer_reports_the_voice(steered):
