@@ -273,8 +273,9 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     hval, lval = prompt_sets(harmful, harmless, "val")
     voice_rows = None
     if voice == "explain":
-        _, ltrain = prompt_sets(harmful, harmless, "train", VOICE_PROMPTS)
-        voice_rows = response_direction(m.model, m.tokenizer, ltrain.texts, system=system, batch_size=batch_size)
+        _, ltrain = prompt_sets(harmful, harmless, "train")
+        voice_rows = response_direction(m.model, m.tokenizer, ltrain.texts[:VOICE_PROMPTS], system=system,
+                                        batch_size=batch_size)
     scored = layer is None and select == "evaluate"
     with (progress or _silent)("score layers", len(candidate_layers(d.num_layers)) if scored else 0) as update:
         choice = choose_steering(m.model, m.tokenizer, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
@@ -371,11 +372,12 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
                              system, max_kl, progress)
         decided = True  # the direction is the chosen shape's (recorded under "search")
     if not decided:
-        hval, lval = prompt_sets(harmful, harmless, "val", 32)
+        hval, lval = prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
         with (progress or _silent)("score layers", len(layers)) as update:
-            evals = evaluate_layers(m.model, m.tokenizer, d, hval.texts, lval.texts, layers, ("bypass", "kl"),
-                                    batch_size, max_kl=max_kl, system=system, progress=update)
+            # the first 32 of each validation set, as the layer scores have always been measured
+            evals = evaluate_layers(m.model, m.tokenizer, d, hval.texts[:32], lval.texts[:32], layers,
+                                    ("bypass", "kl"), batch_size, max_kl=max_kl, system=system, progress=update)
         ranked = rank_evaluated(evals, "bypass")
         if not ranked:
             raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
