@@ -296,7 +296,7 @@ def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache
 
     t0 = time.perf_counter()
     out = out or _default_out(model_spec, "steer")
-    api._check_strength(choice["alpha"], choice["alpha_multiple"])
+    api.check_strength(choice["alpha"], choice["alpha_multiple"])
     if choice["voice"] == "explain" and tensor_parallel:
         raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],

@@ -148,14 +148,21 @@ def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, de
 
     total = len(hset) + len(lset) + (len(lset) if base is not None else 0)
     with (progress or _silent)(desc, total) as update:
-        seen = [0]
-
-        def advance(done, _total):  # evaluate counts cumulatively; the protocol takes increments
-            update(done - seen[0])
-            seen[0] = done
-
         return judge_answers(m.model, m.tokenizer, hset, lset, base=base, max_tokens=max_tokens,
-                             batch_size=batch_size, progress=advance, system=system, cache_key=cache_key)
+                             batch_size=batch_size, progress=_increments(update), system=system,
+                             cache_key=cache_key)
+
+
+def _increments(update):
+    """A `progress(done, total)` callback that counts cumulatively (evaluation, search), turned
+    into the protocol's `update(n_new)`."""
+    seen = [0]
+
+    def advance(done, _total):
+        update(done - seen[0])
+        seen[0] = done
+
+    return advance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +186,15 @@ class Edit:
     rewrite: object = None  # stream_edit.Steering | Projection: the edit, for a shard-by-shard rewrite
     max_memory: int | None = None
     details: dict = field(default_factory=dict)
-    trials: list = field(default_factory=list)  # select.AlphaTrial of a calibrated steer
     target: float = 0.95  # what the plots mark: the refusal target of a steer, the KL bound of a search
     choice: object = None  # workflow.SteeringChoice of a steer
     layer_evals: list = field(default_factory=list)  # select.LayerEval of an evaluated layer choice
     search: object = None  # search.SearchResult of ablate --search
+
+    @property
+    def trials(self) -> list:
+        """The calibration trials (select.AlphaTrial) of a steer, in order."""
+        return self.choice.trials if self.choice is not None else []
 
     def save(self, out, force: bool = False, dtype: str = "bfloat16", progress: ProgressFactory | None = None,
              note: Callable[[str], None] | None = None) -> Path:
@@ -264,7 +275,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     from .voice import response_direction
     from .workflow import choose_steering
 
-    _check_strength(alpha, alpha_multiple)
+    check_strength(alpha, alpha_multiple)
     validate.layer("--layer", layer, m.info.num_layers)
     if voice == "explain" and distributed.is_tensor_parallel(m.model):
         # the sharded save rewrites one steering term from the source; the voice adds a second
@@ -320,11 +331,11 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
                           "layer_evals": [e.__dict__ for e in choice.layer_evals]}}
     edit = Edit("steer", m, m.info.path, record, before, after, steering=terms,
                 rewrite=Steering(choice.layer, direction, choice.alpha), details=details,
-                trials=choice.trials, target=target, choice=choice)
+                target=target, choice=choice)
     return edit
 
 
-def _check_strength(alpha, alpha_multiple) -> None:
+def check_strength(alpha, alpha_multiple) -> None:
     if alpha is not None and alpha_multiple is not None:
         raise UserError("--alpha and --alpha-multiple were both given; give only one of them")
     validate.finite("--alpha", alpha, positive=True)
@@ -436,14 +447,8 @@ def search_shape(m: Model, d: Directions, harmful: str, harmless: str, n_trials:
                                 "harmless": list(lval.texts), "max_tokens": max_tokens, "system": system,
                                 "seed": 0})
     with (progress or _silent)("search", n_trials) as update:
-        seen = [0]
-
-        def advance(done, _total):
-            update(done - seen[0])
-            seen[0] = done
-
         return search(m.model, m.tokenizer, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
-                      batch_size, system, 0, advance)
+                      batch_size, system, 0, _increments(update))
 
 
 def ablate(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", **options) -> Edit:
@@ -490,7 +495,7 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
                    system: str | None = None) -> Edit:
     from .stream_edit import Steering
 
-    _check_strength(alpha, alpha_multiple)
+    check_strength(alpha, alpha_multiple)
     if layer is None or (alpha is None and alpha_multiple is None):
         raise UserError("a streamed steer needs --layer and --alpha or --alpha-multiple (choosing them runs the model)")
     direction = np.asarray(d.direction(layer), np.float32)
