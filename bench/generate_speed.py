@@ -80,8 +80,8 @@ def matmul_weights(model) -> tuple[int, int]:
         if name.endswith("weight") and w.ndim == 2:
             macs += w.size
             nbytes += w.nbytes
-    head = evaluate._output_projection(model)
-    w = head.weight if hasattr(head, "weight") else arch.decoder(model).embed_tokens.weight
+    head = getattr(model, "lm_head", None)
+    w = head.weight if head is not None else arch.embedding(model).weight
     return macs + w.size, nbytes + w.nbytes
 
 

@@ -21,6 +21,7 @@ class Writer:
     path: str  # dotted parameter path of the module, e.g. "model.layers.3.self_attn.o_proj"
     kind: str  # "embedding" (rows are written vectors) or "linear" (columns are)
     layer: int  # -1 for the embedding (it writes before layer 0)
+    role: str = "embedding"  # "embedding", "attention" (a block's attention output) or "mlp"
 
 
 def family(model_type: str) -> Family:
@@ -37,11 +38,11 @@ def check_supported(model) -> Family:
 
 def decoder(model):
     """The inner decoder that owns embed_tokens, layers and norm."""
-    return model.model
+    return get_module(model, check_supported(model).decoder_path)
 
 
 def layers(model) -> list:
-    return decoder(model).layers
+    return get_module(model, check_supported(model).layers_path)
 
 
 def num_layers(model) -> int:
@@ -52,16 +53,25 @@ def hidden_size(model) -> int:
     return int(model.args.hidden_size)
 
 
+def layer_path(model, i: int) -> str:
+    return check_supported(model).layer_path(i)
+
+
+def embedding(model):
+    return get_module(model, check_supported(model).embedding_path)
+
+
 def residual_writers(model, layer_range: range | None = None, include_embedding: bool = True) -> list[Writer]:
     """Matrices that write to the residual stream: the token embedding, then per layer the
-    attention output projection and the MLP down projection."""
-    check_supported(model)
+    attention output projection and the MLP down projection (paths from the model's family)."""
+    fam = check_supported(model)
     n = num_layers(model)
     rng = range(n) if layer_range is None else layer_range
-    out = [Writer("model.embed_tokens", "embedding", -1)] if include_embedding else []
+    out = [Writer(fam.embedding_path, "embedding", -1)] if include_embedding else []
     for i in rng:
-        out.append(Writer(f"model.layers.{i}.self_attn.o_proj", "linear", i))
-        out.append(Writer(f"model.layers.{i}.mlp.down_proj", "linear", i))
+        attn, mlp = fam.writer_paths(i)
+        out.append(Writer(attn, "linear", i, "attention"))
+        out.append(Writer(mlp, "linear", i, "mlp"))
     return out
 
 
@@ -76,15 +86,16 @@ def has_tied_embeddings(model) -> bool:
     return bool(getattr(model.args, "tie_word_embeddings", False)) or not hasattr(model, "lm_head")
 
 
-def steering_site(layer: int) -> str:
-    """Where a vector added at resid_pre of `layer` lives in the weights.
+def logits(model, hidden):
+    """Logits of final hidden states (the decoder's output, after its norm), computed the way the
+    model's own `__call__` does, soft-capping included where the family has it."""
+    return check_supported(model).logits(model, hidden)
 
-    Layer 0: added to every embedding row (exact: resid_pre[0] is the embedding itself).
-    Layer L > 0: the bias of block L-1's MLP down projection, the last write of that block, so
-    it reaches resid_pre[L] and nothing inside block L-1 sees it. (An attention o_proj bias
-    would also feed block L-1's MLP: that is resid_mid of L-1, not resid_pre of L.)
-    """
-    return "model.embed_tokens" if layer == 0 else f"model.layers.{layer - 1}.mlp.down_proj"
+
+def steering_site(model, layer: int) -> str:
+    """Where a vector added at resid_pre of `layer` lives in `model`'s weights (see
+    `Family.steering_site`)."""
+    return check_supported(model).steering_site(layer)
 
 
 def stock_config(config: dict, needs_output_bias: bool) -> dict:

@@ -256,7 +256,7 @@ def cached_capture(
 
     where = positions if prefill is None else "response:" + prefill
     key = capture_key(fingerprint, prompts, getattr(tokenizer, "chat_template", None), system, where,
-                      str(arch.decoder(model).embed_tokens.weight.dtype))
+                      str(arch.embedding(model).weight.dtype))
     root = cache_dir("activations")
     if use_cache:
         hit = load_cached(root, key)

@@ -158,7 +158,7 @@ def untie_embeddings(model) -> bool:
     untied. The saved config then says tie_word_embeddings: false."""
     if not arch.has_tied_embeddings(model):
         return False
-    emb = arch.decoder(model).embed_tokens
+    emb = arch.embedding(model)
     if is_quantized(emb):
         vocab, hidden = emb.weight.shape[0], arch.hidden_size(model)
         head = nn.QuantizedLinear(hidden, vocab, bias=False, group_size=emb.group_size, bits=emb.bits,
@@ -289,7 +289,7 @@ def kernel_scales(kernel: Kernel, num_layers: int) -> Callable[[arch.Writer], fl
     def scale(w: arch.Writer) -> float:
         if w.kind == "embedding":
             return 0.0
-        return float((mlp if w.path.endswith("down_proj") else attn)[w.layer])
+        return float((mlp if w.role == "mlp" else attn)[w.layer])
 
     return scale
 
@@ -341,7 +341,7 @@ def add_steering_bias(model, layer: int, vector) -> str:
 
     layer 0: added to every embedding row (exactly resid_pre of layer 0; a tied embedding is
     untied first so the output head stays the same). layer L > 0: added to the bias (created if
-    absent) of the module `arch.steering_site(L)` names, inside block L - 1. Quantized weights are
+    absent) of the module `arch.steering_site(model, L)` names, inside block L - 1. Quantized weights are
     untouched by a bias edit; at layer 0 a quantized embedding is re-quantized.
     """
     n = arch.num_layers(model)
@@ -352,7 +352,7 @@ def add_steering_bias(model, layer: int, vector) -> str:
         raise UserError(f"steering vector has shape {tuple(v.shape)}; expected ({arch.hidden_size(model)},)")
     if not bool(mx.all(mx.isfinite(v)).item()):
         raise UserError("the steering vector is not finite; check alpha and the direction")
-    site = arch.steering_site(layer)
+    site = arch.steering_site(model, layer)
     if layer == 0:
         untie_embeddings(model)
         emb = arch.get_module(model, site)

@@ -58,21 +58,14 @@ def _pad_id(tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _output_projection(model):
-    """hidden -> logits, as the model's own __call__ applies it after the final norm."""
-    if hasattr(model, "lm_head"):
-        return model.lm_head
-    return arch.decoder(model).embed_tokens.as_linear
-
-
 def _logits_at(model, tokens: mx.array, cache: list, last: mx.array | None = None) -> mx.array:
     """Logits [batch, vocab] at column `last[b]` of each row of `tokens` (default: the final
-    column), filling `cache`. Only those positions go through the output projection."""
+    column), filling `cache`. Only those positions go through the model's head (`arch.logits`)."""
 
     def pick(x):
         return x[:, -1, :] if last is None else x[mx.arange(x.shape[0]), last]
 
-    return _output_projection(model)(pick(arch.decoder(model)(tokens, cache=cache)))
+    return arch.logits(model, pick(arch.decoder(model)(tokens, cache=cache)))
 
 
 @dataclass

@@ -257,7 +257,7 @@ def build_config(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
     if eps is None:
         raise UserError(f"GGUF metadata lacks '{p}attention.layer_norm_rms_epsilon' (RMSNorm models only)")
     cfg = {
-        "architectures": [fam.hf_architecture],
+        "architectures": [fam.hf_architecture()],
         "model_type": fam.model_types[0],
         "hidden_size": hidden,
         "num_hidden_layers": _int_hparam(meta, p + "block_count"),
@@ -353,36 +353,17 @@ def llama3_rope_scaling(factors: np.ndarray, base: float, dims: int, original_co
 # tensors
 
 
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
-
-def hf_name(gguf_name: str) -> str:
-    """GGUF tensor name -> HF/mlx_lm parameter name ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
+def hf_name(gguf_name: str, fam: families.Family) -> str:
+    """GGUF tensor name -> HF/mlx_lm parameter name by the family's tensor map
+    ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight')."""
     stem, _, suffix = gguf_name.rpartition(".")
     if suffix not in ("weight", "bias"):
         raise UserError(f"unexpected GGUF tensor '{gguf_name}'; this model layout is not supported")
-    if stem in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+    if stem in fam.gguf_global_tensors:
+        return f"{fam.gguf_global_tensors[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in fam.gguf_layer_tensors:
+        return f"{fam.layer_path(int(parts[1]))}.{fam.gguf_layer_tensors[parts[2]]}.{suffix}"
     raise UserError(f"unexpected GGUF tensor '{gguf_name}'; this model layout is not supported")
 
 
@@ -404,7 +385,8 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
     the llama3 `rope_freqs` divisors or None)."""
     from gguf.quants import dequantize
 
-    permuted = families.get(config["model_type"]).gguf_qk_permuted
+    fam = families.get(config["model_type"])
+    permuted = fam.gguf_qk_permuted
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     weights, types, rope_freqs = {}, Counter(), None
     total = len(reader.tensors)
@@ -426,7 +408,7 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
         if t.name == "rope_freqs.weight":
             rope_freqs = arr
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, fam)
         if permuted and (".q_proj." in name or ".k_proj." in name):
             arr = unpermute_qk(arr, heads if ".q_proj." in name else kv_heads)
         weights[name] = arr
@@ -436,11 +418,11 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
 
 
 def _check_weights(weights: dict, config: dict) -> None:
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    fam = families.get(config["model_type"])
+    expected = {f"{fam.gguf_global_tensors[stem]}.weight" for stem in ("token_embd", "output_norm")}
     for i in range(config["num_hidden_layers"]):
-        for part in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            expected.add(f"model.layers.{i}.{part}.weight")
+        for part in fam.gguf_required:
+            expected.add(f"{fam.layer_path(i)}.{part}.weight")
     missing = sorted(expected - set(weights))
     if missing:
         raise UserError(f"GGUF lacks {len(missing)} expected tensors (first: {missing[0]}); the file is incomplete")

@@ -3,7 +3,7 @@
 Residual sites follow the directions file: site l < L is resid_pre of layer l (the input of
 block l, so site 0 is the embedding output); site L is the output of the last block (the input of
 the final norm). An intervention temporarily replaces a submodule (a decoder block
-`model.model.layers[i]`, or a residual writer inside one) with a small `nn.Module` wrapper that
+(`model.model.layers[i]` in mlx_lm's Llama layout), or a residual writer inside one) with a small `nn.Module` wrapper that
 transforms its input and/or output, and puts the original back on exit, even when the forward pass
 raises. mlx_lm itself is never patched.
 
@@ -106,7 +106,7 @@ def hooked_layers(model, before: Mapping[int, Transform] | None = None,
     for i in set(before) | set(after):
         if not 0 <= i < n:
             raise UserError(f"layer {i} is out of range; this model has layers 0..{n - 1}")
-    hooks = {f"model.layers.{i}": (before.get(i), after.get(i)) for i in sorted(set(before) | set(after))}
+    hooks = {arch.layer_path(model, i): (before.get(i), after.get(i)) for i in sorted(set(before) | set(after))}
     with hooked_modules(model, hooks):
         yield model
 

@@ -152,12 +152,12 @@ def _unit_np(direction) -> np.ndarray:
     return d
 
 
-def _site_name(layer: int) -> str:
-    site = arch.steering_site(int(layer))
+def _site_name(fam: arch.Family, layer: int) -> str:
+    site = fam.steering_site(int(layer))
     return site if int(layer) == 0 else f"{site}.bias"
 
 
-def _steering_entries(steering) -> tuple[dict, dict]:
+def _steering_entries(steering, fam: arch.Family) -> tuple[dict, dict]:
     """steering.safetensors arrays and the record fields they imply.
 
     `steering` is a list of SteeringTerm (the first is the primary, refusal term) or, as before
@@ -180,7 +180,7 @@ def _steering_entries(steering) -> tuple[dict, dict]:
                             "vector of the hidden size")
         arrays[f"term{i}.vector"] = mx.array(float(t.alpha) * d)
         arrays[f"term{i}.direction"] = mx.array(d)
-        listed.append({"name": t.name, "layer": int(t.layer), "site": _site_name(t.layer), "alpha": float(t.alpha),
+        listed.append({"name": t.name, "layer": int(t.layer), "site": _site_name(fam, t.layer), "alpha": float(t.alpha),
                        "multiple": None if t.multiple is None else float(t.multiple),
                        "direction_sha256": array_sha256(d)})
     first = listed[0]
@@ -242,7 +242,7 @@ def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str
     record = dict(edit_record)
     steering_arrays = None
     if steering is not None:
-        steering_arrays, fields = _steering_entries(steering)
+        steering_arrays, fields = _steering_entries(steering, arch.family(config.get("model_type", "")))
         for k, v in fields.items():
             record.setdefault(k, v)
         record["steering"] = fields["steering"]  # always the terms actually written

@@ -181,7 +181,7 @@ def _lazy_model(folder: Path, dtype: str):
 def _apply(model, edit: Projection | Steering, here: set[str]) -> None:
     """The edit, evaluating only the writers whose weight is stored in `here`; structure
     (untied head, steering bias) changes whatever `here` is."""
-    emb_here = any(n.startswith("model.embed_tokens.") for n in here)
+    emb_here = any(n.startswith(arch.check_supported(model).embedding_path + ".") for n in here)
     if isinstance(edit, Steering):
         if edit.layer > 0 or emb_here:
             add_steering_bias(model, edit.layer, edit.vector)

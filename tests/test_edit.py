@@ -267,7 +267,7 @@ def test_steering_bias_equals_runtime_addition(request, fixture, layer):
     with interventions.adding_at(model, layer, v):
         expected = model(TOKENS)
     site = edit.add_steering_bias(model, layer, v)
-    assert site == ("model.embed_tokens" if layer == 0 else arch.steering_site(layer) + ".bias")
+    assert site == ("model.embed_tokens" if layer == 0 else arch.steering_site(model, layer) + ".bias")
     assert max_diff(model(TOKENS), expected) <= 1e-4
 
 

@@ -39,8 +39,7 @@ def _gguf_config(cfg: dict, meta: dict, tensor_names: set) -> dict:
 
 FAMILY = Family(
     name="llama",
-    model_types=("llama", "mistral"),
-    hf_architecture="LlamaForCausalLM",
+    hf_architectures={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"},
     gguf_architecture="llama",
     gguf_config=_gguf_config,
     steering_config=_steering_config,

@@ -7,7 +7,7 @@ source lacks, except the steering bias itself).
 from __future__ import annotations
 
 from ..errors import UserError
-from . import Family
+from . import Family, GraphNeeds
 from .llama import as_llama_with_biases
 
 
@@ -26,9 +26,9 @@ def _gguf_config(cfg: dict, meta: dict, tensor_names: set) -> dict:
 
 FAMILY = Family(
     name="qwen2",
-    model_types=("qwen2",),
-    hf_architecture="Qwen2ForCausalLM",
+    hf_architectures={"qwen2": "Qwen2ForCausalLM"},
     gguf_architecture="qwen2",
     gguf_config=_gguf_config,
     steering_config=_steering_config,
+    graph=GraphNeeds(biases=("q_proj", "k_proj", "v_proj")),
 )

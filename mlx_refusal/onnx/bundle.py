@@ -1,7 +1,7 @@
 """`export_onnx`: an mlx_lm folder (plain or edited) -> a folder transformers.js / onnxruntime-web load.
 
     WEBDIR/
-      config.json              HF-style config (model_type qwen2 / llama / qwen3 / mistral)
+      config.json              HF-style config (the source family's model_type and HF architecture)
       generation_config.json
       tokenizer.json
       tokenizer_config.json    with the chat template
@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, families
 from ..atomic import atomic_directory, check_replaceable
 from ..errors import UserError
 from ..loading import weight_fingerprint
@@ -52,8 +52,6 @@ DTYPES = tuple(DTYPE_FILES)
 EXPORT_RECORD = "export.json"
 STEERING_RECORD = "steering.json"
 
-_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 @dataclass
@@ -210,13 +208,13 @@ def web_model_type(src: SourceModel) -> str:
     """The model_type transformers.js should see. A steered Qwen2 is saved for mlx_lm as `llama` with
     attention_bias; the graph carries every bias itself, so the page gets the source family back."""
     source_type = ((src.edit or {}).get("model") or {}).get("model_type")
-    return source_type if source_type in _ARCHITECTURES else src.spec.model_type
+    return source_type if source_type in families.SUPPORTED else src.spec.model_type
 
 
 def hf_config(src: SourceModel, model_type: str, external: dict[str, int]) -> dict:
     spec, cfg = src.spec, src.config
     out = {
-        "architectures": [_ARCHITECTURES.get(model_type, "LlamaForCausalLM")],
+        "architectures": [families.get(model_type).hf_architecture(model_type)],
         "model_type": model_type,
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,

@@ -20,8 +20,10 @@ without the vector and adds steering_scale * vector at the same place, so 0 is e
 original model and 1 exactly the edited one.
 
 Only standard ONNX ops (opset 18), so onnxruntime-web's wasm build runs every node.
-The computation mirrors mlx_lm's llama/qwen2/qwen3 modules: RMSNorm, rotate-half RoPE,
-grouped-query attention, SwiGLU, residual adds.
+The computation mirrors mlx_lm's Llama-style modules: pre-norm blocks, rotate-half RoPE,
+grouped-query attention, a gated MLP, residual adds; the family (`spec.graph`, a
+`families.GraphNeeds`) says which norm and gate activation, whether q/k heads are normed, and
+which projections carry biases.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import UserError
 from .files import GRAPH_MARGIN, PROTOBUF_LIMIT, external_data_name
 from .source import EMBEDDING_SITE, DecoderSpec, Steering
 
@@ -160,6 +163,21 @@ def _nonzero(a: np.ndarray | None) -> bool:
     return a is not None and bool(np.any(a != 0))
 
 
+def _rms_norm(b: _Builder, x: str, w: np.ndarray, tag: str, eps: float) -> str:
+    mean_sq = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1]), keepdims=1, name=f"{tag}.mean_sq")
+    inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.const(eps, np.float32))), name=f"{tag}.inv_rms")
+    return b.op("Mul", b.op("Mul", x, inv), b.weight(f"{tag}.weight", w), name=tag)
+
+
+def _silu_gate(b: _Builder, gate: str, up: str, tag: str) -> str:
+    return b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up, name=f"{tag}.swiglu")
+
+
+# GraphNeeds.norm / .activation -> the nodes that compute it
+_NORMS = {"rms": _rms_norm}
+_ACTIVATIONS = {"silu": _silu_gate}
+
+
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOptions,
                   external_data: str | Path | None = None) -> onnx.ModelProto:
     """The whole decoder as one ModelProto. `weights` are mlx parameter names -> float32 arrays
@@ -170,6 +188,10 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], options: Gr
     """
     if not 0 <= options.activations_layer <= spec.num_layers:
         raise ValueError(f"activations layer {options.activations_layer} outside 0..{spec.num_layers}")
+    if spec.graph.norm not in _NORMS or spec.graph.activation not in _ACTIVATIONS:
+        raise UserError(f"cannot export {spec.model_type} to ONNX: the graph has no {spec.graph.norm!r} norm or "
+                        f"{spec.graph.activation!r} activation (it has norms {', '.join(_NORMS)} and activations "
+                        f"{', '.join(_ACTIVATIONS)})")
     external = _ExternalData(Path(external_data)) if external_data is not None else None
     try:
         return _build(spec, weights, options, _Builder(external))
@@ -297,10 +319,8 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         swapped = b.op("Concat", x2, x1, axis=-1, name=f"{tag}.swap")
         return b.op("Add", b.op("Mul", x, rope_cos), b.op("Mul", swapped, rope_sin), name=f"{tag}.rope")
 
-    def rms_norm(x: str, w: np.ndarray, tag: str, eps: float) -> str:
-        mean_sq = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1]), keepdims=1, name=f"{tag}.mean_sq")
-        inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", mean_sq, b.const(eps, np.float32))), name=f"{tag}.inv_rms")
-        return b.op("Mul", b.op("Mul", x, inv), b.weight(f"{tag}.weight", w), name=tag)
+    def norm(x: str, w: np.ndarray, tag: str, eps: float) -> str:
+        return _NORMS[spec.graph.norm](b, x, w, tag, eps)
 
     def int8_matmul(x: str, q_name: str, scale_name: str, tag: str) -> str:
         """x @ (q * scale) with q int8 [K, N] and one scale per column: x is quantized per call
@@ -325,7 +345,8 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
     def writer(x: str, module: str, layer: int) -> str:
         """A residual-writing projection (o_proj, down_proj), plus the steering term if it is the site."""
         tag = f"model.layers.{layer}.{module}"
-        y = linear(x, transposed(site_value(f"{tag}.weight")), site_value(f"{tag}.bias"), tag)
+        own_bias = site_value(f"{tag}.bias") if module.rpartition(".")[2] in spec.graph.biases else None
+        y = linear(x, transposed(site_value(f"{tag}.weight")), own_bias, tag)
         if f"{tag}.bias" in scaled:
             y = b.op("Add", y, scaled[f"{tag}.bias"], name=f"{tag}.steered")
         return y
@@ -358,27 +379,28 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         if i == options.activations_layer:
             b.op("Identity", h, outputs=[activations_name(i)], name=f"{p}.resid_pre")
         w = lambda n: site_value(f"{p}.{n}")  # noqa: E731
+        bias = lambda proj, module: w(f"{module}.{proj}.bias") if proj in spec.graph.biases else None  # noqa: E731
 
         # attention: one fused q|k|v projection; the softmax scale is folded into q's weights
         # (or into q_norm, whose output q is otherwise scale-free)
-        q_scale = 1.0 if spec.qk_norm else spec.attn_scale
+        q_scale = 1.0 if spec.graph.qk_norm else spec.attn_scale
         wq, wk, wv = w("self_attn.q_proj.weight") * q_scale, w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")
-        biases = [w(f"self_attn.{n}_proj.bias") for n in "qkv"]
+        biases = [bias(f"{n}_proj", "self_attn") for n in "qkv"]
         qkv_bias = None
         if any(_nonzero(x) for x in biases):
             qkv_bias = np.concatenate([
                 x if x is not None else np.zeros(n, np.float32) for x, n in zip(biases, (q_dim, kv_dim, kv_dim))
             ])
             qkv_bias[:q_dim] *= q_scale
-        x = rms_norm(h, w("input_layernorm.weight"), f"{p}.input_layernorm", spec.rms_norm_eps)
+        x = norm(h, w("input_layernorm.weight"), f"{p}.input_layernorm", spec.rms_norm_eps)
         qkv = linear(x, transposed(wq, wk, wv), qkv_bias, f"{p}.self_attn.qkv_proj")
         q, k, v = b.op("Split", qkv, qkv_split, axis=-1, outputs=3, name=f"{p}.self_attn.qkv_split")
         q = b.op("Reshape", q, b.const([0, 0, nh, hd]), name=f"{p}.self_attn.q_heads")
         k = b.op("Reshape", k, b.const([0, 0, nkv, hd]), name=f"{p}.self_attn.k_heads")
         v = b.op("Reshape", v, b.const([0, 0, nkv, hd]), name=f"{p}.self_attn.v_heads")
-        if spec.qk_norm:
-            q = rms_norm(q, w("self_attn.q_norm.weight") * spec.attn_scale, f"{p}.self_attn.q_norm", spec.rms_norm_eps)
-            k = rms_norm(k, w("self_attn.k_norm.weight"), f"{p}.self_attn.k_norm", spec.rms_norm_eps)
+        if spec.graph.qk_norm:
+            q = norm(q, w("self_attn.q_norm.weight") * spec.attn_scale, f"{p}.self_attn.q_norm", spec.rms_norm_eps)
+            k = norm(k, w("self_attn.k_norm.weight"), f"{p}.self_attn.k_norm", spec.rms_norm_eps)
         q = rope(b.op("Transpose", q, perm=[0, 2, 1, 3]), f"{p}.self_attn.q")  # [B, nh, S, hd]
         k = rope(b.op("Transpose", k, perm=[0, 2, 1, 3]), f"{p}.self_attn.k")  # [B, nkv, S, hd]
         v = b.op("Transpose", v, perm=[0, 2, 1, 3], name=f"{p}.self_attn.v")
@@ -398,14 +420,14 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         o = writer(ctx, "self_attn.o_proj", i)
         h = b.op("Add", h, o, name=f"{p}.resid_mid")
 
-        # SwiGLU MLP, gate|up fused
-        x = rms_norm(h, w("post_attention_layernorm.weight"), f"{p}.post_attention_layernorm", spec.rms_norm_eps)
+        # gated MLP (SwiGLU for silu), gate|up fused
+        x = norm(h, w("post_attention_layernorm.weight"), f"{p}.post_attention_layernorm", spec.rms_norm_eps)
         wg, wu = w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")
-        bg, bu = w("mlp.gate_proj.bias"), w("mlp.up_proj.bias")
+        bg, bu = bias("gate_proj", "mlp"), bias("up_proj", "mlp")
         gu_bias = np.concatenate([bg, bu]) if _nonzero(bg) or _nonzero(bu) else None
         gu = linear(x, transposed(wg, wu), gu_bias, f"{p}.mlp.gate_up_proj")
         gate, up = b.op("Split", gu, b.const([wg.shape[0], wu.shape[0]]), axis=-1, outputs=2, name=f"{p}.mlp.split")
-        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up, name=f"{p}.mlp.swiglu")
+        act = _ACTIVATIONS[spec.graph.activation](b, gate, up, f"{p}.mlp")
         down = writer(act, "mlp.down_proj", i)
         h = b.op("Add", h, down, name=f"{p}.resid_post")
 
@@ -413,7 +435,7 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         b.op("Identity", h, outputs=[activations_name(L)], name="model.resid_final")
     if options.logits == "last":
         h = b.op("Slice", h, b.const([-1]), b.const([2**62]), b.const([1]), name="model.last_position")
-    x = rms_norm(h, weights["model.norm.weight"], "model.norm", spec.rms_norm_eps)
+    x = norm(h, weights["model.norm.weight"], "model.norm", spec.rms_norm_eps)
     if int8:
         if head_int8 is None:
             head_int8 = int8_weight(transposed(weights["lm_head.weight"]), "lm_head")

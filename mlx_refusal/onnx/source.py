@@ -8,7 +8,6 @@ qwen2's head_dim, are never re-derived here), and the edit from `refusal_edit.js
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from .. import arch
 from ..errors import UserError
+from ..families import GraphNeeds
 
 EDIT_FILE = "refusal_edit.json"
 STEERING_FILE = "steering.safetensors"
@@ -23,7 +23,7 @@ STEERING_FILE = "steering.safetensors"
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """Geometry and constants of a Llama-style decoder (Qwen2/2.5, Qwen3, Llama, Mistral)."""
+    """Geometry and constants of a Llama-style decoder; what the graph computes comes from the family."""
 
     model_type: str  # mlx_lm model_type of the folder, e.g. "qwen2" or "llama"
     num_layers: int
@@ -36,7 +36,7 @@ class DecoderSpec:
     rms_norm_eps: float
     attn_scale: float  # what mlx_lm multiplies q.k by (head_dim ** -0.5)
     rope_inv_freq: np.ndarray = field(repr=False)  # [head_dim // 2], positions are multiplied by it
-    qk_norm: bool = False  # Qwen3: RMSNorm of each q/k head before RoPE
+    graph: GraphNeeds = GraphNeeds()  # the family's norm, activation, q/k norms and biases
     tied_embeddings: bool = True
 
 
@@ -119,9 +119,11 @@ def read_model(model_dir: str | Path) -> SourceModel:
 
     config = json.loads((path / "config.json").read_text())
     try:
-        arch.family(config.get("model_type", ""))
+        fam = arch.family(config.get("model_type", ""))
     except arch.UnsupportedArchitecture as exc:
         raise UserError(f"cannot export to ONNX: {exc}") from None
+    if fam.graph is None:
+        raise UserError(f"cannot export to ONNX: {fam.onnx_impossible}")
     # trust_remote_code stays False: never execute code from a model folder.
     model, _ = load_model(path, lazy=False, strict=True)
     model = dequantize_model(model)
@@ -129,17 +131,23 @@ def read_model(model_dir: str | Path) -> SourceModel:
     mx.eval([v for _, v in params])
     # Views, not copies (a copy of 2.5 GB costs seconds): each array keeps its mlx buffer alive.
     weights = {name: np.asarray(value) for name, value in params}
-    spec = _spec_of(model, config)
+    if fam.graph.canonical_weights is not None:
+        weights = fam.graph.canonical_weights(weights, model)
+    _check_biases(weights, fam)
+    spec = _spec_of(model, weights)
     edit = _read_edit(path)
     steering = _read_steering(path, edit, weights, spec) if edit and edit.get("edit") == "steer" else None
     return SourceModel(path=path, config=config, spec=spec, weights=weights, edit=edit, steering=steering)
 
 
-def _spec_of(model, config: dict) -> DecoderSpec:
+def _spec_of(model, weights: dict[str, np.ndarray]) -> DecoderSpec:
+    """The geometry from the loaded modules, shapes from the weights under the graph's names."""
+    fam = arch.check_supported(model)
     layers = arch.layers(model)
-    attn = layers[0].self_attn
+    attn = arch.get_module(layers[0], fam.attention_writer.rpartition(".")[0])
     num_heads, num_kv_heads = int(attn.n_heads), int(attn.n_kv_heads)
-    head_dim = int(attn.q_proj.weight.shape[0]) // num_heads
+    layer0 = fam.layer_path(0)
+    head_dim = int(weights[f"{layer0}.self_attn.q_proj.weight"].shape[0]) // num_heads
     return DecoderSpec(
         model_type=arch.model_type_of(model),
         num_layers=len(layers),
@@ -147,14 +155,24 @@ def _spec_of(model, config: dict) -> DecoderSpec:
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(layers[0].mlp.gate_proj.weight.shape[0]),
-        vocab_size=int(arch.decoder(model).embed_tokens.weight.shape[0]),
+        intermediate_size=int(weights[f"{layer0}.mlp.gate_proj.weight"].shape[0]),
+        vocab_size=int(weights[f"{fam.embedding_path}.weight"].shape[0]),
         rms_norm_eps=float(layers[0].input_layernorm.eps),
         attn_scale=float(attn.scale),
         rope_inv_freq=_rope_inv_freq(attn.rope, head_dim),
-        qk_norm=hasattr(attn, "q_norm"),
+        graph=fam.graph,
         tied_embeddings=arch.has_tied_embeddings(model),
     )
+
+
+def _check_biases(weights: dict[str, np.ndarray], fam: arch.Family) -> None:
+    """A projection bias the family's graph does not add would be silently dropped: refuse it."""
+    for name in weights:
+        module, _, leaf = name.rpartition(".")
+        proj = module.rpartition(".")[2]
+        if leaf == "bias" and proj.endswith("_proj") and proj not in fam.graph.biases:
+            raise UserError(f"cannot export to ONNX: {name} is a bias the {fam.name} graph does not compute; "
+                            "re-save the model with mlx-refusal")
 
 
 def _rope_inv_freq(rope, head_dim: int) -> np.ndarray:
@@ -232,17 +250,18 @@ def _term(path: Path, entry: dict, vector: np.ndarray, direction: np.ndarray | N
     layer = entry.get("layer")
     if not isinstance(layer, int) or not 0 <= layer <= spec.num_layers:
         raise UserError(f"{path / EDIT_FILE} has layer {layer!r}; a steered model needs a layer in 0..{spec.num_layers}")
-    site = str(entry.get("site") or arch.steering_site(layer))
+    fam = arch.family(spec.model_type)
+    site = str(entry.get("site") or fam.steering_site(layer))
     if site.startswith("model.embed_tokens"):
         site = EMBEDDING_SITE
     elif not site.endswith(".bias"):
         site = site + ".bias"
     if site not in weights:
         raise UserError(f"steering site {site} of {path} is not a parameter of the model; re-save the steered model")
-    if not (site == EMBEDDING_SITE
-            or re.fullmatch(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.bias", site)):
-        raise UserError(f"cannot export steering at {site}: only the embedding or an o_proj / down_proj bias "
-                        "can carry a steering vector in the graph")
+    writer_biases = {f"{w}.bias" for i in range(spec.num_layers) for w in fam.writer_paths(i)}
+    if not (site == EMBEDDING_SITE or site in writer_biases):
+        raise UserError(f"cannot export steering at {site}: only the embedding or a residual writer's bias "
+                        "(attention output, MLP down projection) can carry a steering vector in the graph")
     alpha = entry.get("alpha")
     return SteeringTerm(name=str(entry.get("name") or "refusal"), layer=layer, site=site, vector=vector,
                         direction=direction, alpha=float(alpha) if isinstance(alpha, (int, float)) else None)
