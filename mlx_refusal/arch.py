@@ -98,6 +98,13 @@ def steering_site(model, layer: int) -> str:
     return check_supported(model).steering_site(layer)
 
 
+def stock_weights(config: dict, weights: dict) -> dict:
+    """`weights` of a model with `config`, under the names `stock_config(config, True)` gives them
+    (the family's `steering_weights`; the same dict when its layout already matches)."""
+    fam = family(config.get("model_type", ""))
+    return weights if fam.steering_weights is None else fam.steering_weights(config, weights)
+
+
 def stock_config(config: dict, needs_output_bias: bool) -> dict:
     """A config that stock mlx_lm loads, exactly equivalent to the edited model: the source's own
     config, or, when the edit added output biases the source architecture lacks, the family's

@@ -66,8 +66,8 @@ def is_writer() -> bool:
 
 
 def is_tensor_parallel(model) -> bool:
-    layers = arch.layers(model)
-    return bool(layers) and isinstance(layers[0].mlp.down_proj, _SHARDED)
+    writers = arch.residual_writers(model, range(min(1, arch.num_layers(model))), include_embedding=False)
+    return any(isinstance(arch.get_module(model, w.path), _SHARDED) for w in writers if w.role == "mlp")
 
 
 def data_group(model) -> mx.distributed.Group | None:

@@ -78,6 +78,7 @@ def stock_weights_and_config(model, config: dict, dtype) -> tuple[dict, dict]:
     if missing or extra:
         # The edit added parameters the source architecture has no place for (a steering bias).
         try:
+            weights = arch.stock_weights(config, weights)
             config = arch.stock_config(config, needs_output_bias=True)
         except arch.UnsupportedArchitecture as exc:
             raise UnsupportedEdit(str(exc)) from None

@@ -29,6 +29,11 @@ def tiny_qwen3(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3", seed=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_phi3"), arch="phi3", seed=3)
+
+
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "qwen2.5-coder-0.5b"
 

@@ -7,12 +7,13 @@ logits; what the ONNX graph computes for it; and whether a saved steering bias h
 mlx_lm form. The defaults below are mlx_lm's Llama-style layout `model.model.{embed_tokens,
 layers[i].{self_attn.o_proj, mlp.down_proj}, norm}`, which a family overrides where it differs.
 
-Nothing outside this package tests model names: adding a family is one file here (plus its entry
-in `_MODULES`) and a test fixture.
+Nothing outside this package tests model names: adding a family is one file here that defines
+`FAMILY` (every module of the package is loaded) and a test fixture.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -68,8 +69,8 @@ class GraphNeeds:
     activation: str = "silu"  # of the gated MLP's gate: silu(gate) * up (SwiGLU)
     qk_norm: bool = False  # a norm of each q and k head before RoPE (Qwen3)
     biases: tuple[str, ...] = ALL_PROJECTIONS  # projections whose bias the graph adds when the folder has one
-    # (weights by mlx parameter name, the loaded model) -> weights under the graph's names
-    canonical_weights: Callable[[dict, object], dict] | None = None
+    # (weights by mlx parameter name, the folder's config) -> weights under the graph's names
+    canonical_weights: Callable[[dict, dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class Family:
     # the source model otherwise; None when no stock architecture can hold one
     steering_config: Callable[[dict], dict] | None
     steering_impossible: str = ""  # why steering_config is None, for the error message
+    # (source config, weights by parameter name) -> the weights under steering_config's names,
+    # when that layout names or shapes them differently (None: the same names)
+    steering_weights: Callable[[dict, dict], dict] | None = None
     gguf_qk_permuted: bool = False  # llama.cpp permuted q/k rows for GGML's adjacent-pair RoPE
     gguf_layer_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_LAYER_TENSORS)
     gguf_global_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_GLOBAL_TENSORS)
@@ -124,11 +128,9 @@ class Family:
         return self.embedding_path if layer == 0 else self.writer_paths(layer - 1)[1]
 
 
-_MODULES = ("llama", "qwen2", "qwen3")
-
-
 def _load_all() -> dict[str, Family]:
-    fams = (importlib.import_module(f"{__name__}.{m}").FAMILY for m in _MODULES)
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__))
+    fams = (importlib.import_module(f"{__name__}.{m}").FAMILY for m in names)
     return {fam.name: fam for fam in fams}
 
 

@@ -132,7 +132,7 @@ def read_model(model_dir: str | Path) -> SourceModel:
     # Views, not copies (a copy of 2.5 GB costs seconds): each array keeps its mlx buffer alive.
     weights = {name: np.asarray(value) for name, value in params}
     if fam.graph.canonical_weights is not None:
-        weights = fam.graph.canonical_weights(weights, model)
+        weights = fam.graph.canonical_weights(weights, config)
     _check_biases(weights, fam)
     spec = _spec_of(model, weights)
     edit = _read_edit(path)
