@@ -209,6 +209,13 @@ def _home(name: str, home: dict[str, str]) -> str:
         return home.get(f"model.embed_tokens.{leaf}") or home["model.embed_tokens.weight"]
     if f"{module}.weight" in home:  # a bias the edit (or the stock config) adds
         return home[f"{module}.weight"]
+    # a tensor the stock layout split or renamed (a fused projection's part): beside its block's others
+    parent = module
+    while "." in parent and not parent.rpartition(".")[2].isdigit():
+        parent = parent.rpartition(".")[0]
+        near = next((f for n, f in home.items() if n.startswith(parent + ".")), None)
+        if near is not None:
+            return near
     raise UserError(f"the edited model has a tensor {name} with no source file to put it in")
 
 

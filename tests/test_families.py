@@ -187,6 +187,17 @@ def test_phi3_steering_saves_exactly_for_stock_mlx_lm(tiny_phi3, tmp_path, layer
     assert max_diff(stock(TOKENS), expected) <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["steer-layer-2", "ablate-per-site"])
+def test_phi3_streamed_edit_is_bit_identical_to_in_memory(tiny_phi3, tmp_path, kind):
+    from mlx_refusal import stream_edit as se
+    from test_stream_edit import assert_bit_identical, edits, in_memory
+
+    spec = edits(4, 64)[kind]
+    a = in_memory(tiny_phi3, spec, tmp_path / "memory")
+    b = se.stream_edit(tiny_phi3, tmp_path / "streamed", spec, {"edit": "test"})
+    assert_bit_identical(a, b)
+
+
 def test_phi3_steering_with_rope_scaling_is_refused(tiny_phi3, tmp_path):
     config = json.loads((Path(tiny_phi3) / "config.json").read_text())
     config["rope_scaling"] = {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
@@ -208,3 +219,22 @@ def test_phi3_onnx_export_matches_mlx(phi3, tiny_phi3, tmp_path):
     for r, p in enumerate(prompts):
         ref = np.array(model(mx.array([p]))[0])
         assert np.abs(out.logits[r, ids.shape[1] - len(p):] - ref).max() <= 1e-3 and ref.std() > 0.5
+
+
+def test_steered_phi3_exports_with_its_own_family_and_the_scale_slider(phi3, tiny_phi3, tmp_path):
+    from mlx_refusal.onnx import OnnxDecoder, export_onnx, left_pad
+    from test_onnx_export import make_steered
+
+    base, _ = phi3
+    folder, _ = make_steered(Path(tiny_phi3), tmp_path / "steered")
+    steered, _ = load_model(folder)
+    export_onnx(folder, tmp_path / "web", dtypes=("fp32",), all_logits=True)
+    config = json.loads((tmp_path / "web/config.json").read_text())
+    assert config["model_type"] == "phi3"  # saved as llama for mlx_lm, the page gets the source family
+    dec = OnnxDecoder(tmp_path / "web/onnx/steerable.onnx")
+    prompt = [5, 17, 99, 3, 200]
+    ids, mask = left_pad([prompt])
+    for scale, model in ((0.0, base), (1.0, steered)):
+        ref = np.array(model(mx.array([prompt]))[0])
+        assert np.abs(dec.step(ids, mask, steering_scale=scale).logits[0] - ref).max() <= 1e-3
+    assert max_diff(steered(mx.array([prompt])), base(mx.array([prompt]))) > 0.1
