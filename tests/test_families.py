@@ -238,3 +238,14 @@ def test_steered_phi3_exports_with_its_own_family_and_the_scale_slider(phi3, tin
         ref = np.array(model(mx.array([prompt]))[0])
         assert np.abs(dec.step(ids, mask, steering_scale=scale).logits[0] - ref).max() <= 1e-3
     assert max_diff(steered(mx.array([prompt])), base(mx.array([prompt]))) > 0.1
+
+
+def test_phi3_gguf_round_trip(tiny_phi3, tmp_path):
+    from test_gguf import _load, _logits, write_gguf
+
+    out = gguf.convert(write_gguf(tiny_phi3, tmp_path / "phi3.gguf"), tmp_path / "converted")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    np.testing.assert_allclose(_logits(*_load(out)), _logits(*_load(tiny_phi3)), atol=1e-5, rtol=0)
+    longrope = write_gguf(tiny_phi3, tmp_path / "long.gguf", extra_tensors={"rope_factors_long.weight": np.ones(8)})
+    with pytest.raises(UserError, match="LongRoPE"):
+        gguf.convert(longrope, tmp_path / "long")

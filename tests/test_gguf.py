@@ -53,6 +53,8 @@ _TO_GGUF = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3's fused projections, kept fused by llama.cpp
+    "mlp.gate_up_proj": "ffn_up",
 }
 
 

@@ -8,8 +8,16 @@ ONNX graph reads the fused weights split the same way.
 """
 from __future__ import annotations
 
-from . import Family, GraphNeeds, UnsupportedArchitecture
+from ..errors import UserError
+from . import GGUF_LAYER_TENSORS, Family, GraphNeeds, UnsupportedArchitecture
 from .llama import as_llama_with_biases
+
+# llama.cpp's phi3 keeps the fused tensors: attn_qkv, and ffn_up holding gate|up
+_GGUF_LAYER_TENSORS = {
+    **{k: GGUF_LAYER_TENSORS[k] for k in ("attn_norm", "ffn_norm", "attn_output", "ffn_down")},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
 
 
 def _split_fused(config: dict, weights: dict) -> dict:
@@ -34,6 +42,17 @@ def _split_fused(config: dict, weights: dict) -> dict:
     return out
 
 
+def _gguf_config(cfg: dict, meta: dict, tensor_names: set) -> dict:
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.get("head_dim", head_dim) != head_dim:
+        raise UserError("this phi3 GGUF has head_dim != hidden/heads, which mlx_lm's phi3 cannot express")
+    if "rope_factors_long.weight" in tensor_names or "rope_factors_short.weight" in tensor_names:
+        raise UserError("this phi3 GGUF uses LongRoPE (rope_factors_long/short), which the GGUF import does not "
+                        "rebuild; convert the Hugging Face model with mlx_lm.convert instead")
+    rotary = int(meta.get("phi3.rope.dimension_count", head_dim))
+    return {} if rotary == head_dim else {"partial_rotary_factor": rotary / head_dim}
+
+
 def _steering_config(config: dict) -> dict:
     if config.get("rope_scaling") or config.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedArchitecture(
@@ -46,8 +65,11 @@ def _steering_config(config: dict) -> dict:
 FAMILY = Family(
     name="phi3",
     hf_architectures={"phi3": "Phi3ForCausalLM"},
-    gguf_architecture=None,
-    gguf_config=None,
+    gguf_architecture="phi3",
+    gguf_config=_gguf_config,
+    gguf_layer_tensors=_GGUF_LAYER_TENSORS,
+    gguf_required=("input_layernorm", "post_attention_layernorm", "self_attn.qkv_proj", "self_attn.o_proj",
+                   "mlp.gate_up_proj", "mlp.down_proj"),
     steering_config=_steering_config,
     steering_weights=_split_fused,
     graph=GraphNeeds(biases=(), canonical_weights=lambda weights, config: _split_fused(config, weights)),
