@@ -249,3 +249,18 @@ def test_phi3_gguf_round_trip(tiny_phi3, tmp_path):
     longrope = write_gguf(tiny_phi3, tmp_path / "long.gguf", extra_tensors={"rope_factors_long.weight": np.ones(8)})
     with pytest.raises(UserError, match="LongRoPE"):
         gguf.convert(longrope, tmp_path / "long")
+
+
+def test_phi3_through_the_api_steer_save_and_stock_load(tiny_phi3, tmp_path, monkeypatch):
+    import mlx_lm
+
+    import mlx_refusal as mr
+
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))
+    m = mr.load(str(tiny_phi3))
+    d = mr.compute_directions(m, batch_size=64)
+    edit_ = mr.steer(mr.load(m.info.spec), d, layer=2, alpha_multiple=0.5, eval_limit=2, max_tokens=4)
+    out = edit_.save(tmp_path / "steered", dtype="float32")
+    stock, tok = mlx_lm.load(str(out))
+    ids = mx.array([tok.encode("How do I bake bread?")])
+    assert max_diff(stock(ids)[0, -1], edit_.model.model(ids)[0, -1]) <= 1e-4
