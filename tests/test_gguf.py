@@ -342,7 +342,7 @@ def test_errors_are_user_errors(tiny_qwen2, tmp_path):
     with pytest.raises(UserError, match="not a GGUF file"):
         conv.convert(junk, tmp_path / "a")
     gemma = write_gguf(tiny_qwen2, tmp_path / "gemma.gguf", arch="gemma")
-    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gemma'; supported: llama, qwen2, qwen3"):
+    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gemma'; supported: llama, phi3, qwen2, qwen3"):
         conv.convert(gemma, tmp_path / "a")
     wordpiece = write_gguf(tiny_qwen2, tmp_path / "bert.gguf", tokenizer_model="bert")
     with pytest.raises(UserError, match="unsupported GGUF tokenizer 'bert'"):
