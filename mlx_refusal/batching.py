@@ -8,20 +8,18 @@ keys and values into one `BatchKVCache` per layer for each batch.
 Length buckets. `length_sorted_batches` groups prompts of similar length, so little is spent on
 padding.
 
-Padding. Behind the prefix every batch is right-padded (`right_padded`): with a causal mask a
+Padding. Behind the prefix a forward pass is right-padded (`right_padded`): with a causal mask a
 real token never attends to a pad that comes after it, so each real token sits at its true
-position and needs no padding mask. A forward pass that only reads positions (capture) stops
-there; `prefill` goes on to rotate the padding to the front of each row (`BatchKVCache.finalize`),
-i.e. left padding, which the cache masks while `decode_greedy` appends tokens. Every sequence
-keeps its own RoPE offset, so a padded sequence sees what it would see alone.
-
-Decoding. `decode_greedy` is our own loop, not mlx_lm's `BatchGenerator`: measured on
-Qwen2.5-Coder-0.5B (float32, CPU, 16 prompts x 64 tokens, bench/batch_generator.py),
-BatchGenerator was {RATIO} slower, because its prefill runs the vocabulary-sized output
-projection at every prompt position (we project only the positions read) and it copies every
-layer's cache whenever a row finishes; it also gives no first-token distribution from the prefill
-without an extra step. It does reuse a prefix through per-prompt `caches` and stop rows early
-through `remove`.
+position and needs no padding mask. Capture and `prefill` (first-token distributions: selection
+scores, calibration, KL) read positions and stop there, and only the positions read go through
+the output projection. Generation (`decode_greedy`) is mlx_lm's `BatchGenerator`, handed the
+prefix's caches for every row: it rotates the padding to the front of each row (left padding),
+which its `BatchKVCache` masks while decoding, and every sequence keeps its own RoPE offset, so
+a padded sequence sees what it would see alone. eos ids are its stop tokens, and a `stop`
+callback removes rows from it. Measured before the switch on Qwen2.5-Coder-0.5B (float32, CPU,
+16 harmless prompts x 64 tokens, bench/batch_generator.py): our own loop 53.3 s, BatchGenerator
+with the prefix caches 51.0 s (0.96x), on whole prompts 72.0 s (1.35x); the tokens of all 16 rows
+were identical.
 
 Greedy decoding is argmax, so batched and one-at-a-time runs give the same text unless two
 logits tie to within float32 rounding (different batch shapes round differently).
@@ -32,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from . import arch
@@ -40,10 +39,6 @@ from .errors import UserError
 # Shorter shared prefixes are not worth a separate forward pass.
 MIN_SHARED_PREFIX = 4
 
-# A decode step reads every weight once, whatever the batch, so a finished row costs only its
-# share of the arithmetic; dropping it means copying every layer's cache. Finished rows are
-# therefore kept (their tokens ignored) until this fraction of the batch has finished.
-COMPACT_FRACTION = 0.125
 # How often (in decode steps) a `stop` callback sees the rows still generating.
 STOP_CHECK_EVERY = 4
 
@@ -134,65 +129,53 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def prefill(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: SharedPrefix,
-            pad_id: int) -> tuple[mx.array, list[BatchKVCache]]:
-    """Run prompts that start with `prefix`: their last-token logits [batch, vocab], and caches
-    ready for decoding (padding rotated to the front of each row, where the cache masks it)."""
+            pad_id: int) -> mx.array:
+    """Last-token logits [batch, vocab] of prompts that start with `prefix` (one right-padded
+    forward pass; only those positions go through the output projection)."""
     rest = [list(ids[prefix.length:]) for ids in batch]
     tokens, padding = right_padded(rest, pad_id)
-    cache = batch_cache(model, prefix, padding)
-    logits = logits_at(tokens, cache, mx.array([len(r) - 1 for r in rest]))
-    for c in cache:
-        c.finalize()
-    return logits, cache
+    return logits_at(tokens, batch_cache(model, prefix, padding), mx.array([len(r) - 1 for r in rest]))
 
 
-def decode_greedy(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: SharedPrefix,
-                  max_tokens: int, eos: set[int], pad_id: int, stop: Stop | None = None,
-                  rows: Sequence[int] | None = None,
-                  on_first: Callable[[mx.array], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of one batch (eos excluded). `rows` names the batch's rows for `stop`
-    (default 0..). `on_first(logits)` sees the prefill's next-token logits [batch, vocab]."""
+def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, max_tokens: int, eos: set[int],
+                  stop: Stop | None = None, rows: Sequence[int] | None = None,
+                  on_first: Callable[[list[mx.array]], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of one batch (eos excluded), by mlx_lm's BatchGenerator. `rows` names
+    the batch's rows for `stop` (default 0..). `on_first(logprobs)` gets each row's first-token
+    log-softmax [vocab], in batch order."""
     rows = list(range(len(batch))) if rows is None else list(rows)
-    out: list[list[int]] = [[] for _ in batch]
-    logits, cache = prefill(model, logits_at, batch, prefix, pad_id)
-    if on_first is not None:
-        on_first(logits)
-    token = mx.argmax(logits, axis=-1)
-    slots = list(range(len(batch)))  # per cache row: the index into `out` it generates, or -1 once finished
-    step = 0
-    while True:
-        # Queue the next step before reading this one, so the graph of step n+1 is built and
-        # running while the host reads step n's tokens (one host sync per step). Rows that
-        # finished at step n just compute a step nobody reads.
-        nxt = mx.argmax(logits_at(token[:, None], cache, None), axis=-1) if step + 1 < max_tokens else None
-        if nxt is not None:
-            mx.async_eval(nxt)
-        for pos, tok in enumerate(token.tolist()):
-            i = slots[pos]
-            if i < 0:
-                continue
-            if tok in eos:
-                slots[pos] = -1
-                continue
-            out[i].append(tok)
-            if len(out[i]) >= max_tokens:
-                slots[pos] = -1
-        step += 1
-        if stop is not None and step % STOP_CHECK_EVERY == 0:
-            live = {rows[i] for i in slots if i >= 0}
-            halt = set(stop({r: o for r, o in zip(rows, out)}, live)) if live else set()
-            slots = [-1 if i >= 0 and rows[i] in halt else i for i in slots]
-        keep = [pos for pos, i in enumerate(slots) if i >= 0]
-        if not keep or nxt is None:
-            return out
-        if len(slots) - len(keep) >= max(1, COMPACT_FRACTION * len(slots)):
-            # The cache also trims the left padding no remaining row needs.
-            index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
-            nxt = nxt[index]
-            slots = [slots[p] for p in keep]
-        token = nxt
+    # One prefill step for the whole batch, so every row starts decoding at the same step.
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[e] for e in sorted(eos)] or None,
+                         completion_batch_size=len(batch), prefill_batch_size=len(batch),
+                         prefill_step_size=max(len(ids) for ids in batch))
+    try:
+        # Every row is handed the same prefix caches: the generator merges them into a new batch
+        # cache (BatchKVCache.merge, as `batch_cache` does) and never writes to them.
+        uids = gen.insert([list(ids[prefix.length:]) for ids in batch],
+                          caches=None if prefix.caches is None else [prefix.caches] * len(batch))
+        row_of = dict(zip(uids, rows))
+        out: dict[int, list[int]] = {u: [] for u in uids}
+        firsts: dict[int, mx.array] = {}
+        live, step = set(uids), 0
+        while live:
+            for r in gen.next_generated():
+                firsts.setdefault(r.uid, r.logprobs)
+                if r.finish_reason != "stop":  # "stop": the token is an eos id
+                    out[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    live.discard(r.uid)
+            step += 1
+            if on_first is not None and len(firsts) == len(uids):
+                on_first([firsts[u].astype(mx.float32) for u in uids])
+                on_first = None
+            if stop is not None and live and step % STOP_CHECK_EVERY == 0:
+                halt = set(stop({row_of[u]: out[u] for u in uids}, {row_of[u] for u in live}))
+                gone = [u for u in live if row_of[u] in halt]
+                gen.remove(gone)
+                live.difference_update(gone)
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -221,21 +204,23 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
         if progress:
             progress(len(prompt_ids), len(prompt_ids))
         return results, None
-    prefix = shared_prefix(model, prompt_ids)
+    # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
+    # tokens of every prompt past the prefix, every row has a prefill and all start in step.
+    prefix = shared_prefix(model, prompt_ids, keep=2)
     done = 0
     for idx in batches:
         batch = [list(prompt_ids[i]) for i in idx]
 
-        def keep_first(logits, idx=idx):
-            lp = log_softmax(logits)
-            mx.eval(lp)
+        def keep_first(lps, idx=idx):
+            mx.eval(lps)
             for j, i in enumerate(idx):
-                firsts[i] = lp[j]
+                firsts[i] = lps[j]
 
         if max_tokens <= 0:
-            keep_first(prefill(model, logits_at, batch, prefix, pad_id)[0])
+            lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
+            keep_first([lp[j] for j in range(len(idx))])
         else:
-            outs = decode_greedy(model, logits_at, batch, prefix, max_tokens, set(eos_ids), pad_id, stop, idx,
+            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx,
                                  keep_first if first_logprobs else None)
             for i, ids in zip(idx, outs):
                 results[i] = ids

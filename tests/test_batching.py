@@ -48,21 +48,44 @@ def alone(model, ids):
 def test_prefill_with_shared_prefix_equals_each_prompt_alone(model, prompts, pad_id):
     prefix = batching.shared_prefix(model, prompts)
     assert prefix.length == batching.shared_prefix_len(prompts)
-    logits, _ = batching.prefill(model, partial(ev._logits_at, model), prompts, prefix, pad_id)
+    logits = batching.prefill(model, partial(ev._logits_at, model), prompts, prefix, pad_id)
     for row, ids in zip(np.array(logits), prompts):
         np.testing.assert_allclose(row, alone(model, ids)[-1], atol=1e-4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(prompts=prompt_sets, nxt=st.integers(0, VOCAB - 1))
-def test_decoding_after_prefill_sees_only_its_own_row(model, prompts, nxt):
-    """After prefill the padding sits at the front of each row (left padding): the next step's
-    logits are those of the prompt plus that token, run alone."""
-    logits_at = partial(ev._logits_at, model)
-    _, cache = batching.prefill(model, logits_at, prompts, batching.shared_prefix(model, prompts), 0)
-    step = np.array(logits_at(mx.array([[nxt]] * len(prompts)), cache, None))
-    for row, ids in zip(step, prompts):
-        np.testing.assert_allclose(row, alone(model, ids + [nxt])[-1], atol=1e-4)
+def greedy_alone(model, ids, n):
+    """n greedy tokens of one prompt by full forward passes (no batch, no padding, no cache)."""
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(alone(model, ids + out)[-1])))
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(prompts=prompt_sets, n=st.integers(1, 6))
+def test_batched_greedy_decoding_equals_each_prompt_alone(model, prompts, n):
+    """BatchGenerator left-pads the rows behind the shared prefix; each row still decodes as if alone,
+    and its first-token distribution is that prompt's."""
+    firsts = []
+    got = batching.decode_greedy(model, prompts, batching.shared_prefix(model, prompts, keep=2), n, set(),
+                                 on_first=firsts.extend)
+    assert got == [greedy_alone(model, ids, n) for ids in prompts]
+    for lp, ids in zip(firsts, prompts):
+        ref = alone(model, ids)[-1]
+        np.testing.assert_allclose(np.array(lp), ref - ref.max() - np.log(np.exp(ref - ref.max()).sum()), atol=1e-4)
+
+
+def test_eos_and_stop_end_rows_early(model):
+    prompts = [[7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 3], [7, 8, 9, 10, 20, 21, 22]]
+    prefix = batching.shared_prefix(model, prompts, keep=2)
+    free = batching.decode_greedy(model, prompts, prefix, 12, set())
+    eos = {free[1][2]}
+    cut = [f[: next((k for k, t in enumerate(f) if t in eos), len(f))] for f in free]
+    assert batching.decode_greedy(model, prompts, prefix, 12, eos) == cut
+    # row 2 is stopped at the first check (STOP_CHECK_EVERY tokens); the others run on
+    halted = batching.decode_greedy(model, prompts, prefix, 12, eos, stop=lambda out, live: {12} & live,
+                                    rows=[10, 11, 12])
+    assert halted == [cut[0], cut[1], cut[2][: batching.STOP_CHECK_EVERY]]
 
 
 @settings(max_examples=30, deadline=None)
