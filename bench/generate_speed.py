@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_refusal import batching, evaluation as evaluate
+from mlx_refusal.template import encode_chat
 
 QWEN05_SHAPE = dict(
     model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
@@ -105,7 +106,7 @@ def main():
         from mlx_refusal.prompts import bundled
 
         texts = bundled("harmless", "all").texts[: args.prompts]
-        ids = evaluate.encode_chat(tokenizer, texts)
+        ids = encode_chat(tokenizer, texts)
         print(f"model {info.spec}: {info.num_layers} layers, hidden {info.hidden_size}, {info.num_params / 1e6:.0f}M params")
     else:
         model, cfg = random_model(args.layers, args.hidden, args.vocab)

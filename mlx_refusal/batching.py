@@ -1,20 +1,54 @@
-"""Batching chat prompts cheaply: length-sorted batches and the shared template prefix.
+"""The batched forward and generation engine that capture, selection scores, calibration and
+evaluation all run on.
 
-Every chat-templated prompt starts with the same tokens (system prompt, role header: 24 of ~44
-tokens on Qwen2.5). They are run once, and their KV cache is copied into every batch.
+Shared prefix. Every chat-templated prompt starts with the same tokens (system prompt, role
+header: 24 of ~44 tokens on Qwen2.5). `shared_prefix` runs them once; `batch_cache` copies their
+keys and values into one `BatchKVCache` per layer for each batch.
+
+Length buckets. `length_sorted_batches` groups prompts of similar length, so little is spent on
+padding.
+
+Padding. Behind the prefix a forward pass is right-padded (`right_padded`): with a causal mask a
+real token never attends to a pad that comes after it, so each real token sits at its true
+position and needs no padding mask. Capture and `prefill` (first-token distributions: selection
+scores, calibration, KL) read positions and stop there, and only the positions read go through
+the output projection. Generation (`decode_greedy`) is mlx_lm's `BatchGenerator`, handed the
+prefix's caches for every row: it rotates the padding to the front of each row (left padding),
+which its `BatchKVCache` masks while decoding, and every sequence keeps its own RoPE offset, so
+a padded sequence sees what it would see alone. eos ids are its stop tokens, and a `stop`
+callback removes rows from it. Measured before the switch on Qwen2.5-Coder-0.5B (float32, CPU,
+16 harmless prompts x 64 tokens, bench/batch_generator.py): our own loop 53.3 s, BatchGenerator
+with the prefix caches 51.0 s (0.96x), on whole prompts 72.0 s (1.35x); the tokens of all 16 rows
+were identical.
+
+Greedy decoding is argmax, so batched and one-at-a-time runs give the same text unless two
+logits tie to within float32 rounding (different batch shapes round differently).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from . import arch
 from .errors import UserError
 
 # Shorter shared prefixes are not worth a separate forward pass.
 MIN_SHARED_PREFIX = 4
+
+# How often (in decode steps) a `stop` callback sees the rows still generating.
+STOP_CHECK_EVERY = 4
+
+# stop(tokens, live): given {row: tokens so far} of every row of the batch and the rows still
+# generating, the rows to stop now
+Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
+
+# logits_at(tokens, cache, last): logits [batch, vocab] at column last[b] of each row of `tokens`
+# (None: the final column), after running the decoder on them with `cache`
+LogitsAt = Callable[[mx.array, list, "mx.array | None"], mx.array]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -39,14 +73,43 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]], keep: Sequence[int] | int =
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def prefix_caches(model, prefix: Sequence[int]) -> list[KVCache] | None:
-    """One batch-1 KVCache per layer holding the prefix, or None for an empty prefix."""
-    if not prefix:
-        return None
+@dataclass
+class SharedPrefix:
+    """Keys and values of the tokens every prompt of a call starts with, computed once."""
+
+    length: int
+    caches: list[KVCache] | None  # one batch-1 KVCache per layer; None when nothing is shared
+
+
+def shared_prefix(model, seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1) -> SharedPrefix:
+    """Run the tokens all of `seqs` start with (see `shared_prefix_len` for `keep`)."""
+    n = shared_prefix_len(seqs, keep)
+    if n == 0:
+        return SharedPrefix(0, None)
     caches = [KVCache() for _ in arch.layers(model)]
-    arch.decoder(model)(mx.array([list(prefix)], dtype=mx.int32), cache=caches)
+    arch.decoder(model)(mx.array([list(seqs[0][:n])], dtype=mx.int32), cache=caches)
     mx.eval([a for c in caches for a in (c.keys, c.values)])
+    return SharedPrefix(n, caches)
+
+
+def batch_cache(model, prefix: SharedPrefix, right_padding: Sequence[int]) -> list[BatchKVCache]:
+    """Fresh per-layer caches for a batch whose rows continue `prefix`, row b right-padded by
+    `right_padding[b]` tokens (the prefix's own cache is left untouched)."""
+    n = len(right_padding)
+    if prefix.caches is None:
+        caches = [BatchKVCache([0] * n) for _ in arch.layers(model)]
+    else:
+        caches = [BatchKVCache.merge([c] * n) for c in prefix.caches]
+    for c in caches:
+        c.prepare(right_padding=list(right_padding))
     return caches
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
+    """Token rows [batch, longest] padded at the end with `pad_id`, and each row's padding."""
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    return mx.array([list(r) + [pad_id] * p for r, p in zip(rows, padding)], dtype=mx.int32), padding
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -63,3 +126,107 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     n_batches = -(-len(order) // batch_size)
     size = -(-len(order) // n_batches)
     return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def prefill(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: SharedPrefix,
+            pad_id: int) -> mx.array:
+    """Last-token logits [batch, vocab] of prompts that start with `prefix` (one right-padded
+    forward pass; only those positions go through the output projection)."""
+    rest = [list(ids[prefix.length:]) for ids in batch]
+    tokens, padding = right_padded(rest, pad_id)
+    return logits_at(tokens, batch_cache(model, prefix, padding), mx.array([len(r) - 1 for r in rest]))
+
+
+def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, max_tokens: int, eos: set[int],
+                  stop: Stop | None = None, rows: Sequence[int] | None = None,
+                  on_first: Callable[[list[mx.array]], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of one batch (eos excluded), by mlx_lm's BatchGenerator. `rows` names
+    the batch's rows for `stop` (default 0..). `on_first(logprobs)` gets each row's first-token
+    log-softmax [vocab], in batch order."""
+    rows = list(range(len(batch))) if rows is None else list(rows)
+    # One prefill step for the whole batch, so every row starts decoding at the same step.
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[e] for e in sorted(eos)] or None,
+                         completion_batch_size=len(batch), prefill_batch_size=len(batch),
+                         prefill_step_size=max(len(ids) for ids in batch))
+    try:
+        # Every row is handed the same prefix caches: the generator merges them into a new batch
+        # cache (BatchKVCache.merge, as `batch_cache` does) and never writes to them.
+        uids = gen.insert([list(ids[prefix.length:]) for ids in batch],
+                          caches=None if prefix.caches is None else [prefix.caches] * len(batch))
+        row_of = dict(zip(uids, rows))
+        out: dict[int, list[int]] = {u: [] for u in uids}
+        firsts: dict[int, mx.array] = {}
+        live, step = set(uids), 0
+        while live:
+            for r in gen.next_generated():
+                firsts.setdefault(r.uid, r.logprobs)
+                if r.finish_reason != "stop":  # "stop": the token is an eos id
+                    out[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    live.discard(r.uid)
+            step += 1
+            if on_first is not None and len(firsts) == len(uids):
+                on_first([firsts[u].astype(mx.float32) for u in uids])
+                on_first = None
+            if stop is not None and live and step % STOP_CHECK_EVERY == 0:
+                halt = set(stop({row_of[u]: out[u] for u in uids}, {row_of[u] for u in live}))
+                gone = [u for u in live if row_of[u] in halt]
+                gen.remove(gone)
+                live.difference_update(gone)
+    finally:
+        gen.close()
+    return [out[u] for u in uids]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    lp = logits.astype(mx.float32)
+    return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+
+
+def check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise UserError("a prompt encodes to no tokens; give every prompt some text")
+
+
+def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[int]], max_tokens: int,
+                     eos_ids: Iterable[int], batch_size: int, pad_id: int,
+                     progress: Callable[[int, int], None] | None = None, stop: Stop | None = None,
+                     first_logprobs: bool = False) -> tuple[list[list[int]], mx.array | None]:
+    """Greedy continuations of every prompt in input order (`max_tokens` 0: none), and with
+    `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] from the
+    same prefill. Prompts share one prefix cache and run in length-sorted batches;
+    `progress(done, total)` counts prompts."""
+    check_nonempty(prompt_ids)
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    firsts: list[mx.array | None] = [None] * len(prompt_ids)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
+    if max_tokens <= 0 and not first_logprobs:
+        if progress:
+            progress(len(prompt_ids), len(prompt_ids))
+        return results, None
+    # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
+    # tokens of every prompt past the prefix, every row has a prefill and all start in step.
+    prefix = shared_prefix(model, prompt_ids, keep=2)
+    done = 0
+    for idx in batches:
+        batch = [list(prompt_ids[i]) for i in idx]
+
+        def keep_first(lps, idx=idx):
+            mx.eval(lps)
+            for j, i in enumerate(idx):
+                firsts[i] = lps[j]
+
+        if max_tokens <= 0:
+            lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
+            keep_first([lp[j] for j in range(len(idx))])
+        else:
+            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx,
+                                 keep_first if first_logprobs else None)
+            for i, ids in zip(idx, outs):
+                results[i] = ids
+        done += len(idx)
+        if progress:
+            progress(done, len(prompt_ids))
+    if not first_logprobs:
+        return results, None
+    return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))

@@ -4,13 +4,12 @@ Sites: row l < L is resid_pre of layer l (the input of block l); row L is the fi
 before the last norm. Only the captured positions are kept, and means are summed in float64,
 so memory is O(layers x hidden) whatever the number of prompts (unless `keep_all`).
 
-Batching. Every chat-templated prompt starts with the same tokens (system prompt, role
-header). Those are run once and their KV cache is shared by every batch. The remaining
-suffixes are right-padded: with a causal mask a real token never attends to a pad that
-comes after it, so the captured positions are exact and need no padding mask, and their
-RoPE positions are simply prefix_len + i. Batches are formed from prompts of similar
-length so little is spent on padding. Blocks after the last needed site and the LM head
-are never run: the hook stops the forward pass by raising once it has what it needs.
+Batching runs on the engine (mlx_refusal.batching): the shared template prefix is run once
+and copied into each batch's cache, and the suffixes are right-padded: with a causal mask a real
+token never attends to a pad that comes after it, so the captured positions are exact, and their
+RoPE positions are simply prefix_len + i. Batches are formed from prompts of similar length so
+little is spent on padding. Blocks after the last needed site and the LM head are never run: the
+hook stops the forward pass by raising once it has what it needs.
 """
 from __future__ import annotations
 
@@ -25,13 +24,12 @@ from typing import Callable
 import numpy as np
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
 from . import arch, distributed
 from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
-from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
+from .batching import batch_cache, length_sorted_batches, right_padded, shared_prefix
 from .template import encode_prefilled, Encoded, encode_prompts
 
 CACHE_FORMAT = 1
@@ -71,20 +69,6 @@ def record_residuals(model, sink: Callable[[int, mx.array], None]):
         yield
 
 
-def _batch_cache(prefix: list[KVCache] | None, batch: int) -> list[KVCache] | None:
-    """Fresh caches holding the shared prefix `batch` times (no copy of the prefix is modified)."""
-    if prefix is None:
-        return None
-    out = []
-    for p in prefix:
-        c = KVCache()
-        c.keys = mx.repeat(p.keys[..., : p.offset, :], batch, axis=0)
-        c.values = mx.repeat(p.values[..., : p.offset, :], batch, axis=0)
-        c.offset = p.offset
-        out.append(c)
-    return out
-
-
 def capture_encoded(
     model,
     encoded: list[Encoded],
@@ -98,8 +82,8 @@ def capture_encoded(
         raise UserError("no prompts to capture")
     n_layers, hidden = arch.num_layers(model), arch.hidden_size(model)
     n_sites = n_layers + 1
-    P = shared_prefix_len([e.ids for e in encoded], [e.num_positions for e in encoded])
-    prefix_kv = prefix_caches(model, encoded[0].ids[:P])
+    prefix = shared_prefix(model, [e.ids for e in encoded], [e.num_positions for e in encoded])
+    P = prefix.length
 
     total = np.zeros((n_sites, hidden), np.float64)
     norm_total = np.zeros(n_sites, np.float64)
@@ -108,10 +92,7 @@ def capture_encoded(
 
     suffixes = [e.ids[P:] for e in encoded]
     for batch in length_sorted_batches([len(s) for s in suffixes], batch_size):
-        width = max(len(suffixes[i]) for i in batch)
-        ids = np.zeros((len(batch), width), np.int32)
-        for r, i in enumerate(batch):
-            ids[r, : len(suffixes[i])] = suffixes[i]
+        ids, padding = right_padded([suffixes[i] for i in batch])
         # [B, npos] index of each captured token inside the right-padded suffix
         npos = encoded[batch[0]].num_positions
         gather = np.stack([len(suffixes[i]) - npos + np.arange(npos) for i in batch])
@@ -126,7 +107,7 @@ def capture_encoded(
 
         with record_residuals(model, sink):
             try:
-                arch.decoder(model)(mx.array(ids), cache=_batch_cache(prefix_kv, len(batch)))
+                arch.decoder(model)(ids, cache=batch_cache(model, prefix, padding))
             except _StopForward:
                 pass
         stacked = mx.stack(got, axis=1)  # [B, sites, H]

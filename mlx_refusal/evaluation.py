@@ -1,35 +1,26 @@
 """Evaluation: greedy batched generation, first-token KL, refusal, coherence and voice rates, reports.
 
-Batching. Prompts are sorted by token length and cut into batches, so a batch holds prompts of
-similar length and little is spent on padding. The tokens all prompts of a call start with (the
-system prompt and the user-turn header of the chat template: often half of each prompt) are run
-once; each batch copies their keys and values into one `BatchKVCache` per layer, runs the rest of
-its prompts right-padded, then rotates the padding to the front of each row, where the cache
-masks it. Every sequence keeps its own RoPE offset, so a padded sequence sees what it would see
-alone. Only the positions we read go through the output projection (vocabulary-sized: 136M
-multiply-adds per token on Qwen2.5-0.5B, as much as the rest of the model). Finished sequences
-are dropped from the batch.
-
-Greedy decoding is argmax, so batched and one-at-a-time runs give the same text unless two
-logits tie to within float32 rounding (different batch shapes round differently).
+Generation runs on the batched engine (mlx_refusal.batching: shared template prefix, length
+buckets, padding, greedy decoding). Only the positions we read go through the output projection
+(vocabulary-sized: 136M multiply-adds per token on Qwen2.5-0.5B, as much as the rest of the model).
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache
 
 from . import arch, distributed
-from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
+from .batching import Stop, check_nonempty, generate_batched, log_softmax, right_padded
 from .errors import UserError
 from . import judge
 from .judge import (JUDGE_WINDOW, MAX_4GRAM_REPEATS, MIN_DISTINCT3, MIN_EXPLAINED_WORDS, OPENING_WORDS,
                     REFUSAL_MARKERS, SAFETY_STEMS, coherence, variety, verdict, voice)
-from .template import encode_text, render
+from .template import encode_chat
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -48,11 +39,6 @@ def eos_token_ids(tokenizer) -> set[int]:
     return set() if eos is None else {int(eos)}
 
 
-def encode_chat(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt as a user turn in the chat template, with the generation prompt."""
-    return [encode_text(tokenizer, render(tokenizer, p, system)) for p in prompts]
-
-
 def _pad_id(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return 0 if pad is None else int(pad)
@@ -68,150 +54,6 @@ def _logits_at(model, tokens: mx.array, cache: list, last: mx.array | None = Non
     return arch.logits(model, pick(arch.decoder(model)(tokens, cache=cache)))
 
 
-@dataclass
-class _Prefix:
-    """Keys and values of the tokens every prompt of a call starts with (system prompt, role
-    header), computed once and copied into each batch's cache."""
-
-    length: int
-    caches: list | None  # one KVCache per layer, batch 1; None when nothing is shared
-
-
-def _shared_prefix(model, prompt_ids: Sequence[Sequence[int]]) -> _Prefix:
-    # keep at least one token per prompt out of the prefix: its logits are the ones we need
-    n = shared_prefix_len(prompt_ids, keep=1)
-    return _Prefix(n, prefix_caches(model, prompt_ids[0][:n]) if n else None)
-
-
-def _prefill(model, batch: list[list[int]], prefix: _Prefix, pad_id: int) -> tuple[mx.array, list]:
-    """Run prompts that start with `prefix`; returns last-token logits and per-layer caches.
-
-    The rest of each prompt is right-padded behind the shared prefix, so every real token sits at
-    its true position (causal attention never sees the padding behind it); `finalize` then
-    rotates the padding to the front of each row, where `BatchKVCache` masks it during decoding.
-    """
-    rest = [list(ids[prefix.length:]) for ids in batch]
-    lengths = [len(r) for r in rest]
-    width = max(lengths)
-    padding = [width - n for n in lengths]
-    tokens = mx.array([r + [pad_id] * p for r, p in zip(rest, padding)], dtype=mx.int32)
-    if prefix.caches is None:
-        cache = [BatchKVCache([0] * len(batch)) for _ in arch.layers(model)]
-    else:
-        cache = [BatchKVCache.merge([c] * len(batch)) for c in prefix.caches]
-    for c in cache:
-        c.prepare(right_padding=padding)
-    logits = _logits_at(model, tokens, cache, mx.array([n - 1 for n in lengths]))
-    for c in cache:
-        c.finalize()
-    return logits, cache
-
-
-def _check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
-    if any(len(ids) == 0 for ids in prompt_ids):
-        raise UserError("a prompt encodes to no tokens; give every prompt some text")
-
-
-# A decode step reads every weight once, whatever the batch, so a finished row costs only its
-# share of the arithmetic; dropping it means copying every layer's cache. Finished rows are
-# therefore kept (their tokens ignored) until this fraction of the batch has finished.
-COMPACT_FRACTION = 0.125
-# How often (in decode steps) a `stop` callback sees the rows still generating.
-STOP_CHECK_EVERY = 4
-
-# stop(tokens, live): given {row: tokens so far} of every row of the batch and the rows still
-# generating, the rows to stop now
-Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
-
-
-def _decode_batch(model, batch: list[list[int]], prefix: _Prefix, max_tokens: int, eos: set[int], pad_id: int,
-                  stop: Stop | None = None, rows: Sequence[int] | None = None,
-                  on_first: Callable[[mx.array], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of one batch. `rows` names the batch's rows for `stop` (default 0..).
-    `on_first(logits)` sees the prefill's next-token logits [batch, vocab] before decoding."""
-    rows = list(range(len(batch))) if rows is None else list(rows)
-    out: list[list[int]] = [[] for _ in batch]
-    logits, cache = _prefill(model, batch, prefix, pad_id)
-    if on_first is not None:
-        on_first(logits)
-    token = mx.argmax(logits, axis=-1)
-    slots = list(range(len(batch)))  # per cache row: the index into `out` it generates, or -1 once finished
-    step = 0
-    while True:
-        # Queue the next step before reading this one, so the graph of step n+1 is built and
-        # running while the host reads step n's tokens (one host sync per step). Rows that
-        # finished at step n just compute a step nobody reads.
-        nxt = mx.argmax(_logits_at(model, token[:, None], cache), axis=-1) if step + 1 < max_tokens else None
-        if nxt is not None:
-            mx.async_eval(nxt)
-        for pos, tok in enumerate(token.tolist()):
-            i = slots[pos]
-            if i < 0:
-                continue
-            if tok in eos:
-                slots[pos] = -1
-                continue
-            out[i].append(tok)
-            if len(out[i]) >= max_tokens:
-                slots[pos] = -1
-        step += 1
-        if stop is not None and step % STOP_CHECK_EVERY == 0:
-            live = {rows[i] for i in slots if i >= 0}
-            halt = set(stop({r: o for r, o in zip(rows, out)}, live)) if live else set()
-            slots = [-1 if i >= 0 and rows[i] in halt else i for i in slots]
-        keep = [pos for pos, i in enumerate(slots) if i >= 0]
-        if not keep or nxt is None:
-            return out
-        if len(slots) - len(keep) >= max(1, COMPACT_FRACTION * len(slots)):
-            # The cache also trims the left padding no remaining row needs.
-            index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
-            nxt = nxt[index]
-            slots = [slots[p] for p in keep]
-        token = nxt
-
-
-def _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, first_logprobs):
-    _check_nonempty(prompt_ids)
-    results: list[list[int]] = [[] for _ in prompt_ids]
-    firsts: list[mx.array | None] = [None] * len(prompt_ids)
-    batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
-    if max_tokens <= 0 and not first_logprobs:
-        if progress:
-            progress(len(prompt_ids), len(prompt_ids))
-        return results, None
-    prefix = _shared_prefix(model, prompt_ids)
-    done = 0
-    for idx in batches:
-        batch = [list(prompt_ids[i]) for i in idx]
-
-        def keep_first(logits, idx=idx):
-            lp = _log_softmax(logits)
-            mx.eval(lp)
-            for j, i in enumerate(idx):
-                firsts[i] = lp[j]
-
-        if max_tokens <= 0:
-            keep_first(_prefill(model, batch, prefix, pad_id)[0])
-        else:
-            outs = _decode_batch(model, batch, prefix, max_tokens, set(eos_ids), pad_id, stop, idx,
-                                 keep_first if first_logprobs else None)
-            for i, ids in zip(idx, outs):
-                results[i] = ids
-        done += len(idx)
-        if progress:
-            progress(done, len(prompt_ids))
-    if not first_logprobs:
-        return results, None
-    return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))
-
-
-def _log_softmax(logits: mx.array) -> mx.array:
-    lp = logits.astype(mx.float32)
-    return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-
-
 def generate_tokens(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -224,15 +66,17 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Greedy continuations (token ids, eos excluded) of already-encoded prompts, in input order.
     `stop` may end rows early (see `Stop`); their continuations are then shorter."""
-    return _generate(model, prompt_ids, max_tokens, eos_ids, batch_size, pad_id, progress, stop, False)[0]
+    return generate_batched(model, partial(_logits_at, model), prompt_ids, max_tokens, eos_ids, batch_size, pad_id,
+                            progress, stop)[0]
 
 
 def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs):
     """(answers, first-token log-probs or None) in prompt order. Under `mlx.launch` each
     data-parallel rank generates its share and every rank gets all of both."""
     def run(part):
-        ids, firsts = _generate(model, encode_chat(tokenizer, part, system), max_tokens, eos_token_ids(tokenizer),
-                                batch_size, _pad_id(tokenizer), progress, stop, first_logprobs)
+        ids, firsts = generate_batched(model, partial(_logits_at, model), encode_chat(tokenizer, part, system),
+                                       max_tokens, eos_token_ids(tokenizer), batch_size, _pad_id(tokenizer), progress,
+                                       stop, first_logprobs)
         return [tokenizer.decode(t) for t in ids], firsts
 
     group = distributed.data_group(model)
@@ -299,14 +143,13 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8) -> f
     text (no chat template): how well the model still predicts ordinary prose. Rows are
     right-padded, which a causal model never sees, and the padding is left out of the mean."""
     ids = [list(tokenizer.encode(t)) for t in texts]
-    _check_nonempty(ids)
+    check_nonempty(ids)
     nll, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
         batch = ids[start:start + batch_size]
-        width = max(len(r) for r in batch)
-        tokens = mx.array([r + [0] * (width - len(r)) for r in batch], dtype=mx.int32)
-        mask = mx.array([[1.0] * (len(r) - 1) + [0.0] * (width - len(r)) for r in batch])
-        lp = _log_softmax(model(tokens[:, :-1]))
+        tokens, padding = right_padded(batch)
+        mask = mx.array([[1.0] * (len(r) - 1) + [0.0] * p for r, p in zip(batch, padding)])
+        lp = log_softmax(model(tokens[:, :-1]))
         picked = mx.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
         nll -= float((picked * mask).sum().item())
         count += int(mask.sum().item())

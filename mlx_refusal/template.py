@@ -7,6 +7,7 @@ post-instruction tokens are whatever the template puts after the user's text (fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .batching import common_prefix_len
 from .errors import UserError
@@ -65,11 +66,17 @@ def post_instruction_count(tokenizer, system: str | None = None) -> int:
     return n
 
 
+def encode_chat(tokenizer, instructions: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of each instruction as a user turn in the chat template, with the generation prompt."""
+    return [encode_text(tokenizer, render(tokenizer, p, system)) for p in instructions]
+
+
 def encode_prompts(tokenizer, instructions: list[str], positions: str = "last", system: str | None = None) -> list[Encoded]:
+    """`encode_chat`, each with the number of final tokens a capture reads (`positions`)."""
     if positions not in POSITIONS:
         raise UserError(f"unknown positions '{positions}'; choose one of: {', '.join(POSITIONS)}")
     npos = 1 if positions == "last" else post_instruction_count(tokenizer, system)
-    return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)), npos) for p in instructions]
+    return [Encoded(ids, npos) for ids in encode_chat(tokenizer, instructions, system)]
 
 
 def encode_prefilled(tokenizer, instructions: list[str], response: str, system: str | None = None) -> list[Encoded]:
@@ -78,4 +85,4 @@ def encode_prefilled(tokenizer, instructions: list[str], response: str, system: 
     tail = encode_text(tokenizer, response)
     if not tail:
         raise UserError("the prefilled response is empty; give it some text")
-    return [Encoded(encode_text(tokenizer, render(tokenizer, p, system)) + tail, len(tail)) for p in instructions]
+    return [Encoded(ids + tail, len(tail)) for ids in encode_chat(tokenizer, instructions, system)]

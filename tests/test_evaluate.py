@@ -13,6 +13,7 @@ from mlx_lm import load as mlx_load
 from mlx_refusal import batching
 from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
+from mlx_refusal.template import encode_chat
 from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker, verdict
 
 # Prompts of very different token lengths, so a batch needs real left padding.
@@ -192,7 +193,7 @@ def test_generation_matches_mlx_lm_generate(qwen2):
     from mlx_lm import generate as mlx_generate
 
     model, tok = qwen2
-    ids = ev.encode_chat(tok, PROMPTS[:3])
+    ids = encode_chat(tok, PROMPTS[:3])
     ours = ev.generate_tokens(model, ids, max_tokens=10, eos_ids=ev.eos_token_ids(tok), batch_size=3)
     for prompt_ids, out in zip(ids, ours):
         reference = mlx_generate(model, tok, prompt=prompt_ids, max_tokens=10, verbose=False)
@@ -201,7 +202,7 @@ def test_generation_matches_mlx_lm_generate(qwen2):
 
 def test_stops_each_sequence_at_any_eos_id(qwen2):
     model, _ = qwen2
-    ids = ev.encode_chat(qwen2[1], PROMPTS)
+    ids = encode_chat(qwen2[1], PROMPTS)
     free = ev.generate_tokens(model, ids, max_tokens=16, batch_size=16)
     assert all(len(o) == 16 for o in free)
     # End-of-sequence ids that occur early in some continuations and not at all in others: each
@@ -224,7 +225,7 @@ def test_stops_each_sequence_at_any_eos_id(qwen2):
     halted = ev.generate_tokens(model, ids, max_tokens=16, eos_ids=eos, batch_size=16, stop=stop)
     for r, (full, got) in enumerate(zip(stopped, halted)):
         if r % 2 and len(full) > 5:
-            assert got == full[: -(-5 // ev.STOP_CHECK_EVERY) * ev.STOP_CHECK_EVERY]  # first check at >= 5
+            assert got == full[: -(-5 // batching.STOP_CHECK_EVERY) * batching.STOP_CHECK_EVERY]  # first check at >= 5
         else:
             assert got == full
     assert seen and all(s <= set(range(len(ids))) for s in seen)
@@ -232,8 +233,8 @@ def test_stops_each_sequence_at_any_eos_id(qwen2):
 
 def test_shared_prefix_is_the_common_template_head_and_changes_nothing(qwen2, monkeypatch):
     model, tok = qwen2
-    ids = ev.encode_chat(tok, PROMPTS)
-    prefix = ev._shared_prefix(model, ids)
+    ids = encode_chat(tok, PROMPTS)
+    prefix = batching.shared_prefix(model, ids)
     head = tok.decode(ids[0][: prefix.length])
     assert head.endswith("<|im_start|>user\n") and "tiny test model" in head
     assert all(i[: prefix.length] == ids[0][: prefix.length] for i in ids)
@@ -241,7 +242,7 @@ def test_shared_prefix_is_the_common_template_head_and_changes_nothing(qwen2, mo
     shared = ev.generate_tokens(model, ids, max_tokens=10, batch_size=4)
     shared_lp = ev.first_token_logprobs(model, tok, PROMPTS, batch_size=4)
     monkeypatch.setattr(batching, "MIN_SHARED_PREFIX", 10**9)  # run every prompt whole
-    assert ev._shared_prefix(model, ids).length == 0
+    assert batching.shared_prefix(model, ids).length == 0
     assert ev.generate_tokens(model, ids, max_tokens=10, batch_size=4) == shared
     np.testing.assert_allclose(np.array(ev.first_token_logprobs(model, tok, PROMPTS, batch_size=4)),
                                np.array(shared_lp), atol=1e-4)
@@ -254,8 +255,8 @@ def test_eos_ids_include_generation_config_and_tokenizer_eos(qwen2):
 
 def test_system_message_reaches_the_prompt(qwen2):
     _, tok = qwen2
-    plain = tok.decode(ev.encode_chat(tok, ["hi"])[0])
-    custom = tok.decode(ev.encode_chat(tok, ["hi"], system="Answer in French.")[0])
+    plain = tok.decode(encode_chat(tok, ["hi"])[0])
+    custom = tok.decode(encode_chat(tok, ["hi"], system="Answer in French.")[0])
     assert "tiny test model" in plain and "tiny test model" not in custom
     assert "Answer in French." in custom and custom.endswith("<|im_start|>assistant\n")
 
@@ -282,7 +283,7 @@ def test_first_token_logprobs_batched_equals_single_and_unpadded_forward(model_t
     one = ev.first_token_logprobs(model, tok, PROMPTS, batch_size=1)
     np.testing.assert_allclose(np.array(lp), np.array(one), atol=1e-4)
     # the plain, unpadded, uncached forward pass of the stock model
-    for i, ids in enumerate(ev.encode_chat(tok, PROMPTS)):
+    for i, ids in enumerate(encode_chat(tok, PROMPTS)):
         logits = model(mx.array([ids]))[0, -1]
         ref = logits - mx.logsumexp(logits)
         np.testing.assert_allclose(np.array(lp[i]), np.array(ref), atol=1e-4)
@@ -457,7 +458,7 @@ def test_perplexity_is_the_mean_next_token_likelihood_and_ignores_padding(qwen2)
     nll, n = 0.0, 0
     for t in few:  # one text at a time, no padding
         ids = mx.array([tok.encode(t)])
-        lp = ev._log_softmax(model(ids[:, :-1]))
+        lp = batching.log_softmax(model(ids[:, :-1]))
         nll -= float(mx.take_along_axis(lp, ids[:, 1:, None], axis=-1).sum().item())
         n += ids.shape[1] - 1
     assert ev.perplexity(model, tok, few, batch_size=3) == pytest.approx(math.exp(nll / n), rel=1e-4)

@@ -1,0 +1,149 @@
+"""The batched engine against plain, unbatched, uncached forward passes of the same model."""
+import mlx_refusal  # noqa: F401
+
+from functools import partial
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx.utils import tree_map
+from mlx_lm.models import qwen2
+
+from mlx_refusal import arch, batching
+from mlx_refusal import evaluation as ev
+from mlx_refusal.errors import UserError
+
+VOCAB = 61
+
+
+@pytest.fixture(scope="module")
+def model():
+    mx.random.seed(3)
+    m = qwen2.Model(qwen2.ModelArgs.from_dict(dict(
+        model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB, rope_theta=10000.0,
+        max_position_embeddings=512, tie_word_embeddings=False)))
+    # float32 weights of unit-ish scale, so logits spread and a masking error shows
+    m.update(tree_map(lambda a: mx.random.normal(a.shape) * 0.3 if a.ndim == 2 else a, m.parameters()))
+    mx.eval(m.parameters())
+    return m
+
+
+# a shared head of 0..12 tokens, then 1..9 tokens of each of 1..6 prompts
+prompt_sets = st.tuples(
+    st.lists(st.integers(1, VOCAB - 1), max_size=12),
+    st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=9), min_size=1, max_size=6),
+).map(lambda t: [t[0] + rest for rest in t[1]])
+
+
+def alone(model, ids):
+    """Logits [len, vocab] of one prompt, no batch, no padding, no cache."""
+    return np.array(model(mx.array([ids]))[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompts=prompt_sets, pad_id=st.integers(0, VOCAB - 1))
+def test_prefill_with_shared_prefix_equals_each_prompt_alone(model, prompts, pad_id):
+    prefix = batching.shared_prefix(model, prompts)
+    assert prefix.length == batching.shared_prefix_len(prompts)
+    logits = batching.prefill(model, partial(ev._logits_at, model), prompts, prefix, pad_id)
+    for row, ids in zip(np.array(logits), prompts):
+        np.testing.assert_allclose(row, alone(model, ids)[-1], atol=1e-4)
+
+
+def greedy_alone(model, ids, n):
+    """n greedy tokens of one prompt by full forward passes (no batch, no padding, no cache)."""
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(alone(model, ids + out)[-1])))
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(prompts=prompt_sets, n=st.integers(1, 6))
+def test_batched_greedy_decoding_equals_each_prompt_alone(model, prompts, n):
+    """BatchGenerator left-pads the rows behind the shared prefix; each row still decodes as if alone,
+    and its first-token distribution is that prompt's."""
+    firsts = []
+    got = batching.decode_greedy(model, prompts, batching.shared_prefix(model, prompts, keep=2), n, set(),
+                                 on_first=firsts.extend)
+    assert got == [greedy_alone(model, ids, n) for ids in prompts]
+    for lp, ids in zip(firsts, prompts):
+        ref = alone(model, ids)[-1]
+        np.testing.assert_allclose(np.array(lp), ref - ref.max() - np.log(np.exp(ref - ref.max()).sum()), atol=1e-4)
+
+
+def test_eos_and_stop_end_rows_early(model):
+    prompts = [[7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 3], [7, 8, 9, 10, 20, 21, 22]]
+    prefix = batching.shared_prefix(model, prompts, keep=2)
+    free = batching.decode_greedy(model, prompts, prefix, 12, set())
+    eos = {free[1][2]}
+    cut = [f[: next((k for k, t in enumerate(f) if t in eos), len(f))] for f in free]
+    assert batching.decode_greedy(model, prompts, prefix, 12, eos) == cut
+    # row 2 is stopped at the first check (STOP_CHECK_EVERY tokens); the others run on
+    halted = batching.decode_greedy(model, prompts, prefix, 12, eos, stop=lambda out, live: {12} & live,
+                                    rows=[10, 11, 12])
+    assert halted == [cut[0], cut[1], cut[2][: batching.STOP_CHECK_EVERY]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(prompts=prompt_sets, read=st.integers(1, 3))
+def test_right_padded_forward_reads_exact_residuals(model, prompts, read):
+    """Capture's use: a right-padded batch behind the prefix cache; the final hidden states at each
+    row's last `read` real tokens equal the unbatched ones."""
+    keep = [min(read, len(p)) for p in prompts]
+    prefix = batching.shared_prefix(model, prompts, keep)
+    tokens, padding = batching.right_padded([p[prefix.length:] for p in prompts], pad_id=VOCAB - 1)
+    hidden = np.array(arch.decoder(model)(tokens, cache=batching.batch_cache(model, prefix, padding)))
+    for r, (ids, k) in enumerate(zip(prompts, keep)):
+        n = len(ids) - prefix.length
+        want = np.array(arch.decoder(model)(mx.array([ids]))[0, len(ids) - k:])
+        np.testing.assert_allclose(hidden[r, n - k: n], want, atol=1e-4)
+
+
+def test_prefix_cache_is_not_changed_by_its_batches(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 3]]
+    prefix = batching.shared_prefix(model, prompts)
+    assert prefix.length == 5
+    before = [np.array(c.keys[..., : c.offset, :]) for c in prefix.caches]
+    batching.prefill(model, partial(ev._logits_at, model), prompts, prefix, 0)
+    for c, k in zip(prefix.caches, before):
+        assert c.offset == 5
+        np.testing.assert_array_equal(np.array(c.keys[..., : c.offset, :]), k)
+
+
+def test_short_common_heads_are_not_shared(model):
+    assert batching.shared_prefix(model, [[1, 2, 3, 4, 9], [1, 2, 3, 5]]).length == 0  # 3 < MIN_SHARED_PREFIX
+    assert batching.shared_prefix(model, [[1, 2, 3, 4, 5]], keep=1).length == 4
+    assert batching.shared_prefix_len([[1, 2, 3, 4, 5, 6]], keep=[3]) == 0  # 3 left after keeping 3
+    assert batching.shared_prefix_len([]) == 0
+
+
+@given(lengths=st.lists(st.integers(1, 50), max_size=60), batch_size=st.integers(1, 20))
+def test_length_buckets_partition_the_prompts_in_as_few_equal_batches_as_allowed(lengths, batch_size):
+    batches = batching.length_sorted_batches(lengths, batch_size)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first
+    assert len(batches) == -(-len(lengths) // batch_size)
+    assert all(len(b) <= batch_size for b in batches)
+    assert len({len(b) for b in batches[:-1]}) <= 1 and (not batches or len(batches[-1]) <= len(batches[0]))
+
+
+def test_bad_batch_size_and_empty_prompts_are_user_errors(model):
+    with pytest.raises(UserError, match="batch size"):
+        batching.length_sorted_batches([3], 0)
+    with pytest.raises(UserError, match="no tokens"):
+        batching.generate_batched(model, partial(ev._logits_at, model), [[1, 2], []], 4, set(), 2, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(prompts=prompt_sets, batch_size=st.integers(1, 6))
+def test_first_token_logprobs_from_any_batching_equal_each_prompt_alone(model, prompts, batch_size):
+    _, lp = batching.generate_batched(model, partial(ev._logits_at, model), prompts, 0, set(), batch_size, 0,
+                                      first_logprobs=True)
+    for row, ids in zip(np.array(lp), prompts):
+        ref = alone(model, ids)[-1]
+        np.testing.assert_allclose(row, ref - np.log(np.exp(ref - ref.max()).sum()) - ref.max(), atol=1e-4)
