@@ -182,7 +182,7 @@ class Edit:
     record: dict
     before: EvalReport | None = None
     after: EvalReport | None = None
-    steering: list | None = None  # save.SteeringTerm, primary first
+    steering: list | None = None  # record.SteeringTerm, primary first
     rewrite: object = None  # stream_edit.Steering | Projection: the edit, for a shard-by-shard rewrite
     max_memory: int | None = None
     details: dict = field(default_factory=dict)
@@ -269,8 +269,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     (workflow.choose_steering) unless given; `voice="explain"` adds a response-direction term.
     eval_limit: prompts per set in the before/after report (None: the whole test split; 0: none)."""
     from .edit import add_steering_bias
-    from .memo import array_sha256
-    from .save import SteeringTerm
+    from .record import SteeringTerm, array_sha256
     from .select import VoiceTarget, candidate_layers
     from .voice import response_direction
     from .workflow import choose_steering

@@ -132,6 +132,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     """
     from . import memo
     from .evaluation import first_token_logprobs, kl_divergence
+    from .record import array_sha256
     from .interventions import adding_at, projecting_out
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
@@ -143,7 +144,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
             continue
         direction = d.directions[layer]
         digest = None if cache_key is None else memo.key(
-            weights=cache_key, layer=layer, direction=memo.array_sha256(direction), scores=sorted(scores),
+            weights=cache_key, layer=layer, direction=array_sha256(direction), scores=sorted(scores),
             mean_norm=float(d.mean_norm[layer]), induce_multiple=induce_multiple, system=system,
             template=getattr(tokenizer, "chat_template", None), harmful=list(harmful), harmless=list(harmless))
         hit = None if digest is None else memo.recall("layer-scores", digest)
@@ -260,7 +261,7 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
                    system: str | None = None, harmful: list[str] = (), cache_key: str | None = None,
                    probe_target: float | None = None, extra=()) -> AlphaTrial:
     """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
-    save.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
+    record.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
     coherence over those and the optional `harmful` prompts (an over-steered model rambles on
     requests it would refuse anyway).
 
@@ -272,7 +273,7 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
     from .evaluation import generate_cached
     from .interventions import adding_at
     from .judge import coherence, is_refusal, variety, voice
-    from .memo import array_sha256
+    from .record import array_sha256
 
     alpha = float(multiple * mean_norm)
     vector = alpha * np.asarray(direction, np.float32)

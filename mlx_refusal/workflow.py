@@ -6,7 +6,6 @@ Progress is reported through `progress(desc, total)`, a context manager factory 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
 from .errors import UserError
+from .record import text_sha256, utc_now
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
@@ -137,8 +137,8 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "positions": positions if chosen != "contrast" else "response", "system": system,
         "method": {"asked": method, "used": chosen, "base_refusal_rate": refused,
                    **{k: run[k] for k in ("kept", "prefills") if k in run}},
-        "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
-        "date": now(),
+        "chat_template_sha256": text_sha256(getattr(tokenizer, "chat_template", None) or ""),
+        "date": utc_now(),
     }
     if distributed.describe(model):
         meta["distributed"] = distributed.describe(model)
@@ -166,16 +166,6 @@ def held_back_separation(model, tokenizer, info, d: Directions, harmful, harmles
     return separation(d.directions, pos, neg)
 
 
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def write_provenance(out_dir: Path, record: dict, name: str = "provenance.json") -> Path:
     return write_text_atomic(Path(out_dir) / name, json.dumps(record, indent=2, default=str))
 
@@ -193,7 +183,7 @@ class SteeringChoice:
     layer_evals: list = field(default_factory=list)  # select.LayerEval, when scores were computed
     trials: list = field(default_factory=list)  # select.AlphaTrial, when alpha was calibrated
     candidates: list[int] = field(default_factory=list)
-    extra: list = field(default_factory=list)  # save.SteeringTerm added alongside (the voice)
+    extra: list = field(default_factory=list)  # record.SteeringTerm added alongside (the voice)
     voice_met: bool = True  # the voice target was met (always, without one)
 
 
@@ -218,8 +208,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     and `voice_met` is False. `cache_key` (the weights' fingerprint) keeps layer scores and
     trials on disk.
     """
-    from .save import SteeringTerm
     from . import select as sel
+    from .record import SteeringTerm
 
     evals: list = []
     if layer is not None:
