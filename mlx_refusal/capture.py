@@ -31,6 +31,7 @@ from . import arch, distributed
 from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
+from .progress import Update
 from .batching import length_sorted_batches, prefix_caches, shared_prefix_len
 from .template import encode_prefilled, Encoded, encode_prompts
 
@@ -90,7 +91,7 @@ def capture_encoded(
     encoded: list[Encoded],
     batch_size: int = 16,
     keep_all: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
 ) -> Capture:
     """Run the prompts and accumulate the residuals at their last `num_positions` tokens
     (averaged over those positions within a prompt, then over prompts)."""
@@ -155,7 +156,7 @@ def capture_residuals(
     system: str | None = None,
     batch_size: int = 16,
     keep_all: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
 ) -> Capture:
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
     "post-instruction"), one row per layer input plus the final residual."""
@@ -164,7 +165,7 @@ def capture_residuals(
 
 
 def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> Capture:
+                   progress: Update | None = None) -> Capture:
     """`capture_encoded`, split across the data-parallel ranks under `mlx.launch` (each runs
     every N-th prompt; the float64 sums and counts are added); on one process, just that."""
     group = distributed.data_group(model)
@@ -247,7 +248,7 @@ def cached_capture(
     batch_size: int = 16,
     keep_all: bool = False,
     use_cache: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
     prefill: str | None = None,
 ) -> tuple[Capture, bool]:
     """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit).
