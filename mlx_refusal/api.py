@@ -9,8 +9,8 @@
     print(edit.after.harmless.refusal_rate)
 
 Every verb returns a plain dataclass. Long steps report through `progress(desc, total)`, a
-context-manager factory yielding `update(n_items, n_tokens)` (workflow.ProgressFactory), the one
-progress protocol; the library never prints. The CLI (cli.py) is a shell over these verbs.
+context-manager factory yielding `update(n_items, n_tokens)` with what finished since the last
+call (progress.py: the one progress protocol); the library never prints. The CLI (cli.py) is a shell over these verbs.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from . import distributed, validate
 from .directions import Directions
 from .errors import UserError
 from .evaluation import EvalReport
+from .judge import MARKERS, Judge
 from .loading import DEFAULT_PRESET, ModelInfo
-from .workflow import ProgressFactory, _silent
+from .progress import ProgressFactory, silent
 
 VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
 EXAMPLES = 5  # answers kept in the record, shown in the model card and README
@@ -70,7 +71,7 @@ def _spread(pset, limit: int | None):
 def compute_directions(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, split: str | None = None,
                        positions: str = "last", system: str | None = None, batch_size: int = 32,
                        method: str = "auto", use_cache: bool = True,
-                       progress: ProgressFactory | None = None) -> Directions:
+                       progress: ProgressFactory | None = None, judge: Judge = MARKERS) -> Directions:
     """One candidate refusal direction per residual site (workflow.compute_directions for the
     methods). split: default the train split of a bundled set (its val and test splits stay held
     out) and all of a file. What the run measured is in `metadata["run"]`."""
@@ -79,7 +80,7 @@ def compute_directions(m: Model, harmful: str = "harmful", harmless: str = "harm
 
     hset, lset = (resolve_prompts(spec, directions_split(spec, split)) for spec in (harmful, harmless))
     d, run = compute(m.model, m.tokenizer, m.info, hset, lset, positions, system, batch_size,
-                     use_cache=use_cache, progress=progress, method=method)
+                     use_cache=use_cache, progress=progress, method=method, judge=judge)
     d.run = run
     return d
 
@@ -101,7 +102,7 @@ def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", har
     auc = None
     if set(splits.values()) == {"train"}:
         hval, lval = prompt_sets(harmful, harmless, "val")
-        with (progress or _silent)("separation (val)", 1) as update:
+        with (progress or silent)("separation (val)", 1) as update:
             auc = held_back_separation(m.model, m.tokenizer, m.info, d, hval, lval, system, batch_size, use_cache)
             auc = [round(float(a), 4) for a in auc]
             update(1)
@@ -120,15 +121,15 @@ def check_directions(d: Directions, info: ModelInfo, where: str = "the direction
 
 def evaluate(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, split: str = "test",
              base: Model | None = None, limit: int | None = None, max_tokens: int = 64, system: str | None = None,
-             batch_size: int = 32, progress: ProgressFactory | None = None) -> EvalReport:
-    """Greedy answers to both sets, judged (refusal, coherence, voice), per set and category; with
+             batch_size: int = 32, progress: ProgressFactory | None = None, judge: Judge = MARKERS) -> EvalReport:
+    """Greedy answers to both sets, judged by `judge` (refusal, coherence, voice), per set and category; with
     `base`, the first-token KL(base || m) on the harmless prompts; `provenance` says what was
     evaluated."""
     hset, lset = prompt_sets(harmful, harmless, split, limit)
     if len(hset) == 0 or len(lset) == 0:
         raise UserError("a prompt set is empty after the split; use --split all or a larger prompt file")
     report = _evaluate(m, hset, lset, max_tokens, batch_size, system, progress, "eval",
-                       base=None if base is None else (base.model, base.tokenizer))
+                       base=None if base is None else (base.model, base.tokenizer), judge=judge)
     report.provenance.update({
         "model": _about(m.info),
         "base": None if base is None else {"spec": str(base.info.spec), "fingerprint": base.info.fingerprint},
@@ -143,26 +144,16 @@ def _about(info: ModelInfo) -> dict:
     return {"spec": str(info.spec), "fingerprint": info.fingerprint, "model_type": info.model_type}
 
 
-def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None):
+def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None,
+              judge: Judge = MARKERS):
     from .evaluation import evaluate as judge_answers
 
-    total = len(hset) + len(lset) + (len(lset) if base is not None else 0)
-    with (progress or _silent)(desc, total) as update:
+    # a base model costs one more first-token pass over the harmless set; base log-probs cost none
+    total = len(hset) + len(lset) + (len(lset) if isinstance(base, tuple) else 0)
+    with (progress or silent)(desc, total) as update:
         return judge_answers(m.model, m.tokenizer, hset, lset, base=base, max_tokens=max_tokens,
-                             batch_size=batch_size, progress=_increments(update), system=system,
-                             cache_key=cache_key)
-
-
-def _increments(update):
-    """A `progress(done, total)` callback that counts cumulatively (evaluation, search), turned
-    into the protocol's `update(n_new)`."""
-    seen = [0]
-
-    def advance(done, _total):
-        update(done - seen[0])
-        seen[0] = done
-
-    return advance
+                             batch_size=batch_size, progress=update, system=system, cache_key=cache_key,
+                             judge=judge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +173,7 @@ class Edit:
     record: dict
     before: EvalReport | None = None
     after: EvalReport | None = None
-    steering: list | None = None  # save.SteeringTerm, primary first
+    steering: list | None = None  # record.SteeringTerm, primary first
     rewrite: object = None  # stream_edit.Steering | Projection: the edit, for a shard-by-shard rewrite
     max_memory: int | None = None
     details: dict = field(default_factory=dict)
@@ -208,9 +199,9 @@ class Edit:
         if not distributed.is_writer():
             return out
         if self.model is None or distributed.is_tensor_parallel(self.model.model):
-            with (progress or _silent)("rewrite tensors", 0) as update:
+            with (progress or silent)("rewrite tensors", 0) as update:
                 stream_edit(self.source, out, self.rewrite, self.record, force, max_memory=self.max_memory,
-                            progress=lambda done, total: update(1), dtype=dtype, say=note)
+                            progress=update, dtype=dtype, say=note)
         else:
             save_model(self.model.model, self.source, out, self.record, steering=self.steering, force=force,
                        dtype=dtype, progress=note)
@@ -247,13 +238,14 @@ def _provenance(d: Directions, **fields) -> dict:
     return {**fields, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts")}
 
 
-def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache):
+def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+            judge: Judge = MARKERS):
     """The unedited model's first-token log-probs (for the KL after) and its report."""
     from .evaluation import first_token_logprobs
 
     base_lp = first_token_logprobs(m.model, m.tokenizer, lset.texts, batch_size, system)
     before = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval before",
-                       cache_key=m.info.fingerprint if use_cache else None)
+                       cache_key=m.info.fingerprint if use_cache else None, judge=judge)
     return base_lp, before
 
 
@@ -263,14 +255,14 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
           calibration_prompts: int = 32, voice: str = "terse", voice_multiple: float = 0.2, system: str | None = None,
           batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 64,
           use_cache: bool = True, progress: ProgressFactory | None = None,
-          on_trial: Callable | None = None) -> Edit:
+          on_trial: Callable | None = None, judge: Judge = MARKERS) -> Edit:
     """A RefusaLLM: alpha x the refusal direction added as a bias at one layer's resid_pre, so
     the model refuses every request. Layer and alpha are calibrated on the validation split
     (workflow.choose_steering) unless given; `voice="explain"` adds a response-direction term.
-    eval_limit: prompts per set in the before/after report (None: the whole test split; 0: none)."""
+    eval_limit: prompts per set in the before/after report (None: the whole test split; 0: none).
+    judge: scores the layers, judges the calibration trials and the before/after reports."""
     from .edit import add_steering_bias
-    from .memo import array_sha256
-    from .save import SteeringTerm
+    from .record import SteeringTerm, array_sha256
     from .select import VoiceTarget, candidate_layers
     from .voice import response_direction
     from .workflow import choose_steering
@@ -288,18 +280,20 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
         voice_rows = response_direction(m.model, m.tokenizer, ltrain.texts[:VOICE_PROMPTS], system=system,
                                         batch_size=batch_size)
     scored = layer is None and select == "evaluate"
-    with (progress or _silent)("score layers", len(candidate_layers(d.num_layers)) if scored else 0) as update:
+    with (progress or silent)("score layers", len(candidate_layers(d.num_layers)) if scored else 0) as update:
         choice = choose_steering(m.model, m.tokenizer, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
                                  system=system, on_layers=update, on_trial=on_trial,
                                  voice=VoiceTarget() if voice == "explain" else None, voice_rows=voice_rows,
-                                 voice_multiple=voice_multiple, cache_key=m.info.fingerprint if use_cache else None)
+                                 voice_multiple=voice_multiple, cache_key=m.info.fingerprint if use_cache else None,
+                                 judge=judge)
 
     hset, lset = prompt_sets(harmful, harmless, "test", eval_limit)
     base_lp = before = after = None
     if eval_limit != 0:
-        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache)
+        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+                                  judge)
     direction = np.asarray(d.directions[choice.layer], np.float32)
     terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
     site = add_steering_bias(m.model, choice.layer, terms[0].vector)
@@ -310,7 +304,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
             "weights": m.info.fingerprint,
             "bias": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in terms]}
         after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after",
-                          base=base_lp, cache_key=after_key)
+                          base=base_lp, cache_key=after_key, judge=judge)
 
     record = _provenance(
         d, edit="steer", layer=choice.layer, site=site, alpha=choice.alpha, alpha_multiple=choice.multiple,
@@ -357,14 +351,16 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
             writer_layers: list[int] | None = None, per_layer: bool = False, norm_preserve: bool = False,
             system: str | None = None, batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64,
             gen_batch_size: int = 64, use_cache: bool = True, progress: ProgressFactory | None = None,
-            kind: str = "project", search_trials: int = 0, search_prompts: int = 32) -> Edit:
+            kind: str = "project", search_trials: int = 0, search_prompts: int = 32,
+            judge: Judge = MARKERS) -> Edit:
     """W <- W - scale d d^T W for every matrix writing to the residual stream (the embedding,
     attention out and MLP down projections; of `writer_layers` only, if given). The direction is
     that of `layer`, else chosen by `select` ('evaluate': Arditi et al.'s bypass score with the
     harmless KL at most `max_kl`; 'heuristic': FailSpy's), or each layer's own with `per_layer`.
     search_trials > 0: the edit shape (direction site, per-layer kernels, projection, norm
     preservation) is found by `search.search` on the validation split instead; see `search_shape`.
-    With an evaluation, the perplexity of plain paragraphs is measured before and after."""
+    With an evaluation, the perplexity of plain paragraphs is measured before and after. `judge`
+    scores the layers (its refusal openings), judges the search's answers and the reports."""
     from .edit import ablate as orthogonalize_writers
     from .select import candidate_layers, evaluate_layers, rank_evaluated
 
@@ -380,15 +376,16 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
     decided, chosen = layer_without_running(d, per_layer, layer, select)
     if search_trials:
         found = search_shape(m, d, harmful, harmless, search_trials, search_prompts, max_tokens, gen_batch_size,
-                             system, max_kl, progress)
+                             system, max_kl, progress, judge)
         decided = True  # the direction is the chosen shape's (recorded under "search")
     if not decided:
         hval, lval = prompt_sets(harmful, harmless, "val")
         layers = candidate_layers(d.num_layers)
-        with (progress or _silent)("score layers", len(layers)) as update:
+        with (progress or silent)("score layers", len(layers)) as update:
             # the first 32 of each validation set, as the layer scores have always been measured
             evals = evaluate_layers(m.model, m.tokenizer, d, hval.texts[:32], lval.texts[:32], layers,
-                                    ("bypass", "kl"), batch_size, max_kl=max_kl, system=system, progress=update)
+                                    ("bypass", "kl"), batch_size, max_kl=max_kl, system=system, progress=update,
+                                    judge=judge)
         ranked = rank_evaluated(evals, "bypass")
         if not ranked:
             raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "
@@ -400,7 +397,8 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
     base_lp = before = after = None
     ppl = {}
     if eval_limit != 0:
-        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache)
+        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+                                  judge)
         ppl["base"] = perplexity(m.model, m.tokenizer, capability_texts())
     if found is None:
         summary = orthogonalize_writers(m.model, directions, layers=writer_layers, scale=scale,
@@ -410,7 +408,8 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
 
         summary = apply_shape(m.model, d, found.chosen.shape)
     if eval_limit != 0:
-        after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after", base=base_lp)
+        after = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval after", base=base_lp,
+                          judge=judge)
         ppl["edited"] = perplexity(m.model, m.tokenizer, capability_texts())
     record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
     record["summary"] = summary.as_record()
@@ -436,19 +435,20 @@ def check_search(search_trials: int, **given: bool) -> None:
 
 def search_shape(m: Model, d: Directions, harmful: str, harmless: str, n_trials: int, n_prompts: int = 32,
                  max_tokens: int = 128, batch_size: int = 64, system: str | None = None, max_kl: float = 0.2,
-                 progress: ProgressFactory | None = None):
+                 progress: ProgressFactory | None = None, judge: Judge = MARKERS):
     """ablate --search: the optuna study (search.py) on `n_prompts` validation prompts per set,
     resumed from the cache when one with the same weights, directions, prompts and settings
     exists; returns the search.SearchResult (trials, Pareto front, the choice and why)."""
+    from .judge import cache_identity
     from .search import search, study_path
 
     hval, lval = prompt_sets(harmful, harmless, "val", n_prompts)
     storage, name = study_path({"weights": m.info.fingerprint, "directions": d.sha256(), "harmful": list(hval.texts),
                                 "harmless": list(lval.texts), "max_tokens": max_tokens, "system": system,
-                                "seed": 0})
-    with (progress or _silent)("search", n_trials) as update:
+                                "seed": 0, **cache_identity(judge)})
+    with (progress or silent)("search", n_trials) as update:
         return search(m.model, m.tokenizer, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
-                      batch_size, system, 0, _increments(update))
+                      batch_size, system, 0, update, judge)
 
 
 def ablate(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", **options) -> Edit:

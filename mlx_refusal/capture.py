@@ -30,6 +30,7 @@ from .atomic import atomic_file
 from .errors import UserError
 from .interventions import hooked_layers
 from .batching import batch_cache, length_sorted_batches, right_padded, shared_prefix
+from .progress import Update
 from .template import encode_prefilled, Encoded, encode_prompts
 
 CACHE_FORMAT = 1
@@ -74,7 +75,7 @@ def capture_encoded(
     encoded: list[Encoded],
     batch_size: int = 16,
     keep_all: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
 ) -> Capture:
     """Run the prompts and accumulate the residuals at their last `num_positions` tokens
     (averaged over those positions within a prompt, then over prompts)."""
@@ -136,7 +137,7 @@ def capture_residuals(
     system: str | None = None,
     batch_size: int = 16,
     keep_all: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
 ) -> Capture:
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
     "post-instruction"), one row per layer input plus the final residual."""
@@ -145,7 +146,7 @@ def capture_residuals(
 
 
 def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> Capture:
+                   progress: Update | None = None) -> Capture:
     """`capture_encoded`, split across the data-parallel ranks under `mlx.launch` (each runs
     every N-th prompt; the float64 sums and counts are added); on one process, just that."""
     group = distributed.data_group(model)
@@ -228,7 +229,7 @@ def cached_capture(
     batch_size: int = 16,
     keep_all: bool = False,
     use_cache: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Update | None = None,
     prefill: str | None = None,
 ) -> tuple[Capture, bool]:
     """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit).

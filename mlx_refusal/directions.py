@@ -5,7 +5,6 @@ residual before the last norm.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 from .atomic import atomic_file
 from .errors import UserError
+from .record import array_sha256
 
 FILE_NAME = "directions.safetensors"
 
@@ -42,7 +42,7 @@ class Directions:
 
     def sha256(self, layer: int | None = None) -> str:
         data = self.directions if layer is None else self.directions[layer]
-        return hashlib.sha256(np.ascontiguousarray(data, np.float32).tobytes()).hexdigest()
+        return array_sha256(data)
 
 
 def diff_in_means(harmful_mean: np.ndarray, harmless_mean: np.ndarray, eps: float = 1e-8):

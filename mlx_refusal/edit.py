@@ -28,6 +28,7 @@ import mlx.nn as nn
 
 from . import arch
 from .errors import UserError
+from .progress import Update
 
 
 class UnsupportedEdit(arch.UnsupportedArchitecture):
@@ -208,7 +209,7 @@ def _layer_list(model, layers) -> list[int]:
 
 def ablate(model, directions, layers: Iterable[int] | None = None, scale: float = 1.0,
            norm_preserve: bool = False, include_embedding: bool = True,
-           progress: Callable[[int, int], None] | None = None,
+           progress: Update | None = None,
            writer_scale: Callable[[arch.Writer], float] | None = None) -> EditSummary:
     """Orthogonalize every residual writer of `model` in place (scale=1: remove the direction;
     other signed scales: `project`).
@@ -230,11 +231,13 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
     summary = EditSummary()
     if include_embedding and rows[0] is not None:
         summary.untied_embeddings = untie_embeddings(model)
-    for k, w in enumerate(writers):
+    for w in writers:
         d = rows[w.layer + 1]
         s = scale if writer_scale is None else float(writer_scale(w))
         if d is None or s == 0.0:
             summary.skipped.append(w.path)
+            if progress is not None:
+                progress(1)
             continue
         module = arch.get_module(model, w.path)
         if not isinstance(module, nn.Module) or "weight" not in module:
@@ -250,7 +253,7 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
             summary.requantized.append(w.path)
         summary.edited.append(w.path)
         if progress is not None:
-            progress(k + 1, len(writers))
+            progress(1)
     return summary
 
 

@@ -15,8 +15,6 @@ Architecture facts this relies on:
 """
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from .atomic import atomic_directory
 from . import families
 from .errors import UserError
 from .gguf_tokenizer import build_tokenizer
+from .record import files_sha256, utc_now
 
 CONVERTER_VERSION = 1  # bump when the output of `convert` changes (it keys the cache)
 
@@ -468,14 +467,6 @@ def read(path, progress: Progress | None = None) -> GGUFContents:
     return GGUFContents(config, weights, tokenizer, tokenizer_config, generation_config, source)
 
 
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_folder(contents: GGUFContents, folder, dtype: str = "float32") -> None:
     """Write `contents` into an (existing, empty) folder as a stock mlx_lm model."""
     import mlx.core as mx
@@ -520,12 +511,12 @@ def convert(
     if source_sha256 is None:
         if progress:
             progress("hashing the GGUF for provenance")
-        source_sha256 = sha256_file(gguf_path)
+        source_sha256 = files_sha256([gguf_path])
     contents.source.update(
         sha256=source_sha256,
         converter_version=CONVERTER_VERSION,
         dtype=dtype,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=utc_now(),
     )
     if progress:
         progress(f"writing {out_dir}")

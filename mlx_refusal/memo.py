@@ -19,13 +19,6 @@ def key(**content) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def array_sha256(values) -> str:
-    """Content hash of a numeric vector, for keys that depend on a direction or a bias."""
-    import numpy as np
-
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(values, np.float32)).tobytes()).hexdigest()
-
-
 def recall(kind: str, digest: str):
     """The value stored under `digest` in the `kind` folder of the cache, or None."""
     path = cache_dir(kind) / f"{digest}.json"

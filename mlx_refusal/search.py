@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -36,6 +36,8 @@ import mlx.core as mx
 from . import arch, memo
 from .edit import Kernel, ablate, biprojected_rows, interpolated_direction, kernel_scales, without_component
 from .errors import UserError
+from .judge import MARKERS, Judge
+from .progress import Update
 from .paths import cache_dir
 
 PROJECTIONS = ("none", "projected", "biprojected")
@@ -99,10 +101,10 @@ class TrialResult:
 
 def measure(model, tokenizer, d, shape: EditShape, harmful: Sequence[str], harmless: Sequence[str],
             base_logprobs: mx.array, max_tokens: int, batch_size: int = 32,
-            system: str | None = None) -> tuple[float, float, float]:
-    """(refusal, kl, degenerate) of `shape` (see the module doc); the model is restored after."""
+            system: str | None = None, judge: Judge = MARKERS) -> tuple[float, float, float]:
+    """(refusal, kl, degenerate) of `shape` (see the module doc), answers judged by `judge`; the
+    model is restored after."""
     from .evaluation import first_token_logprobs, generate, kl_divergence
-    from .judge import verdict
 
     saved = _snapshot(model)
     try:
@@ -111,7 +113,7 @@ def measure(model, tokenizer, d, shape: EditShape, harmful: Sequence[str], harml
         lp = first_token_logprobs(model, tokenizer, list(harmless), batch_size, system)
     finally:
         _restore(model, saved)
-    verdicts = [verdict(a) for a in answers]
+    verdicts = [judge.verdict(a) for a in answers]
     failed = sum(v.refused or v.degenerate for v in verdicts) / len(verdicts)
     degenerate = sum(v.degenerate for v in verdicts) / len(verdicts)
     return failed, float(kl_divergence(base_logprobs, lp).mean().item()), degenerate
@@ -167,9 +169,10 @@ class SearchResult:
 def search(model, tokenizer, d, harmful: Sequence[str], harmless: Sequence[str], n_trials: int,
            storage: Path, study_name: str, max_kl: float, max_tokens: int = 128, batch_size: int = 32,
            system: str | None = None, seed: int = 0,
-           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+           progress: Update | None = None, judge: Judge = MARKERS) -> SearchResult:
     """Run the study in `storage` up to `n_trials` finished trials (see the module doc) and choose
-    one. `progress(done, n_trials)` is called after each trial, and once at the start."""
+    one. `progress` (a progress.Update) counts trials: first those a resumed study already has,
+    then each one as it finishes."""
     import time
 
     import optuna
@@ -192,8 +195,9 @@ def search(model, tokenizer, d, harmful: Sequence[str], harmless: Sequence[str],
     study = optuna.create_study(storage=url, study_name=study_name, directions=["minimize", "minimize"],
                                 sampler=sampler, load_if_exists=True)
     done = len(_finished(study))
+    reported = min(done, n_trials)
     if progress:
-        progress(min(done, n_trials), n_trials)
+        progress(reported)
     todo = max(0, n_trials - done)
     t0 = time.perf_counter()
     if todo:
@@ -202,13 +206,16 @@ def search(model, tokenizer, d, harmful: Sequence[str], harmless: Sequence[str],
 
         def objective(trial):
             refusal, kl, degenerate = measure(model, tokenizer, d, suggest_shape(trial, num_layers), harmful,
-                                              harmless, base_lp, max_tokens, batch_size, system)
+                                              harmless, base_lp, max_tokens, batch_size, system, judge)
             trial.set_user_attr("degenerate", degenerate)
             return refusal, kl
 
         def tick(study, _trial):
-            if progress:
-                progress(min(len(_finished(study)), n_trials), n_trials)
+            nonlocal reported
+            finished = min(len(_finished(study)), n_trials)
+            if progress and finished > reported:
+                progress(finished - reported)
+            reported = max(reported, finished)
 
         study.optimize(objective, n_trials=todo, callbacks=[tick], catch=())
     trials = [TrialResult(t.number, _shape_of(t.params), float(t.values[0]), float(t.values[1]),

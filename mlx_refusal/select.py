@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .directions import Directions
+from .judge import MARKERS, Judge, cache_identity
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,12 @@ def plot_ranking(scores: list[LayerScore], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Arditi et al.: scores from forward passes, not generations.
 
-# Openings of refusals; their *first tokens* (derived from the tokenizer, never hard-coded ids)
-# form the refusal token set whose probability mass the scores measure.
-REFUSAL_OPENINGS = ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI",
-                    "Unfortunately", "I apologize", "I must")
-
-
-def refusal_token_ids(tokenizer) -> list[int]:
+def refusal_token_ids(tokenizer, judge: Judge = MARKERS) -> list[int]:
+    """The first tokens of the judge's refusal openings: the refusal token set whose probability
+    mass the scores measure."""
     from .template import encode_text
 
-    ids = {encode_text(tokenizer, o)[0] for o in REFUSAL_OPENINGS if encode_text(tokenizer, o)}
+    ids = {encode_text(tokenizer, o)[0] for o in judge.refusal_openings if encode_text(tokenizer, o)}
     return sorted(ids)
 
 
@@ -118,7 +115,7 @@ def candidate_layers(num_layers: int, skip_last: float = 0.2, skip_first: float 
 def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str],
                     layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
                     max_kl: float = 0.1, system: str | None = None, induce_multiple: float | None = 0.5,
-                    progress=None, cache_key: str | None = None) -> list[LayerEval]:
+                    progress=None, cache_key: str | None = None, judge: Judge = MARKERS) -> list[LayerEval]:
     """Arditi et al.'s selection scores for each candidate layer's direction.
 
     induce: the unit direction times `induce_multiple` x the mean residual norm at the layer added
@@ -126,16 +123,18 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     the raw mean-difference vector with its own norm, as in the paper, which favours late layers
     whose differences are largest) of the
     layer. bypass and KL: the unit direction projected out of the residual stream at every site.
-    Each score costs one batched forward pass per prompt set (first-token log-probs).
+    Each score costs one batched forward pass per prompt set (first-token log-probs); the refusal
+    tokens are the first tokens of the `judge`'s refusal openings.
     `cache_key` (the weights' fingerprint) keeps each layer's scores on disk, keyed by its
     direction, the prompts and the settings.
     """
     from . import memo
     from .evaluation import first_token_logprobs, kl_divergence
+    from .record import array_sha256
     from .interventions import adding_at, projecting_out
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
-    tok_ids = refusal_token_ids(tokenizer)
+    tok_ids = refusal_token_ids(tokenizer, judge)
     base_lp = None
     out = []
     for i, layer in enumerate(layers):
@@ -143,9 +142,10 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
             continue
         direction = d.directions[layer]
         digest = None if cache_key is None else memo.key(
-            weights=cache_key, layer=layer, direction=memo.array_sha256(direction), scores=sorted(scores),
+            weights=cache_key, layer=layer, direction=array_sha256(direction), scores=sorted(scores),
             mean_norm=float(d.mean_norm[layer]), induce_multiple=induce_multiple, system=system,
-            template=getattr(tokenizer, "chat_template", None), harmful=list(harmful), harmless=list(harmless))
+            template=getattr(tokenizer, "chat_template", None), harmful=list(harmful), harmless=list(harmless),
+            **cache_identity(judge))
         hit = None if digest is None else memo.recall("layer-scores", digest)
         if isinstance(hit, dict):
             bypass, induce, kl = hit.get("bypass"), hit.get("induce"), hit.get("kl")
@@ -233,17 +233,15 @@ PROBE_SLACK = 2
 
 
 def refusal_probe(tokenizer, n_harmless: int, target: float, probe_tokens: int = PROBE_TOKENS,
-                  slack: int = PROBE_SLACK):
-    """A `Stop` for `evaluate.generate` that ends a trial whose harmless refusal rate can no longer
-    reach `target` (rows 0..n_harmless-1 are the harmless prompts)."""
-    from .judge import is_refusal
-
+                  slack: int = PROBE_SLACK, judge: Judge = MARKERS):
+    """A `Stop` for `evaluate.generate` that ends a trial whose harmless refusal rate (by `judge`)
+    can no longer reach `target` (rows 0..n_harmless-1 are the harmless prompts)."""
     misses: dict[int, bool] = {}
 
     def stop(out: dict[int, list[int]], live: set[int]):
         for row, toks in out.items():
             if row < n_harmless and (row not in live or len(toks) >= probe_tokens):
-                misses[row] = not is_refusal(tokenizer.decode(toks))
+                misses[row] = not judge.verdict(tokenizer.decode(toks)).refused
         return live if _probe_gives_up(sum(misses.values()), n_harmless, target, slack) else ()
 
     return stop
@@ -258,44 +256,45 @@ def _probe_gives_up(misses: int, n_harmless: int, target: float, slack: int = PR
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
                    prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
                    system: str | None = None, harmful: list[str] = (), cache_key: str | None = None,
-                   probe_target: float | None = None, extra=()) -> AlphaTrial:
+                   probe_target: float | None = None, extra=(), judge: Judge = MARKERS) -> AlphaTrial:
     """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
-    save.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
+    record.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
     coherence over those and the optional `harmful` prompts (an over-steered model rambles on
     requests it would refuse anyway).
 
     `cache_key` (the weights' fingerprint) keeps the answers on disk, keyed by everything that
     determines them. `probe_target` ends the trial early once its harmless refusal rate cannot
-    reach that target (see `refusal_probe`); None generates every answer in full."""
+    reach that target (see `refusal_probe`); None generates every answer in full. `judge` judges
+    the answers (and the probe's openings)."""
     from contextlib import ExitStack
 
     from .evaluation import generate_cached
     from .interventions import adding_at
-    from .judge import coherence, is_refusal, variety, voice
-    from .memo import array_sha256
+    from .record import array_sha256
 
     alpha = float(multiple * mean_norm)
     vector = alpha * np.asarray(direction, np.float32)
     texts = list(prompts) + list(harmful)
-    stop = None if probe_target is None else refusal_probe(tokenizer, len(prompts), probe_target)
+    stop = None if probe_target is None else refusal_probe(tokenizer, len(prompts), probe_target, judge=judge)
     key = None if cache_key is None else {
         "weights": cache_key, "add": {"layer": layer, "vector": array_sha256(vector)},
         "extra": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in extra],
-        "probe": None if probe_target is None else [probe_target, PROBE_TOKENS, PROBE_SLACK, len(prompts)]}
+        "probe": None if probe_target is None else [probe_target, PROBE_TOKENS, PROBE_SLACK, len(prompts)],
+        **cache_identity(judge)}
     with ExitStack() as stack:
         stack.enter_context(adding_at(model, layer, vector))
         for term in extra:
             stack.enter_context(adding_at(model, term.layer, term.vector))
         answers, _ = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, None, key, stop=stop)
     mine, theirs = answers[: len(prompts)], answers[len(prompts):]
-    coh = [coherence(a) for a in answers]
-    refused = [is_refusal(a) for a in mine]
-    explained = [voice(p, a, r, c.coherent).explained for p, a, r, c in zip(prompts, mine, refused, coh)]
+    coh = [judge.coherence(a) for a in answers]
+    refused = [judge.verdict(a).refused for a in mine]
+    explained = [judge.voice(p, a, r, c.coherent).explained for p, a, r, c in zip(prompts, mine, refused, coh)]
     early = probe_target is not None and _probe_gives_up(len(mine) - sum(refused), len(mine), probe_target)
     return AlphaTrial(layer, float(multiple), alpha, sum(refused) / len(mine),
                       sum(c.coherent for c in coh) / len(coh), float(np.mean([c.distinct3 for c in coh])), mine[0],
-                      sum(map(is_refusal, theirs)) / len(theirs) if theirs else None, early,
-                      sum(explained) / len(mine), variety(mine),
+                      sum(judge.verdict(a).refused for a in theirs) / len(theirs) if theirs else None, early,
+                      sum(explained) / len(mine), judge.variety(mine),
                       tuple((t.name, t.layer, t.multiple) for t in extra))
 
 
@@ -303,18 +302,19 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
                     on_trial=None, cache_key: str | None = None, early_stop: bool = True,
-                    extra=()) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    extra=(), judge: Judge = MARKERS) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
     prompts are refused *and* coherent (with the `extra` terms added alongside), then bisect
     between the last failing and the first passing multiple. Returns (smallest passing trial or
     None, all trials in order).
 
-    `cache_key` and `early_stop` (the refusal probe) go to `steering_trial`."""
+    `cache_key`, `early_stop` (the refusal probe) and `judge` go to `steering_trial`."""
     trials: list[AlphaTrial] = []
 
     def run(m: float) -> AlphaTrial:
         t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system,
-                           cache_key=cache_key, probe_target=target if early_stop else None, extra=extra)
+                           cache_key=cache_key, probe_target=target if early_stop else None, extra=extra,
+                           judge=judge)
         trials.append(t)
         if on_trial:
             on_trial(t)

@@ -36,6 +36,7 @@ from . import arch
 from .edit import ablate, add_steering_bias, site_directions, untie_embeddings
 from .errors import UserError
 from .loading import cast_for_compute, stored_dtype
+from .progress import Update
 from .save import _DTYPES, check_target, stock_weights_and_config, write_index, write_model_folder
 
 
@@ -257,7 +258,7 @@ def _batches(layout: dict[str, mx.array], max_bytes: int | None) -> list[list[st
 
 
 def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
-                max_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
+                max_memory: int | None = None, progress: Update | None = None,
                 say: Callable[[str], None] | None = None, dtype: str | None = None) -> Path:
     """Write `edit` of the mlx_lm folder `source_dir` to `out_dir` without loading it whole;
     the tensors and config are the ones `save.save_model` writes after the same edit in memory.
@@ -265,7 +266,7 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
     Each output file is written tensor by tensor. max_memory: tensors are evaluated in batches
     of at most a third of it (the float32 working copies of an edit take the rest), each batch
     on a fresh lazy model; default: one batch per source file.
-    progress(done, total) counts batches written. dtype: of the saved weights, as in
+    progress (a progress.Update) counts batches written. dtype: of the saved weights, as in
     `save.save_model` (default the stored one); the edit is computed in the compute dtype.
     """
     source_dir, out_dir = check_target(source_dir, out_dir, force)
@@ -291,7 +292,6 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
     plan = [(f, batch) for f in files for batch in _batches(layouts[f], None if max_memory is None else max_memory // 3)]
 
     def write_weights(folder: Path) -> list[str]:
-        done = 0
         for f in files:
             with open(folder / f, "wb") as fh:
                 fh.write(_safetensors_header(layouts[f]))
@@ -302,9 +302,8 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
                     for name in batch:
                         fh.write(_tensor_bytes(weights[name]))
                     del model, weights
-                    done += 1
                     if progress:
-                        progress(done, len(plan))
+                        progress(1)
         write_index(folder, {n: f for f in files for n in layouts[f]},
                     sum(a.nbytes for f in files for a in layouts[f].values()))
         return files

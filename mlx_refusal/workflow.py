@@ -1,16 +1,12 @@
 """Multi-step jobs shared by the CLI commands: prompts -> captures -> directions.
 
-Progress is reported through `progress(desc, total)`, a context manager factory that yields
-`update(n_items, n_tokens)`; pass None for silence.
+Progress is reported through a `progress.ProgressFactory`; pass None for silence.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -19,13 +15,9 @@ from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
 from .errors import UserError
-
-ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
-
-
-def _silent(desc: str, total: int):
-    return contextlib.nullcontext(lambda n, t=0: None)
-
+from .judge import MARKERS, Judge, cache_identity
+from .progress import ProgressFactory, silent
+from .record import text_sha256, utc_now
 
 DIRECTION_METHODS = ("auto", "means", "filtered", "contrast")
 # The prefills of the contrast method: the same prompts answered as a refusal or as compliance.
@@ -41,25 +33,26 @@ MIN_FILTERED = 8  # fewer kept prompts on either side than this is too few for a
 
 
 def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = None,
-                     batch_size: int = 16) -> np.ndarray:
-    """Per prompt: log-odds that the unedited model's first answer token opens a refusal."""
+                     batch_size: int = 16, judge: Judge = MARKERS) -> np.ndarray:
+    """Per prompt: log-odds that the unedited model's first answer token opens a refusal (one of
+    the `judge`'s refusal openings)."""
     from .evaluation import first_token_logprobs
     from .select import refusal_scores, refusal_token_ids
 
     logprobs = first_token_logprobs(model, tokenizer, texts, batch_size, system)
-    return refusal_scores(logprobs, refusal_token_ids(tokenizer))
+    return refusal_scores(logprobs, refusal_token_ids(tokenizer, judge))
 
 
 def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: str | None = None,
-                            batch_size: int = 16, use_cache: bool = True) -> np.ndarray:
+                            batch_size: int = 16, use_cache: bool = True, judge: Judge = MARKERS) -> np.ndarray:
     """`refusal_log_odds` behind the activation cache (same key parts: weights, template, prompts)."""
     import os
 
     from .capture import capture_key
     from .paths import cache_dir
 
-    key = capture_key(info.fingerprint, texts, getattr(tokenizer, "chat_template", None), system,
-                      "refusal-log-odds", "float32")
+    what = "refusal-log-odds" + "".join(f" {v}" for v in cache_identity(judge).values())
+    key = capture_key(info.fingerprint, texts, getattr(tokenizer, "chat_template", None), system, what, "float32")
     path = cache_dir("activations") / f"{key}.odds.npy"
     odds = None
     if use_cache and path.is_file():
@@ -72,7 +65,7 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
     # every rank must take the same branch: computing the odds runs collectives
     if distributed.everyone(odds is not None, distributed.world()):
         return odds
-    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size)
+    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size, judge)
     if use_cache and distributed.is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -84,12 +77,13 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
 
 def compute_directions(model, tokenizer, info, harmful, harmless, positions: str = "last",
                        system: str | None = None, batch_size: int = 16, use_cache: bool = True,
-                       progress: ProgressFactory | None = None, method: str = "auto") -> tuple[Directions, dict]:
+                       progress: ProgressFactory | None = None, method: str = "auto",
+                       judge: Judge = MARKERS) -> tuple[Directions, dict]:
     """One candidate refusal direction per residual site, by `method`:
 
     means     mean(harmful) - mean(harmless) at `positions` (Arditi et al.);
     filtered  the same over the harmful prompts the base model refuses and the harmless ones it
-              answers (judged by first-token refusal log-odds);
+              answers (judged by first-token refusal log-odds of the `judge`'s openings);
     contrast  every prompt with the assistant turn prefilled as a refusal minus as compliance, read
               at the response tokens: a direction exists even when the model seldom refuses;
     auto      means when the base model refuses at least WEAK_REFUSAL of the harmful prompts, else contrast.
@@ -97,12 +91,13 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
     Captures are cached. Returns the directions and a dict of what was measured (for the report)."""
     if method not in DIRECTION_METHODS:
         raise UserError(f"unknown direction method '{method}'; choose one of {', '.join(DIRECTION_METHODS)}")
-    progress = progress or _silent
+    progress = progress or silent
     run: dict = {"cache_hits": {}, "stats": {}}
     odds = {}
     for name, ps in (("harmful", harmful), ("harmless", harmless)):
         with progress(f"base refusal {name}", len(ps)) as update:
-            odds[name] = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size, use_cache)
+            odds[name] = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size, use_cache,
+                                                 judge)
             update(len(ps), 0)
     refused = {name: float(np.mean(o > 0)) for name, o in odds.items()}
     chosen = method if method != "auto" else ("means" if refused["harmful"] >= WEAK_REFUSAL else "contrast")
@@ -137,8 +132,8 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "positions": positions if chosen != "contrast" else "response", "system": system,
         "method": {"asked": method, "used": chosen, "base_refusal_rate": refused,
                    **{k: run[k] for k in ("kept", "prefills") if k in run}},
-        "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
-        "date": now(),
+        "chat_template_sha256": text_sha256(getattr(tokenizer, "chat_template", None) or ""),
+        "date": utc_now(),
     }
     if distributed.describe(model):
         meta["distributed"] = distributed.describe(model)
@@ -166,16 +161,6 @@ def held_back_separation(model, tokenizer, info, d: Directions, harmful, harmles
     return separation(d.directions, pos, neg)
 
 
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def write_provenance(out_dir: Path, record: dict, name: str = "provenance.json") -> Path:
     return write_text_atomic(Path(out_dir) / name, json.dumps(record, indent=2, default=str))
 
@@ -193,7 +178,7 @@ class SteeringChoice:
     layer_evals: list = field(default_factory=list)  # select.LayerEval, when scores were computed
     trials: list = field(default_factory=list)  # select.AlphaTrial, when alpha was calibrated
     candidates: list[int] = field(default_factory=list)
-    extra: list = field(default_factory=list)  # save.SteeringTerm added alongside (the voice)
+    extra: list = field(default_factory=list)  # record.SteeringTerm added alongside (the voice)
     voice_met: bool = True  # the voice target was met (always, without one)
 
 
@@ -204,7 +189,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
                     confirm_tokens: int = 64,
                     batch_size: int = 16,
                     system: str | None = None, on_layers=None, on_trial=None, voice=None,
-                    voice_rows=None, voice_multiple: float = 0.2, cache_key: str | None = None) -> SteeringChoice:
+                    voice_rows=None, voice_multiple: float = 0.2, cache_key: str | None = None,
+                    judge: Judge = MARKERS) -> SteeringChoice:
     """Pick the layer and alpha for a steering bias.
 
     A single score does not predict which layer steers best (on Qwen2.5-0.5B one layer refuses
@@ -216,10 +202,10 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     alongside the refusal term in every trial. With `voice` (a select.VoiceTarget) a trial must
     also explain its refusals; when none does, the calibrated trial that explains most is kept
     and `voice_met` is False. `cache_key` (the weights' fingerprint) keeps layer scores and
-    trials on disk.
+    trials on disk. `judge` scores the layers (its refusal openings) and judges every trial.
     """
-    from .save import SteeringTerm
     from . import select as sel
+    from .record import SteeringTerm
 
     evals: list = []
     if layer is not None:
@@ -229,7 +215,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         layers = [s.layer for s in sel.rank_heuristic(d) if s.layer in allowed][:candidates]
     elif select == "evaluate":
         evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless[:score_prompts], scores=("induce",),
-                                    batch_size=batch_size, system=system, progress=on_layers, cache_key=cache_key)
+                                    batch_size=batch_size, system=system, progress=on_layers, cache_key=cache_key,
+                                    judge=judge)
         layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
     else:
         raise UserError(f"unknown selection '{select}'; choose heuristic or evaluate")
@@ -261,7 +248,8 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
         extra = extra_at(lay)
         found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
                                        target=target, max_tokens=max_tokens, batch_size=max(batch_size, len(prompts)),
-                                       system=system, on_trial=on_trial, cache_key=cache_key, extra=extra)
+                                       system=system, on_trial=on_trial, cache_key=cache_key, extra=extra,
+                                       judge=judge)
         trials.extend(t)
         if found is None:
             continue
@@ -270,7 +258,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
             trial = sel.steering_trial(model, tokenizer, lay, d.directions[lay], norm_at(lay), m, prompts,
                                        confirm_tokens, max(batch_size, 2 * len(prompts)), system,
                                        harmful=val_harmful[: len(prompts)], cache_key=cache_key,
-                                       probe_target=target, extra=extra)
+                                       probe_target=target, extra=extra, judge=judge)
             trials.append(trial)
             if on_trial:
                 on_trial(trial)

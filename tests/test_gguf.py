@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from mlx_refusal import gguf as conv
 from mlx_refusal.errors import UserError
+from mlx_refusal.record import files_sha256
 
 from reference_tokenizers import SPLITS
 
@@ -217,7 +218,7 @@ def test_round_trip_chat_template_and_special_tokens(tiny_qwen2, tmp_path):
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["bos_token"] is None and tok_cfg["pad_token"] == "<|endoftext|>"
     source = json.loads((out / "gguf_source.json").read_text())
-    assert source["sha256"] == conv.sha256_file(tmp_path / "t.gguf")
+    assert source["sha256"] == files_sha256([tmp_path / "t.gguf"])
     assert source["converter_version"] == conv.CONVERTER_VERSION
 
 

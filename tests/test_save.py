@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_refusal import arch, edit, interventions, save
 from mlx_refusal.errors import UserError
+from mlx_refusal.record import STEERING_FILE, array_sha256
 
 TOKENS = mx.array([[3, 5, 17, 33, 100, 7, 250, 9], [1, 2, 4, 8, 16, 32, 64, 128]])
 RECORD = {"model": {"spec": "tiny", "fingerprint": "ab" * 32},
@@ -66,7 +67,7 @@ def test_ablation_round_trips_through_stock_mlx_lm(any_model, tmp_path):
     assert cfg["tie_word_embeddings"] is False  # a tied source was untied, so the head is unchanged
     record = json.loads((out / save.EDIT_RECORD).read_text())
     assert record["untied_embeddings"] == bool(config(any_model)["tie_word_embeddings"])
-    assert not (out / save.STEERING_FILE).exists()
+    assert not (out / STEERING_FILE).exists()
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3, 4])
@@ -98,12 +99,12 @@ def test_steering_round_trips_through_stock_mlx_lm(tiny_qwen2_tied, layer, tmp_p
                 assert max_diff(bias, v) == 0.0
             else:
                 assert max_diff(bias, mx.zeros_like(bias)) == 0.0
-    stored = mx.load(str(out / save.STEERING_FILE))
+    stored = mx.load(str(out / STEERING_FILE))
     assert max_diff(stored["direction"], d) == 0.0 and max_diff(stored["vector"], v) == 0.0
     record = json.loads((out / save.EDIT_RECORD).read_text())
     assert record["site"] == site and record["layer"] == layer
     assert record["alpha"] == pytest.approx(6.0)
-    assert record["direction_sha256"] == save.array_sha256(d)
+    assert record["direction_sha256"] == array_sha256(d)
     assert record["tool_version"] == mlx_refusal.__version__ and record["date"]
     assert record["model"] == RECORD["model"] and record["prompts"] == RECORD["prompts"]
     card = (out / "README.md").read_text()
@@ -286,12 +287,12 @@ def test_several_steering_terms_are_all_written_and_add_up(tiny_qwen2, tmp_path)
     assert record["steering"][0]["site"] == record["site"] == "model.layers.1.mlp.down_proj.bias"
     assert record["steering"][2]["site"] == "model.layers.0.mlp.down_proj.bias"
     assert (record["layer"], record["alpha"]) == (2, pytest.approx(6.0))
-    stored = mx.load(str(out / save.STEERING_FILE))
+    stored = mx.load(str(out / STEERING_FILE))
     assert max_diff(stored["direction"], d1) == 0.0 and max_diff(stored["vector"], 6.0 * d1) <= 1e-6
     for i, (t, d) in enumerate(zip(terms, (d1, d2, d3))):
         assert max_diff(stored[f"term{i}.direction"], d) <= 1e-6
         assert max_diff(stored[f"term{i}.vector"], t.alpha * d) <= 1e-5
-        assert record["steering"][i]["direction_sha256"] == save.array_sha256(stored[f"term{i}.direction"])
+        assert record["steering"][i]["direction_sha256"] == array_sha256(stored[f"term{i}.direction"])
     card = (out / "README.md").read_text()
     assert "3 steering vectors" in card and "voice at layer 1" in card
 
@@ -303,5 +304,5 @@ def test_a_single_tuple_is_one_refusal_term(tiny_qwen2, tmp_path):
     out = save.save_model(model, tiny_qwen2, tmp_path / "one", {"edit": "steer"}, steering=(3, d, 2.0 * d))
     record = json.loads((out / save.EDIT_RECORD).read_text())
     assert [(t["name"], t["layer"], t["alpha"]) for t in record["steering"]] == [("refusal", 3, pytest.approx(2.0))]
-    stored = mx.load(str(out / save.STEERING_FILE))
+    stored = mx.load(str(out / STEERING_FILE))
     assert max_diff(stored["term0.vector"], stored["vector"]) == 0.0

@@ -31,16 +31,18 @@ def test_a_short_search_runs_resumes_and_leaves_the_model_as_it_was(setup, tmp_p
     calls, real = [], srch.measure
     monkeypatch.setattr(srch, "measure", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     seen = []
-    first = run(setup, tmp_path, 3, progress=lambda done, total: seen.append((done, total)))
+    first = run(setup, tmp_path, 3, progress=lambda n, tokens=0: seen.append(n))
     assert [t.number for t in first.trials] == [0, 1, 2] and first.new_trials == 3 and len(calls) == 3
-    assert seen[0] == (0, 3) and seen[-1] == (3, 3)
+    assert seen == [0, 1, 1, 1]  # none done before, then each trial as it finishes
     for t in first.trials:
         assert 0.0 <= t.degenerate <= t.refusal <= 1.0 and t.kl >= 0.0
     assert any(t.kl > 0 for t in first.trials)  # the trials did edit the model
     for path, w in weights(model).items():  # every trial put the weights back
         np.testing.assert_array_equal(w, before[path])
 
-    second = run(setup, tmp_path, 5)
+    resumed = []
+    second = run(setup, tmp_path, 5, progress=lambda n, tokens=0: resumed.append(n))
+    assert resumed == [3, 1, 1]  # the trials the study already had, then the two new ones
     assert [t.number for t in second.trials] == [0, 1, 2, 3, 4] and second.new_trials == 2 and len(calls) == 5
     assert second.trials[:3] == first.trials  # loaded, not redone
     assert calls[3] not in calls[:3] and calls[4] not in calls[:3]  # the resumed sampler does not replay its start

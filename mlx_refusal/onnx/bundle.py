@@ -24,9 +24,7 @@ The folder is written beside the target and renamed into place when complete.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import gc
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field, replace
@@ -39,11 +37,12 @@ from .. import __version__, families
 from ..atomic import atomic_directory, check_replaceable
 from ..errors import UserError
 from ..loading import weight_fingerprint
+from ..record import TOOL, array_sha256, copy_record, utc_now
 from ..serve import copy_page
 from .files import check_onnx
 from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder, write_fixed_twin
 from .quantize import Q4_ACCURACY_LEVEL, Q4_BLOCK_SIZE, quantize_q4, quantize_q8
-from .source import EDIT_FILE, SourceModel, read_model
+from .source import SourceModel, read_model
 
 # transformers.js's file names for its dtypes (int8 -> "_int8", q8 -> "_quantized", q4 -> "_q4")
 DTYPE_FILES = {"int8": "onnx/model_int8.onnx", "fp32": "onnx/model.onnx", "q4": "onnx/model_q4.onnx",
@@ -160,7 +159,7 @@ def export_onnx(
         _write_tokenizer(src.path, tmp)
         _write_generation_config(src, tmp)
         if src.edit is not None:
-            shutil.copyfile(src.path / EDIT_FILE, tmp / EDIT_FILE)
+            copy_record(src.path, tmp)
         if src.steering is not None:
             (tmp / STEERING_RECORD).write_text(json.dumps(steering_record(src, act_layer), indent=1) + "\n")
         if page is not None:
@@ -197,7 +196,7 @@ def _activations_layer(src: SourceModel, layer: int | None) -> int:
     if layer is None:
         if src.steering is not None:
             return src.steering.layer
-        edit_layer = (src.edit or {}).get("layer")
+        edit_layer = src.edit.layer if src.edit is not None else None
         return edit_layer if isinstance(edit_layer, int) and 0 <= edit_layer <= n else n // 2
     if not 0 <= layer <= n:
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{n - 1} ({n} = the final residual)")
@@ -207,7 +206,7 @@ def _activations_layer(src: SourceModel, layer: int | None) -> int:
 def web_model_type(src: SourceModel) -> str:
     """The model_type transformers.js should see. A steered Qwen2 is saved for mlx_lm as `llama` with
     attention_bias; the graph carries every bias itself, so the page gets the source family back."""
-    source_type = ((src.edit or {}).get("model") or {}).get("model_type")
+    source_type = src.edit.source_model_type if src.edit is not None else None
     return source_type if source_type in families.SUPPORTED else src.spec.model_type
 
 
@@ -275,7 +274,7 @@ def steering_record(src: SourceModel, act_layer: int) -> dict:
         "input": STEERING_INPUT,
         "activations_output": activations_name(act_layer),
         "vector_norm": float(np.linalg.norm(st.vector)),
-        "direction_sha256": hashlib.sha256(np.ascontiguousarray(st.direction, np.float32).tobytes()).hexdigest(),
+        "direction_sha256": array_sha256(st.direction),
         "direction": [float(x) for x in st.direction],
     }
 
@@ -296,12 +295,12 @@ def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, fil
                     # the slider graphs (inputs + steering_scale); the dtypes' own files have it fixed at 1
                     "files": {d: steerable_file(DTYPE_FILES[d]) for d in dtypes}}
     return {
-        "tool": "mlx-refusal",
+        "tool": TOOL,
         "tool_version": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "source": {"path": str(src.path.resolve()), "model_type": spec.model_type,
                    "weights_sha256": weight_fingerprint(src.path)},
-        "edit": (src.edit or {}).get("edit"),
+        "edit": src.edit.kind if src.edit is not None else None,
         "model_type": model_type,
         "num_layers": spec.num_layers,
         "hidden_size": spec.hidden_size,

@@ -2,8 +2,8 @@
 
 The weights come from stock `mlx_lm` (quantized layers dequantized, everything float32 numpy),
 the geometry from the loaded modules themselves (so defaults that mlx_lm fills in, like
-qwen2's head_dim, are never re-derived here), and the edit from `refusal_edit.json` +
-`steering.safetensors`.
+qwen2's head_dim, are never re-derived here), and the edit from its record (`record.read_record`,
+`record.read_steering`: refusal_edit.json and steering.safetensors), checked against the model.
 """
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ import numpy as np
 from .. import arch
 from ..errors import UserError
 from ..families import GraphNeeds
-
-EDIT_FILE = "refusal_edit.json"
-STEERING_FILE = "steering.safetensors"
+from ..record import EDIT_RECORD, STEERING_FILE, EditRecord, StoredTerm, read_record, read_steering
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class SourceModel:
     config: dict  # config.json as written in the folder
     spec: DecoderSpec
     weights: dict[str, np.ndarray] = field(repr=False)  # mlx parameter name -> float32 array
-    edit: dict | None = None  # refusal_edit.json, if the folder is an edited model
+    edit: EditRecord | None = None  # refusal_edit.json, if the folder is an edited model
     steering: Steering | None = None
 
 
@@ -135,8 +133,8 @@ def read_model(model_dir: str | Path) -> SourceModel:
         weights = fam.graph.canonical_weights(weights, config)
     _check_biases(weights, fam)
     spec = _spec_of(model, weights)
-    edit = _read_edit(path)
-    steering = _read_steering(path, edit, weights, spec) if edit and edit.get("edit") == "steer" else None
+    edit = read_record(path)
+    steering = _read_steering(path, edit, weights, spec) if edit and edit.kind == "steer" else None
     return SourceModel(path=path, config=config, spec=spec, weights=weights, edit=edit, steering=steering)
 
 
@@ -197,41 +195,10 @@ def _rope_inv_freq(rope, head_dim: int) -> np.ndarray:
     )
 
 
-def _read_edit(path: Path) -> dict | None:
-    f = path / EDIT_FILE
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{f} is not valid JSON ({exc}); re-save the edited model") from None
-
-
-def _read_steering(path: Path, edit: dict, weights: dict, spec: DecoderSpec) -> Steering:
-    """The terms of steering.safetensors: the "steering" list of refusal_edit.json with its
-    term{i}.vector / term{i}.direction tensors, or (older folders) one term from "vector" and the
-    top-level layer / site / alpha."""
-    from safetensors.numpy import load_file
-
-    f = path / STEERING_FILE
-    if not f.is_file():
-        raise UserError(f"{path} is a steered model but has no {STEERING_FILE}; re-save it with mlx-refusal")
-    tensors = load_file(str(f))
-    entries = edit.get("steering")
-    if entries is None:
-        if "vector" not in tensors:
-            raise UserError(f"{f} has no 'vector' tensor; re-save the steered model with mlx-refusal")
-        entries = [{"name": "refusal", "layer": edit.get("layer"), "site": edit.get("site"), "alpha": edit.get("alpha")}]
-        keys = [("vector", "direction")]
-    elif not isinstance(entries, list) or not entries:
-        raise UserError(f"{path / EDIT_FILE} has a 'steering' entry that is not a non-empty list; re-save the steered model")
-    else:
-        keys = [(f"term{i}.vector", f"term{i}.direction") for i in range(len(entries))]
-    terms = []
-    for entry, (vkey, dkey) in zip(entries, keys):
-        if vkey not in tensors:
-            raise UserError(f"{f} has no {vkey!r} tensor for steering term {entry.get('name')!r}; re-save the steered model")
-        terms.append(_term(path, entry, tensors[vkey], tensors.get(dkey), weights, spec))
+def _read_steering(path: Path, edit: EditRecord, weights: dict, spec: DecoderSpec) -> Steering:
+    """The folder's stored steering terms, each checked against the model and placed at a site
+    the graph can carry."""
+    terms = [_term(path, stored, weights, spec) for stored in read_steering(path, edit)]
     sites = {t.site for t in terms}
     for site in sites:
         if site.endswith(".bias"):
@@ -239,17 +206,17 @@ def _read_steering(path: Path, edit: dict, weights: dict, spec: DecoderSpec) -> 
     return Steering(terms=tuple(terms))
 
 
-def _term(path: Path, entry: dict, vector: np.ndarray, direction: np.ndarray | None, weights: dict,
-          spec: DecoderSpec) -> SteeringTerm:
-    vector = vector.astype(np.float32).reshape(-1)
+def _term(path: Path, stored: StoredTerm, weights: dict, spec: DecoderSpec) -> SteeringTerm:
+    entry = stored.entry
+    vector = stored.vector.astype(np.float32).reshape(-1)
     if vector.shape != (spec.hidden_size,):
         raise UserError(f"steering vector in {path / STEERING_FILE} has {vector.size} values, "
                         f"the model's hidden size is {spec.hidden_size}")
-    direction = (vector / max(np.linalg.norm(vector), 1e-30) if direction is None
-                 else direction.astype(np.float32).reshape(-1))
+    direction = (vector / max(np.linalg.norm(vector), 1e-30) if stored.direction is None
+                 else stored.direction.astype(np.float32).reshape(-1))
     layer = entry.get("layer")
     if not isinstance(layer, int) or not 0 <= layer <= spec.num_layers:
-        raise UserError(f"{path / EDIT_FILE} has layer {layer!r}; a steered model needs a layer in 0..{spec.num_layers}")
+        raise UserError(f"{path / EDIT_RECORD} has layer {layer!r}; a steered model needs a layer in 0..{spec.num_layers}")
     fam = arch.family(spec.model_type)
     site = str(entry.get("site") or fam.steering_site(layer))
     if site.startswith("model.embed_tokens"):
