@@ -19,6 +19,7 @@ from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
 from .errors import UserError
+from .template import template_provenance
 
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
@@ -137,7 +138,7 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "positions": positions if chosen != "contrast" else "response", "system": system,
         "method": {"asked": method, "used": chosen, "base_refusal_rate": refused,
                    **{k: run[k] for k in ("kept", "prefills") if k in run}},
-        "chat_template_sha256": _sha(getattr(tokenizer, "chat_template", None) or ""),
+        "chat_template": template_provenance(getattr(tokenizer, "chat_template", None), info.template_override),
         "date": now(),
     }
     if distributed.describe(model):
@@ -164,12 +165,6 @@ def held_back_separation(model, tokenizer, info, d: Directions, harmful, harmles
                                keep_all=True, use_cache=use_cache, prefill=prefill)[0].acts
                 for _, texts, prefill in _contrasted_sides(used, harmful.texts, harmless.texts))
     return separation(d.directions, pos, neg)
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def now() -> str:
