@@ -72,7 +72,7 @@ def info(model_spec):
     from mlx_refusal.cli_text import model_info
 
     start = time.perf_counter()
-    m = api.load(model_spec, note=_say)
+    m = api.load(model_spec, note=_say, chat_template=opt.chat_template_file())
     click.echo(model_info(m.info, time.perf_counter() - start))
 
 
@@ -103,7 +103,7 @@ def _load(spec: str, tensor_parallel: bool = False):
     from mlx_refusal import api
 
     click.echo(f"loading {spec}{' (tensor parallel)' if tensor_parallel else ''} ...", err=True)
-    return api.load(spec, tensor_parallel=tensor_parallel)
+    return api.load(spec, tensor_parallel=tensor_parallel, chat_template=opt.chat_template_file())
 
 
 def _directions(m, harmful, harmless, split, positions, system, batch_size, no_cache, directions_file=None):
@@ -153,7 +153,7 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     t0 = time.perf_counter()
     out = out or _default_out(model_spec, "directions")
     validate.before_loading(model_spec, harmful, harmless, out, True, system=system, out_kind="directions",
-                            note=_say)
+                            chat_template=opt.chat_template_file(), note=_say)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, split, positions, system, batch_size, no_cache)
     if not distributed.is_writer():
@@ -300,11 +300,12 @@ def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache
     if choice["voice"] == "explain" and tensor_parallel:
         raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],
-                                         directions_file=directions_file, system=system, note=_say)
+                                         directions_file=directions_file, system=system,
+                                         chat_template=opt.chat_template_file(), note=_say)
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
         edit = api.streamed_steer(folder, load_directions(directions_file), choice["layer"], choice["alpha"],
-                                  choice["alpha_multiple"], plan.limit, system)
+                                  choice["alpha_multiple"], plan.limit, system, opt.chat_template_file())
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)
@@ -333,14 +334,14 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, bat
                      tensor_parallel=tensor_parallel)
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],
                                          layers_text=layers_text, directions_file=directions_file, system=system,
-                                         note=_say)
+                                         chat_template=opt.chat_template_file(), note=_say)
     writers = validate.layer_range(layers_text, int(validate.model_config(folder)["num_hidden_layers"]))
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
         edit = api.streamed_project(folder, load_directions(directions_file), scale, layer=choice["layer"],
                                     select=choice["select"], writer_layers=writers, per_layer=choice["per_layer"],
                                     norm_preserve=choice["norm_preserve"], max_memory=plan.limit,
-                                    system=system, kind=kind)
+                                    system=system, kind=kind, chat_template=opt.chat_template_file())
         return _save(edit, out, force, save_dtype, t0)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, "train", positions, system, batch_size, no_cache, directions_file)

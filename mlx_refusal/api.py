@@ -28,6 +28,7 @@ from .evaluation import EvalReport
 from .judge import MARKERS, Judge
 from .loading import DEFAULT_PRESET, ModelInfo
 from .progress import ProgressFactory, silent
+from .template import ChatTemplate, read_chat_template, template_provenance
 
 VOICE_PROMPTS = 48  # harmless train prompts the voice's response direction is read from
 EXAMPLES = 5  # answers kept in the record, shown in the model card and README
@@ -43,14 +44,18 @@ class Model:
 
 
 def load(spec: str = DEFAULT_PRESET, tensor_parallel: bool = False,
-         note: Callable[[str], None] | None = None) -> Model:
+         note: Callable[[str], None] | None = None, chat_template: str | Path | None = None) -> Model:
     """A preset name, an mlx_lm folder, a .gguf file or a Hugging Face repo id -> Model.
-    tensor_parallel: under mlx.launch, each rank loads its slice of every block."""
+    tensor_parallel: under mlx.launch, each rank loads its slice of every block.
+    chat_template: a Jinja chat template file to render prompts with instead of the model's own
+    (needed for a model without one); an edit of the model saves it into its folder.
+    A model without a chat template, or a base (non-chat) model, is a UserError."""
     from .loading import load as load_folder
 
     if tensor_parallel and distributed.size() == 1:
         raise UserError("--tensor-parallel needs several ranks: start the command with mlx.launch -n N ...")
-    return Model(*load_folder(spec, progress=note, tensor_parallel=tensor_parallel))
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    return Model(*load_folder(spec, progress=note, tensor_parallel=tensor_parallel, chat_template=template))
 
 
 def prompt_sets(harmful: str, harmless: str, split: str, limit: int | None = None):
@@ -141,7 +146,8 @@ def evaluate(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, 
 
 
 def _about(info: ModelInfo) -> dict:
-    return {"spec": str(info.spec), "fingerprint": info.fingerprint, "model_type": info.model_type}
+    return {"spec": str(info.spec), "fingerprint": info.fingerprint, "model_type": info.model_type,
+            "chat_template": template_provenance(info.chat_template, info.template_override)}
 
 
 def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None,
@@ -181,6 +187,7 @@ class Edit:
     choice: object = None  # workflow.SteeringChoice of a steer
     layer_evals: list = field(default_factory=list)  # select.LayerEval of an evaluated layer choice
     search: object = None  # search.SearchResult of ablate --search
+    chat_template: ChatTemplate | None = None  # --chat-template, saved into the edited folder
 
     @property
     def trials(self) -> list:
@@ -201,10 +208,11 @@ class Edit:
         if self.model is None or distributed.is_tensor_parallel(self.model.model):
             with (progress or silent)("rewrite tensors", 0) as update:
                 stream_edit(self.source, out, self.rewrite, self.record, force, max_memory=self.max_memory,
-                            progress=update, dtype=dtype, say=note)
+                            progress=update, dtype=dtype, say=note,
+                            chat_template=self.chat_template)
         else:
             save_model(self.model.model, self.source, out, self.record, steering=self.steering, force=force,
-                       dtype=dtype, progress=note)
+                       dtype=dtype, progress=note, chat_template=self.chat_template)
         self._write_report(out / "report")
         return out
 
@@ -236,6 +244,12 @@ class Edit:
 
 def _provenance(d: Directions, **fields) -> dict:
     return {**fields, "model": d.metadata.get("model"), "prompts": d.metadata.get("prompts")}
+
+
+def _edited(kind: str, m: Model, record: dict, **parts) -> Edit:
+    """The Edit of an in-memory edit of `m`, its record saying which chat template it was made with."""
+    record["chat_template"] = template_provenance(m.info.chat_template, m.info.template_override)
+    return Edit(kind, m, m.info.path, record, chat_template=m.info.template_override, **parts)
 
 
 def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
@@ -323,10 +337,9 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
                           "how": choice.how, "voice": voice, "voice_met": choice.voice_met,
                           "candidates": choice.candidates, "trials": [t.__dict__ for t in choice.trials],
                           "layer_evals": [e.__dict__ for e in choice.layer_evals]}}
-    edit = Edit("steer", m, m.info.path, record, before, after, steering=terms,
-                rewrite=Steering(choice.layer, direction, choice.alpha), details=details,
-                target=target, choice=choice)
-    return edit
+    return _edited("steer", m, record, before=before, after=after, steering=terms,
+                   rewrite=Steering(choice.layer, direction, choice.alpha), details=details, target=target,
+                   choice=choice)
 
 
 def check_strength(alpha, alpha_multiple) -> None:
@@ -422,8 +435,8 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
                       select="search", search=found.as_record())
     record["distributed"] = distributed.describe(m.model)
     rewrite = None if found else _projection(directions, scale, writer_layers, norm_preserve)
-    return Edit(kind, m, m.info.path, record, before, after, rewrite=rewrite, layer_evals=evals, search=found,
-                details={"layer_evals": [e.__dict__ for e in evals], "perplexity": ppl}, target=max_kl)
+    return _edited(kind, m, record, before=before, after=after, rewrite=rewrite, layer_evals=evals, search=found,
+                   details={"layer_evals": [e.__dict__ for e in evals], "perplexity": ppl}, target=max_kl)
 
 
 def check_search(search_trials: int, **given: bool) -> None:
@@ -490,9 +503,20 @@ def _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_
 # chosen by running it and nothing is evaluated; `save` rewrites the shards from the source.
 
 
+def _streamed(kind: str, folder: Path, record: dict, chat_template: str | Path | None, **parts) -> Edit:
+    """The Edit of a streamed edit of `folder`, with the chat template it keeps (the model's own,
+    or the `chat_template` file, checked like a load would) in its record and its folder."""
+    from .loading import chat_tokenizer
+
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    tokenizer = chat_tokenizer(folder, template)
+    record["chat_template"] = template_provenance(tokenizer.chat_template, template)
+    return Edit(kind, None, Path(folder), record, chat_template=template, **parts)
+
+
 def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float | None = None,
                    alpha_multiple: float | None = None, max_memory: int | None = None,
-                   system: str | None = None) -> Edit:
+                   system: str | None = None, chat_template: str | Path | None = None) -> Edit:
     from .stream_edit import Steering
 
     check_strength(alpha, alpha_multiple)
@@ -504,13 +528,15 @@ def streamed_steer(folder: Path, d: Directions, layer: int | None, alpha: float 
                          alpha_how="given", select=None, scale=None,
                          positions=d.metadata.get("positions"), system=system, direction_sha256=d.sha256(layer),
                          metrics=None)
-    return Edit("steer", None, Path(folder), record, rewrite=Steering(layer, direction, a), max_memory=max_memory)
+    return _streamed("steer", folder, record, chat_template, rewrite=Steering(layer, direction, a),
+                     max_memory=max_memory)
 
 
 def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | None = None,
                      select: str = "heuristic", writer_layers: list[int] | None = None, per_layer: bool = False,
                      norm_preserve: bool = False, max_memory: int | None = None,
-                     system: str | None = None, kind: str = "project") -> Edit:
+                     system: str | None = None, kind: str = "project",
+                     chat_template: str | Path | None = None) -> Edit:
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
     decided, chosen = layer_without_running(d, per_layer, layer, select)
     if not decided:
@@ -518,8 +544,8 @@ def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | 
                         "(--select evaluate runs the model)")
     directions = d.directions if per_layer else d.direction(chosen)
     record = _projection_record(d, kind, chosen, per_layer, scale, norm_preserve, writer_layers, select, system)
-    return Edit(kind, None, Path(folder), record,
-                rewrite=_projection(directions, scale, writer_layers, norm_preserve), max_memory=max_memory)
+    return _streamed(kind, folder, record, chat_template,
+                     rewrite=_projection(directions, scale, writer_layers, norm_preserve), max_memory=max_memory)
 
 
 def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | None = None, force: bool = False,

@@ -17,8 +17,22 @@ def _all(*options):
     return apply
 
 
-model = click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
-                     help="Model: a preset name, a local mlx_lm folder, a .gguf file, or a Hugging Face repo id.")
+_model = click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
+                      help="Model: a preset name, a local mlx_lm folder, a .gguf file, or a Hugging Face repo id.")
+# Stored on the click context like --direction-method: cli._load and the pre-load checks read it
+# (chat_template_file), so every command that loads a model takes it with --model.
+_chat_template = click.option(
+    "--chat-template", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+    expose_value=False, callback=lambda ctx, _param, value: ctx.meta.__setitem__("chat_template", value),
+    help="A Jinja chat template file to render prompts with instead of the model's own (needed for a model "
+         "without one). An edit (steer, ablate, project) saves it into the edited folder, so stock mlx_lm "
+         "renders with it too.")
+model = _all(_model, _chat_template)
+
+
+def chat_template_file() -> Path | None:
+    """The running command's --chat-template FILE, if given."""
+    return click.get_current_context().meta.get("chat_template")
 harmful = click.option("--harmful", default="harmful", show_default=True,
                        help="Harmful prompts: 'harmful' (bundled set) or a .txt/.json/.jsonl/.csv file.")
 harmless = click.option("--harmless", default="harmless", show_default=True,

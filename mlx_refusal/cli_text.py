@@ -22,7 +22,8 @@ def model_info(info, seconds: float) -> str:
         ("dtype", f"{info.dtype} on disk, computing in {info.compute_dtype}"),
         ("quantization", f"{quant.get('bits')}-bit, group size {quant.get('group_size')}" if quant else "none"),
         ("device", info.device), ("fast BLAS", info.blas), ("fingerprint", info.fingerprint),
-        ("chat template", f"yes ({len(info.chat_template)} chars)" if info.chat_template else "none"),
+        ("chat template", f"yes ({len(info.chat_template or '')} chars"
+                          + (f", from {info.template_override.file})" if info.template_override else ")")),
         ("loaded in", f"{seconds:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 

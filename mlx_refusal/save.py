@@ -106,16 +106,27 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
-def _copy_tokenizer(source_dir: Path, folder: Path) -> list[str]:
+def _copy_tokenizer(source_dir: Path, folder: Path, chat_template=None) -> list[str]:
+    """The source's tokenizer files; with `chat_template` (a template.ChatTemplate) in place of
+    the source's template, so stock loaders render prompts exactly as the edit was made."""
     copied = []
     for name in TOKENIZER_FILES:
         src = source_dir / name
-        if src.is_file():
+        if src.is_file() and not (chat_template is not None and name in ("chat_template.json", "chat_template.jinja")):
             shutil.copyfile(src, folder / name)
             copied.append(name)
     if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(copied):
         raise UserError(f"{source_dir} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
                         "pass the model folder the edited model was loaded from")
+    if chat_template is not None:
+        # transformers (so mlx_lm) reads chat_template.jinja first; transformers.js and older
+        # readers read tokenizer_config.json's chat_template: both say the same
+        (folder / "chat_template.jinja").write_text(chat_template.text, encoding="utf-8")
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config_path.write_text(json.dumps({**config, "chat_template": chat_template.text}, indent=2,
+                                          ensure_ascii=False) + "\n", encoding="utf-8")
+        copied += [n for n in ("chat_template.jinja", "tokenizer_config.json") if n not in copied]
     return copied
 
 
@@ -132,7 +143,7 @@ def check_target(source_dir, out_dir, force: bool) -> tuple[Path, Path]:
 
 def save_model(model, source_dir, out_dir, edit_record: dict,
                steering: list[SteeringTerm] | tuple | None = None, force: bool = False, *,
-               dtype: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
+               dtype: str | None = None, progress: Callable[[str], None] | None = None, chat_template=None) -> Path:
     """Write `model` (as edited in memory) to `out_dir` as a stock mlx_lm folder; return its path.
 
     source_dir: the mlx_lm folder the model was loaded from (config, tokenizer, chat template).
@@ -143,6 +154,7 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
       steering.safetensors and listed in the record's "steering" field.
     force: replace an existing out_dir (only one that holds a model or is empty).
     dtype: "float32" | "bfloat16" | "float16"; default the dtype the source weights are stored in.
+    chat_template: a template.ChatTemplate (--chat-template) saved in place of the source's template.
     """
     source_dir, out_dir = check_target(source_dir, out_dir, force)
     say = progress or (lambda _msg: None)
@@ -155,13 +167,13 @@ def save_model(model, source_dir, out_dir, edit_record: dict,
     weights, config = stock_weights_and_config(model, config, _DTYPES[dtype])
     return write_model_folder(source_dir, out_dir, config, dtype, edit_record,
                               lambda tmp: _write_weights(weights, tmp), steering, force, say,
-                              size=sum(v.nbytes for v in weights.values()))
+                              size=sum(v.nbytes for v in weights.values()), chat_template=chat_template)
 
 
 def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str, edit_record: dict,
                        write_weights: Callable[[Path], list[str]],
                        steering: list[SteeringTerm] | tuple | None, force: bool,
-                       say: Callable[[str], None], size: int | None = None) -> Path:
+                       say: Callable[[str], None], size: int | None = None, chat_template=None) -> Path:
     """Everything of an edited folder but the weights, which `write_weights(folder)` writes
     (returning the file names): the config, tokenizer, record, steering file and model card,
     all in one atomic move. In memory (`save_model`) or streamed (`stream_edit`). `size` is the
@@ -180,7 +192,7 @@ def write_model_folder(source_dir: Path, out_dir: Path, config: dict, dtype: str
         say("writing weights")
         record.saved["weight_files"] = write_weights(tmp)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
-        record.saved["tokenizer_files"] = _copy_tokenizer(source_dir, tmp)
+        record.saved["tokenizer_files"] = _copy_tokenizer(source_dir, tmp, chat_template)
         if steering_arrays is not None:
             write_steering(tmp, steering_arrays, record)
         write_record(tmp, record)

@@ -259,7 +259,7 @@ def _batches(layout: dict[str, mx.array], max_bytes: int | None) -> list[list[st
 
 def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: dict, force: bool = False,
                 max_memory: int | None = None, progress: Update | None = None,
-                say: Callable[[str], None] | None = None, dtype: str | None = None) -> Path:
+                say: Callable[[str], None] | None = None, dtype: str | None = None, chat_template=None) -> Path:
     """Write `edit` of the mlx_lm folder `source_dir` to `out_dir` without loading it whole;
     the tensors and config are the ones `save.save_model` writes after the same edit in memory.
 
@@ -311,4 +311,4 @@ def stream_edit(source_dir, out_dir, edit: Projection | Steering, edit_record: d
     steering = (edit.layer, np.asarray(edit.direction, np.float32), edit.vector) if isinstance(edit, Steering) else None
     return write_model_folder(source_dir, out_dir, config, dtype, {**edit_record, "streamed": True},
                               write_weights, steering, force, say,
-                              size=sum(a.nbytes for f in files for a in layouts[f].values()))
+                              size=sum(a.nbytes for f in files for a in layouts[f].values()), chat_template=chat_template)

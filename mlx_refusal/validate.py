@@ -89,16 +89,13 @@ def distinct_sets(harmful_spec: str, harmless_spec: str, harmful, harmless) -> N
                         "is their difference, so pass two different sets")
 
 
-def prompts_fit(folder: Path, sets, system: str | None = None) -> None:
+def prompts_fit(folder: Path, tokenizer, sets, system: str | None = None) -> None:
     """Every chat-templated prompt must fit the model's context (checked with its tokenizer)."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
     from .template import encode_text, render
 
     context = model_config(folder).get("max_position_embeddings")
     if not context:
         return
-    tokenizer = load_tokenizer(Path(folder))
     for s in sets:
         for i, text in enumerate(s.texts):
             n = len(encode_text(tokenizer, render(tokenizer, text, system)))
@@ -123,24 +120,28 @@ def directions_match(path: Path, fingerprint: str) -> None:
 def before_loading(model_spec: str, harmful: str, harmless: str, out: Path, force: bool, *,
                    layer_index: int | None = None, layers_text: str | None = None,
                    directions_file: Path | None = None, system: str | None = None, out_kind: str = "model",
-                   note=None) -> Path:
+                   chat_template: Path | None = None, note=None) -> Path:
     """Every check of a model command that needs no loaded model, so bad input fails in one line
-    before any slow work; returns the model folder."""
-    from .loading import resolve, weight_fingerprint
+    before any slow work; returns the model folder. The tokenizer is loaded (once: `load` reuses
+    it) to check that the model, with `chat_template` if given, is a chat model."""
+    from .loading import chat_tokenizer, resolve, weight_fingerprint
     from .prompts import is_bundled, resolve_prompts
     from .save import is_model_folder
+    from .template import read_chat_template
 
     out_folder(out, force, *((is_model_folder, "a model folder") if out_kind == "model" else ()))
     sets = [resolve_prompts(spec, "all") for spec in (harmful, harmless)]
     distinct_sets(harmful, harmless, *sets)
+    template = read_chat_template(chat_template) if chat_template is not None else None
     folder = resolve(model_spec, progress=note)
     num_layers = model_config(folder).get("num_hidden_layers")
     layer("--layer", layer_index, num_layers)
     if layers_text and num_layers:
         layer_range(layers_text, num_layers)
+    tokenizer = chat_tokenizer(folder, template)
     files = [s for spec, s in zip((harmful, harmless), sets) if not is_bundled(spec)]
     if files:
-        prompts_fit(folder, files, system)
+        prompts_fit(folder, tokenizer, files, system)
     if directions_file is not None:
         directions_match(directions_file, weight_fingerprint(folder))
     return folder

@@ -17,7 +17,8 @@ from .directions import Directions, from_captures, separation
 from .errors import UserError
 from .judge import MARKERS, Judge, cache_identity
 from .progress import ProgressFactory, silent
-from .record import text_sha256, utc_now
+from .record import utc_now
+from .template import template_provenance
 
 DIRECTION_METHODS = ("auto", "means", "filtered", "contrast")
 # The prefills of the contrast method: the same prompts answered as a refusal or as compliance.
@@ -132,7 +133,7 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         "positions": positions if chosen != "contrast" else "response", "system": system,
         "method": {"asked": method, "used": chosen, "base_refusal_rate": refused,
                    **{k: run[k] for k in ("kept", "prefills") if k in run}},
-        "chat_template_sha256": text_sha256(getattr(tokenizer, "chat_template", None) or ""),
+        "chat_template": template_provenance(getattr(tokenizer, "chat_template", None), info.template_override),
         "date": utc_now(),
     }
     if distributed.describe(model):

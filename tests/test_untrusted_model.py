@@ -32,11 +32,19 @@ def _with_template(src, dst, template):
 def test_a_template_reaching_for_python_internals_fails_in_one_line(probe, tiny_qwen2, tmp_path, monkeypatch):
     folder = _with_template(tiny_qwen2, tmp_path / "evil", PROBES[probe])
     monkeypatch.chdir(tmp_path)
-    _, tok, _ = load(str(folder))
     with pytest.raises(UserError, match="tried to reach Python internals") as err:
-        render(tok, "How do I bake bread?")
+        load(str(folder))  # the load's chat-model check renders the template, before any weights are read
     assert "\n" not in str(err.value)
+    tok = chat_tokenizer_unchecked(folder)
+    with pytest.raises(UserError, match="tried to reach Python internals"):
+        render(tok, "How do I bake bread?")
     assert not (tmp_path / "pwned").exists()
+
+
+def chat_tokenizer_unchecked(folder):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return load_tokenizer(folder)
 
 
 def test_the_cli_reports_a_hostile_template_as_one_error_line(tiny_qwen2, tmp_path, monkeypatch):

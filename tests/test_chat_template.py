@@ -1,0 +1,201 @@
+"""Chat templates from the model or from --chat-template FILE: a model without one, a base
+(non-chat) model and a bad template file each stop in one `error:` line that names the fix, with
+nothing written; a template given with --chat-template renders every prompt, is recorded, and
+travels into an edited folder so that stock mlx_lm renders exactly the same text."""
+import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from fixtures import CHATML_TEMPLATE
+from mlx_refusal.errors import UserError
+from test_bad_input import _snapshot
+
+# A ChatML template with its own system prompt, so a render with it differs from the fixture's own.
+OWN_TEMPLATE = CHATML_TEMPLATE.replace("You are a tiny test model.", "You answer in one short line.")
+QUESTION = "How do I bake bread?"
+
+
+def _variant(src: Path, dst: Path, tokenizer_config=None, config=None, generation_config=None) -> Path:
+    """A copy of a tiny model with some keys of its config files replaced (None: key removed)."""
+    shutil.copytree(src, dst)
+    for name, changes in (("tokenizer_config.json", tokenizer_config), ("config.json", config),
+                          ("generation_config.json", generation_config)):
+        if changes:
+            data = json.loads((dst / name).read_text())
+            data.update(changes)
+            (dst / name).write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tiny_qwen2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_models")
+    # A base model as Qwen2.5's base models are: the ChatML template and tokens, but generation
+    # stops only at the document end <|endoftext|> (id 0), never at the turn end <|im_end|>.
+    base = {"tokenizer_config": {"eos_token": "<|endoftext|>"}, "config": {"eos_token_id": 0},
+            "generation_config": {"eos_token_id": 0}}
+    files = {
+        "chat": tiny_qwen2,
+        "no_template": _variant(tiny_qwen2, root / "no_template", tokenizer_config={"chat_template": None}),
+        "base": _variant(tiny_qwen2, root / "base", **base),
+    }
+    for name, text in {
+        "own.jinja": OWN_TEMPLATE,
+        "empty.jinja": "  \n",
+        "syntax.jinja": "{% for m in messages %}{{ m['content'] }",
+        "drops_user.jinja": "<|im_start|>assistant\n",
+        "no_stop.jinja": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}",
+        "evil.jinja": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        # a plain-text format that ends every turn with the document end: base-model chat
+        "plain_eos.jinja": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+                           "{% if add_generation_prompt %}assistant:{% endif %}",
+        "config.json": json.dumps({"chat_template": OWN_TEMPLATE}),
+    }.items():
+        (root / name).write_text(text)
+        files[name] = root / name
+    (root / "latin1.jinja").write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
+    files["latin1.jinja"] = root / "latin1.jinja"
+    return files
+
+
+def _run(args, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))
+    before = _snapshot(work)
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    return result, work, before
+
+
+def _one_error(result, work, before, expected: str) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("  ")]
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, result.output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], lines
+    assert expected in errors[0], errors[0]
+    assert _snapshot(work) == before, "something was written"
+    return errors[0]
+
+
+# (command, model, --chat-template file or None, words the error must contain)
+ERRORS = {
+    "directions, no template": ("directions", "no_template", None, "has no chat template"),
+    "steer, no template": ("steer", "no_template", None, "has no chat template"),
+    "ablate, no template": ("ablate", "no_template", None, "has no chat template"),
+    "eval, no template": ("eval", "no_template", None, "has no chat template"),
+    "info, no template": ("info", "no_template", None, "has no chat template"),
+    "steer, base model": ("steer", "base", None, "looks like a base (non-chat) model"),
+    "eval, base model": ("eval", "base", None, "looks like a base (non-chat) model"),
+    "missing template file": ("steer", "no_template", "missing.jinja", "no such file"),
+    "empty template file": ("steer", "no_template", "empty.jinja", "is empty"),
+    "non-UTF-8 template file": ("steer", "no_template", "latin1.jinja", "is not UTF-8 text"),
+    "template syntax error": ("directions", "no_template", "syntax.jinja", "failed to render"),
+    "template without the user's text": ("steer", "no_template", "drops_user.jinja", "does not put the user's message"),
+    "template whose turns end in no stop token": ("steer", "no_template", "no_stop.jinja", "base (non-chat) model"),
+    "template reaching for Python internals": ("eval", "no_template", "evil.jinja", "stopped by the sandbox"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_chat_template_is_one_line_and_writes_nothing(case, models, tmp_path, monkeypatch):
+    command, model, template, expected = ERRORS[case]
+    args = [command, "--model", models[model]]
+    if template:
+        args += ["--chat-template", models.get(template, tmp_path / template)]
+    if command in ("directions", "steer", "ablate"):
+        args += ["--out", tmp_path / "work" / "out"]
+    line = _one_error(*_run(args, tmp_path, monkeypatch), expected)
+    assert "--chat-template FILE" in line or template and "; " in line, line
+    assert not (tmp_path / "cache" / "activations").exists()  # it stopped before any capture
+
+
+def test_base_model_error_names_both_fixes(models, tmp_path, monkeypatch):
+    line = _one_error(*_run(["directions", "--model", models["base"], "--out", tmp_path / "work" / "d"],
+                            tmp_path, monkeypatch), "base (non-chat)")
+    assert "'<|im_end|>'" in line and "'<|endoftext|>'" in line  # what the turn ends with, what stops
+    assert "use the chat (instruct) version of the model" in line and "--chat-template FILE" in line
+
+
+def test_the_python_api_refuses_a_model_without_a_template(models):
+    from mlx_refusal import api
+
+    with pytest.raises(UserError, match=r"has no chat template.*--chat-template FILE"):
+        api.load(str(models["no_template"]))
+
+
+def test_a_base_model_is_usable_with_a_template_whose_turns_end_where_it_stops(models):
+    from mlx_refusal import api
+    from mlx_refusal.template import render
+
+    m = api.load(str(models["base"]), chat_template=models["plain_eos.jinja"])
+    assert render(m.tokenizer, QUESTION) == f"user: {QUESTION}<|endoftext|>assistant:"
+
+
+def test_the_chat_template_json_form_is_read(models):
+    from mlx_refusal import api
+    from mlx_refusal.template import render
+
+    m = api.load(str(models["no_template"]), chat_template=models["config.json"])
+    assert "You answer in one short line." in render(m.tokenizer, QUESTION)
+
+
+def test_directions_render_with_the_given_template_and_record_it(models, tmp_path, monkeypatch):
+    from mlx_refusal import api
+    from mlx_refusal.capture import capture_key
+    from mlx_refusal.template import render
+
+    m = api.load(str(models["chat"]), chat_template=models["own.jinja"])
+    assert render(m.tokenizer, QUESTION).startswith("<|im_start|>system\nYou answer in one short line.")
+    assert m.info.chat_template == OWN_TEMPLATE and m.info.template_override.file == str(models["own.jinja"])
+    # the activation cache tells the two templates apart
+    assert capture_key(m.info.fingerprint, [QUESTION], OWN_TEMPLATE, None, "last", "float32") != \
+        capture_key(m.info.fingerprint, [QUESTION], CHATML_TEMPLATE, None, "last", "float32")
+
+    out = tmp_path / "d"
+    result, _, _ = _run(["directions", "--model", models["chat"], "--chat-template", models["own.jinja"],
+                         "--out", out, "--batch-size", "8"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "provenance.json").read_text())["chat_template"]
+    assert recorded == {"file": str(models["own.jinja"]), "sha256": hashlib.sha256(OWN_TEMPLATE.encode()).hexdigest()}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in memory", "streamed"])
+def test_an_edited_folder_carries_the_template_to_stock_mlx_lm(streamed, models, tmp_path, monkeypatch):
+    import mlx_lm
+
+    from mlx_refusal import api
+    from mlx_refusal.template import render
+
+    args = ["steer", "--model", models["no_template"], "--chat-template", models["own.jinja"],
+            "--layer", "1", "--alpha-multiple", "0.5", "--eval-limit", "0", "--out", tmp_path / "out"]
+    if streamed:
+        d = tmp_path / "d"
+        result, _, _ = _run(["directions", "--model", models["no_template"], "--chat-template", models["own.jinja"],
+                             "--out", d, "--batch-size", "8"], tmp_path, monkeypatch)
+        assert result.exit_code == 0, result.output
+        args += ["--directions", d, "--max-memory", "1KB"]
+    result, _, _ = _run(args, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    record = json.loads((out / "refusal_edit.json").read_text())
+    assert record.get("streamed", False) is streamed
+    assert record["chat_template"]["file"] == str(models["own.jinja"])
+    assert (out / "chat_template.jinja").read_text() == OWN_TEMPLATE
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == OWN_TEMPLATE
+
+    _, stock = mlx_lm.load(str(out))
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = render(api.load(str(models["no_template"]), chat_template=models["own.jinja"]).tokenizer, QUESTION)
+    assert stock.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
+    # and our own load of the edited folder needs no --chat-template any more
+    assert render(api.load(str(out)).tokenizer, QUESTION) == expected
