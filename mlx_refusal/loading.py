@@ -364,12 +364,13 @@ def resolve(spec, progress: Progress | None = None) -> Path:
 
 
 def _hf_folder(repo: str, progress: Progress | None) -> Path:
-    from mlx_lm.utils import _download
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # the files mlx_lm.load itself fetches
 
     if progress:
         progress(f"fetching {repo} from Hugging Face")
     try:
-        return Path(_download(repo))
+        return Path(snapshot_download(repo, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except Exception as exc:  # huggingface_hub raises many types for offline / missing repos
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(

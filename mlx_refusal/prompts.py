@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import UserError
+from .resources import data_dir
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "prompts"
+BUNDLED_DIR = data_dir("prompts")
 BUNDLED_NAMES = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
 SUPPORTED_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
@@ -231,7 +232,7 @@ def load_prompts(path, field: str = "prompt", column: str = "prompt",
 def _bundled_all(name: str) -> PromptSet:
     path = BUNDLED_DIR / f"{name}.jsonl"
     if not path.is_file():
-        raise UserError(f"bundled prompt set missing: {path}; install mlx-refusal from a source checkout (pip install -e .)")
+        raise UserError(f"bundled prompt set missing: {path}; reinstall mlx-refusal (pip install -e . in a checkout)")
     return load_prompts(path)
 
 

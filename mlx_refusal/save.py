@@ -42,11 +42,25 @@ _QUANT_PARAMS = (".scales", ".biases", ".global_scale")
 
 
 def _expected_parameters(config: dict) -> dict[str, tuple]:
-    """Parameter names and shapes the stock mlx_lm class for `config` has (unquantized)."""
-    from mlx_lm.utils import _get_classes
+    """Parameter names and shapes the stock mlx_lm class for `config` has (unquantized). The
+    class is the one mlx_lm's loader picks: the module mlx_lm.models.<model_type>, after its public
+    remapping tables (by architecture name, then by model type: mistral -> llama, ...)."""
+    import importlib
 
-    model_class, args_class = _get_classes(config)
-    skeleton = model_class(args_class.from_dict(config))  # lazy arrays: nothing is computed
+    from mlx_lm import utils
+
+    model_type = config["model_type"]
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    by_architecture = getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})  # newer mlx_lm only
+    model_type = next((by_architecture[model_type, a] for a in architectures if (model_type, a) in by_architecture),
+                      utils.MODEL_REMAPPING.get(model_type, model_type))
+    try:
+        family = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError as exc:
+        raise ValueError(f"Model type {model_type} not supported.") from exc
+    skeleton = family.Model(family.ModelArgs.from_dict(config))  # lazy arrays: nothing is computed
     return {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .resources import data_dir
 
-PAGE_DIR = Path(__file__).resolve().parent.parent / "export"
+PAGE_DIR = data_dir("export")
 NODE_MODULES = PAGE_DIR / "node_modules"
 PAGE_FILES = ("index.html", "app.js", "style.css")
 

@@ -256,17 +256,13 @@ def make_o_proj_steered(base: Path, out: Path, layer: int, vector: np.ndarray) -
     block L-1's MLP also sees), saved as stock `llama` with zero biases elsewhere."""
     import shutil
 
-    from mlx_lm.utils import _get_classes
-    from mlx.utils import tree_flatten
-
     from mlx_refusal.arch import stock_config
+    from mlx_refusal.save import _expected_parameters
 
     config = stock_config(json.loads((base / "config.json").read_text()), needs_output_bias=True)
-    model_class, args_class = _get_classes(config)
-    expected = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))
     weights = mx.load(str(base / "model.safetensors"))
-    for name, value in expected.items():
-        weights.setdefault(name, mx.zeros(value.shape))
+    for name, shape in _expected_parameters(config).items():
+        weights.setdefault(name, mx.zeros(shape))
     site = f"model.layers.{layer - 1}.self_attn.o_proj.bias"
     weights[site] = mx.array(vector)
     out.mkdir(parents=True)

@@ -306,3 +306,19 @@ def test_a_single_tuple_is_one_refusal_term(tiny_qwen2, tmp_path):
     assert [(t["name"], t["layer"], t["alpha"]) for t in record["steering"]] == [("refusal", 3, pytest.approx(2.0))]
     stored = mx.load(str(out / STEERING_FILE))
     assert max_diff(stored["term0.vector"], stored["vector"]) == 0.0
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "mistral", "qwen3"])
+def test_expected_parameters_are_those_of_the_class_mlx_lm_loads(model_type, tmp_path):
+    # mlx_lm's own loader on a folder with no weights builds the class it picks for the config
+    # (mistral is remapped to llama there), which is what a saved edit must match strictly
+    from mlx_lm.utils import load_model
+
+    from fixtures import _config
+
+    cfg = _config(model_type, 384, 64, 2, tie=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    stock, _ = load_model(tmp_path, lazy=True, strict=False)
+    assert save._expected_parameters(cfg) == {k: tuple(v.shape) for k, v in tree_flatten(stock.parameters())}
+    with pytest.raises(ValueError, match="not supported"):
+        save._expected_parameters({**cfg, "model_type": "no_such_family"})
