@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from . import arch
 from .errors import UserError
+from .progress import Update
 
 # Shorter shared prefixes are not worth a separate forward pass.
 MIN_SHARED_PREFIX = 4
@@ -138,11 +139,9 @@ def prefill(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: 
 
 
 def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, max_tokens: int, eos: set[int],
-                  stop: Stop | None = None, rows: Sequence[int] | None = None,
-                  on_first: Callable[[list[mx.array]], None] | None = None) -> list[list[int]]:
+                  stop: Stop | None = None, rows: Sequence[int] | None = None) -> list[list[int]]:
     """Greedy continuations of one batch (eos excluded), by mlx_lm's BatchGenerator. `rows` names
-    the batch's rows for `stop` (default 0..). `on_first(logprobs)` gets each row's first-token
-    log-softmax [vocab], in batch order."""
+    the batch's rows for `stop` (default 0..)."""
     rows = list(range(len(batch))) if rows is None else list(rows)
     # One prefill step for the whole batch, so every row starts decoding at the same step.
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[e] for e in sorted(eos)] or None,
@@ -155,19 +154,14 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
                           caches=None if prefix.caches is None else [prefix.caches] * len(batch))
         row_of = dict(zip(uids, rows))
         out: dict[int, list[int]] = {u: [] for u in uids}
-        firsts: dict[int, mx.array] = {}
         live, step = set(uids), 0
         while live:
             for r in gen.next_generated():
-                firsts.setdefault(r.uid, r.logprobs)
                 if r.finish_reason != "stop":  # "stop": the token is an eos id
                     out[r.uid].append(r.token)
                 if r.finish_reason is not None:
                     live.discard(r.uid)
             step += 1
-            if on_first is not None and len(firsts) == len(uids):
-                on_first([firsts[u].astype(mx.float32) for u in uids])
-                on_first = None
             if stop is not None and live and step % STOP_CHECK_EVERY == 0:
                 halt = set(stop({row_of[u]: out[u] for u in uids}, {row_of[u] for u in live}))
                 gone = [u for u in live if row_of[u] in halt]
@@ -175,6 +169,10 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
                 live.difference_update(gone)
     finally:
         gen.close()
+        # The generator computes on its own stream; let it finish before anything runs on the
+        # default one, or a sharded model's collectives on the two streams interleave across
+        # ranks and the next forward pass sums the wrong tensors.
+        mx.synchronize(generation_stream)
     return [out[u] for u in uids]
 
 
@@ -190,24 +188,23 @@ def check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
 
 def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[int]], max_tokens: int,
                      eos_ids: Iterable[int], batch_size: int, pad_id: int,
-                     progress: Callable[[int, int], None] | None = None, stop: Stop | None = None,
+                     progress: Update | None = None, stop: Stop | None = None,
                      first_logprobs: bool = False) -> tuple[list[list[int]], mx.array | None]:
     """Greedy continuations of every prompt in input order (`max_tokens` 0: none), and with
     `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] from the
     same prefill. Prompts share one prefix cache and run in length-sorted batches;
-    `progress(done, total)` counts prompts."""
+    `progress` (progress.Update) counts prompts."""
     check_nonempty(prompt_ids)
     results: list[list[int]] = [[] for _ in prompt_ids]
     firsts: list[mx.array | None] = [None] * len(prompt_ids)
     batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     if max_tokens <= 0 and not first_logprobs:
         if progress:
-            progress(len(prompt_ids), len(prompt_ids))
+            progress(len(prompt_ids))
         return results, None
     # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
     # tokens of every prompt past the prefix, every row has a prefill and all start in step.
     prefix = shared_prefix(model, prompt_ids, keep=2)
-    done = 0
     for idx in batches:
         batch = [list(prompt_ids[i]) for i in idx]
 
@@ -216,17 +213,17 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
             for j, i in enumerate(idx):
                 firsts[i] = lps[j]
 
-        if max_tokens <= 0:
+        if first_logprobs:
+            # From our own prefill, not BatchGenerator's first step: under tensor parallelism the
+            # generator's log-probs are not those of the gathered logits (its tokens are).
             lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
             keep_first([lp[j] for j in range(len(idx))])
-        else:
-            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx,
-                                 keep_first if first_logprobs else None)
+        if max_tokens > 0:
+            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx)
             for i, ids in zip(idx, outs):
                 results[i] = ids
-        done += len(idx)
         if progress:
-            progress(done, len(prompt_ids))
+            progress(len(idx))
     if not first_logprobs:
         return results, None
     return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))

@@ -49,7 +49,7 @@ _direction_method = click.option(
     help="How the refusal direction is found. means: mean harmful minus mean harmless activation. filtered: the "
          "same over the harmful prompts the model refuses and the harmless ones it answers. contrast: the same "
          "prompts answered as a refusal minus as compliance (prefilled), read at the answer tokens; works when "
-         "the model seldom refuses. auto: means if the model's first answer token refuses at least 20%% of the "
+         "the model seldom refuses. auto: means if the model's first answer token refuses at least 20% of the "
          "harmful prompts, else contrast.")
 positions = _all(_positions, _direction_method)
 system = click.option("--system", default=None, help="System prompt to render prompts with (default: the template's own).")

@@ -65,11 +65,11 @@ def greedy_alone(model, ids, n):
 @given(prompts=prompt_sets, n=st.integers(1, 6))
 def test_batched_greedy_decoding_equals_each_prompt_alone(model, prompts, n):
     """BatchGenerator left-pads the rows behind the shared prefix; each row still decodes as if alone,
-    and its first-token distribution is that prompt's."""
-    firsts = []
-    got = batching.decode_greedy(model, prompts, batching.shared_prefix(model, prompts, keep=2), n, set(),
-                                 on_first=firsts.extend)
+    and the first-token distribution generation reports is that prompt's."""
+    got = batching.decode_greedy(model, prompts, batching.shared_prefix(model, prompts, keep=2), n, set())
     assert got == [greedy_alone(model, ids, n) for ids in prompts]
+    _, firsts = batching.generate_batched(model, partial(ev._logits_at, model), prompts, n, set(), 64, 0,
+                                          first_logprobs=True)
     for lp, ids in zip(firsts, prompts):
         ref = alone(model, ids)[-1]
         np.testing.assert_allclose(np.array(lp), ref - ref.max() - np.log(np.exp(ref - ref.max()).sum()), atol=1e-4)
