@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mlx_refusal  # noqa: F401  (first: loads a fast BLAS before mlx.core on Linux)
 
-import sys
 import time
 from pathlib import Path
 
@@ -13,55 +12,16 @@ import click
 
 from mlx_refusal import cli_options as opt
 from mlx_refusal.cli_text import before_after, evaluation, print_choice, print_trial
-from mlx_refusal.errors import UserError
+from mlx_refusal.console import CommandGroup, note, say
 
 
-class _Group(click.Group):
-    """Turns UserError (and a few environment errors) into one line on stderr, exit status 2."""
-
-    def invoke(self, ctx):
-        import warnings
-
-        warnings.showwarning = _note
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
-        except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
-            where = f"{exc.ctx.command_path} --help" if exc.ctx else "--help"
-            click.secho(f"error: {exc.format_message()} (see {where})", fg="red", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.secho("interrupted (nothing half-written was left behind)", fg="yellow", err=True)
-            sys.exit(130)
-
-
-def _note(message, category=None, filename=None, lineno=None, file=None, line=None):
-    """Library warnings and notes as one `note:` line, above a running progress bar, not in it."""
-    from tqdm import tqdm
-
-    tqdm.write(click.style(f"note: {message}", fg="yellow"), file=sys.stderr)
-
-
-def _say(message: str) -> None:
-    click.echo(f"  {message}", err=True)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """RefusaLLM toolkit: find the refusal direction of a chat model in MLX, then ablate it
     (the model stops refusing) or steer along it (the model refuses everything, coherently)."""
-    import os
+    from mlx_refusal.console import quiet_other_ranks
 
-    if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
-        # under mlx.launch every rank runs this command; rank 0 alone reports (errors still show)
-        import functools
-
-        import tqdm
-
-        sys.stdout = open(os.devnull, "w")
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+    quiet_other_ranks()
 
 
 @main.command()
@@ -72,7 +32,7 @@ def info(model_spec):
     from mlx_refusal.cli_text import model_info
 
     start = time.perf_counter()
-    m = api.load(model_spec, note=_say, chat_template=opt.chat_template_file())
+    m = api.load(model_spec, note=say, chat_template=opt.chat_template_file())
     click.echo(model_info(m.info, time.perf_counter() - start))
 
 
@@ -90,13 +50,8 @@ def import_gguf(gguf_file, out_dir, force, dtype):
 
     validate.out_folder(out_dir, force)
     click.echo(f"converting {gguf_file} -> {out_dir}", err=True)
-    convert(gguf_file, out_dir, dtype=dtype, force=force, progress=_say)
+    convert(gguf_file, out_dir, dtype=dtype, force=force, progress=say)
     click.echo(f"wrote {out_dir}")
-
-
-def _default_out(spec: str, what: str) -> Path:
-    name = Path(str(spec).rstrip("/")).name.replace(".gguf", "") or "model"
-    return Path("runs") / name / what
 
 
 def _load(spec: str, tensor_parallel: bool = False):
@@ -151,9 +106,9 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
     from mlx_refusal.console import progress_bar
 
     t0 = time.perf_counter()
-    out = out or _default_out(model_spec, "directions")
+    out = out or opt.default_out(model_spec, "directions")
     validate.before_loading(model_spec, harmful, harmless, out, True, system=system, out_kind="directions",
-                            chat_template=opt.chat_template_file(), note=_say)
+                            chat_template=opt.chat_template_file(), note=say)
     m = _load(model_spec, tensor_parallel)
     d = _directions(m, harmful, harmless, split, positions, system, batch_size, no_cache)
     if not distributed.is_writer():
@@ -181,7 +136,7 @@ def serve(webdir, host, port, quiet):
         click.secho(f"warning: binding {host} makes the page reachable from other machines", fg="yellow", err=True)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     try:
-        serve_page(webdir, host=host, port=port, log=log, progress=_say,
+        serve_page(webdir, host=host, port=port, log=log, progress=say,
                    on_ready=lambda url: click.echo(f"serving {webdir} at {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         click.echo("stopped")
@@ -199,10 +154,9 @@ def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
 
     parse_dtypes(dtypes)  # fail on a typo before loading anything
     validate.out_folder(out_dir, True)  # file / read-only; export_onnx refuses a folder that is not an export
-    folder = resolve(model_spec, progress=_say)
-    validate.layer("--layer", layer, validate.model_config(folder).get("num_hidden_layers"))
+    folder = resolve(model_spec, progress=say)
     t0 = time.perf_counter()
-    res = api.export_onnx(folder, out_dir, dtypes, layer=layer, force=force, with_page=with_page, note=_say)
+    res = api.export_onnx(folder, out_dir, dtypes, layer=layer, force=force, with_page=with_page, note=say)
     click.echo(f"exported {folder} -> {res.out_dir} in {time.perf_counter() - t0:.1f} s "
                f"({res.model_type}, activations.layer{res.activations_layer}"
                f"{', steering_scale input' if res.steered else ''})")
@@ -248,12 +202,12 @@ def _plan_streaming(model_spec: str, directions_file: Path | None, max_memory: s
     """(model folder, memory budget) if the edit is to be streamed shard by shard, else None."""
     from mlx_refusal import stream_edit as se
 
-    plan = se.plan(model_spec, directions_file, se.parse_size(max_memory) if max_memory else None, note=_say)
+    plan = se.plan(model_spec, directions_file, se.parse_size(max_memory) if max_memory else None, note=say)
     if plan is not None:
         click.secho(f"streaming the edit shard by shard: {plan.why}. No before/after report (the model is never "
                     "loaded whole); evaluate the result with `eval --model OUT`.", fg="yellow", err=True)
         for warning in plan.warnings:
-            _note(warning)
+            note(warning)
     return plan
 
 
@@ -264,7 +218,7 @@ def _save(edit, out: Path, force: bool, save_dtype: str, t0: float) -> None:
     if not distributed.is_writer():
         return
     click.echo(f"saving {out} ...", err=True)
-    edit.save(out, force=force, dtype=save_dtype, progress=progress_bar, note=_say)
+    edit.save(out, force=force, dtype=save_dtype, progress=progress_bar, note=say)
     if edit.after is not None:
         click.echo(before_after(edit.before, edit.after, edit.record["metrics"].get("perplexity")))
     hint = (f"; try: mlx_lm.generate --model {out} --prompt 'What is the capital of France?'"
@@ -295,13 +249,11 @@ def steer(model_spec, harmful, harmless, positions, system, batch_size, no_cache
     from mlx_refusal.directions import load_directions
 
     t0 = time.perf_counter()
-    out = out or _default_out(model_spec, "steer")
-    api.check_strength(choice["alpha"], choice["alpha_multiple"])
-    if choice["voice"] == "explain" and tensor_parallel:
-        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
+    out = out or opt.default_out(model_spec, "steer")
+    api.check_steer(choice["alpha"], choice["alpha_multiple"], choice["voice"], tensor_parallel)
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],
-                                         directions_file=directions_file, system=system,
-                                         chat_template=opt.chat_template_file(), note=_say)
+                                     directions_file=directions_file, system=system,
+                                     chat_template=opt.chat_template_file(), note=say)
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
         edit = api.streamed_steer(folder, load_directions(directions_file), choice["layer"], choice["alpha"],
@@ -322,19 +274,19 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, bat
     """ablate and project: the same edit with scale 1 or the given scale; ablate --search: the
     edit shape found by a search."""
     from mlx_refusal import api, validate
-    from mlx_refusal.cli_text import layer_evals, search_front
+    from mlx_refusal.cli_text import print_projection
     from mlx_refusal.console import progress_bar
     from mlx_refusal.directions import load_directions
 
     t0 = time.perf_counter()
-    out = out or _default_out(model_spec, kind)
+    out = out or opt.default_out(model_spec, kind)
     validate.finite("--scale", scale, limit=validate.MAX_SCALE)
     api.check_search(search_trials, layer=choice["layer"] is not None, per_layer=choice["per_layer"],
                      layers=bool(layers_text), norm_preserve=choice["norm_preserve"], max_memory=bool(max_memory),
                      tensor_parallel=tensor_parallel)
     folder = validate.before_loading(model_spec, harmful, harmless, out, force, layer_index=choice["layer"],
-                                         layers_text=layers_text, directions_file=directions_file, system=system,
-                                         chat_template=opt.chat_template_file(), note=_say)
+                                     layers_text=layers_text, directions_file=directions_file, system=system,
+                                     chat_template=opt.chat_template_file(), note=say)
     writers = validate.layer_range(layers_text, int(validate.model_config(folder)["num_hidden_layers"]))
     plan = _plan_streaming(model_spec, directions_file, max_memory)
     if plan is not None:
@@ -349,14 +301,7 @@ def _orthogonal_edit(kind, model_spec, harmful, harmless, positions, system, bat
                        eval_limit=eval_limit, max_tokens=max_tokens, gen_batch_size=gen_batch_size,
                        use_cache=not no_cache, progress=progress_bar, kind=kind, search_trials=search_trials,
                        search_prompts=search_prompts, **choice)
-    if edit.layer_evals:
-        click.echo(layer_evals(edit.layer_evals))
-    if edit.search:
-        click.echo(search_front(edit.search))
-    else:
-        what = "each layer's own direction" if choice["per_layer"] else f"the direction of layer {edit.record['layer']}"
-        click.secho(f"{kind}: scale {scale:g} along {what}, writers of "
-                    f"{'all layers' if writers is None else f'layers {writers}'}", bold=True)
+    print_projection(edit, scale, writers, choice["per_layer"])
     _save(edit, out, force, save_dtype, t0)
 
 

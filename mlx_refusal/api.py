@@ -281,11 +281,8 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     from .voice import response_direction
     from .workflow import choose_steering
 
-    check_strength(alpha, alpha_multiple)
+    check_steer(alpha, alpha_multiple, voice, distributed.is_tensor_parallel(m.model))
     validate.layer("--layer", layer, m.info.num_layers)
-    if voice == "explain" and distributed.is_tensor_parallel(m.model):
-        # the sharded save rewrites one steering term from the source; the voice adds a second
-        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
     check_directions(d, m.info)
     hval, lval = prompt_sets(harmful, harmless, "val")
     voice_rows = None
@@ -340,6 +337,14 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     return _edited("steer", m, record, before=before, after=after, steering=terms,
                    rewrite=Steering(choice.layer, direction, choice.alpha), details=details, target=target,
                    choice=choice)
+
+
+def check_steer(alpha, alpha_multiple, voice: str = "terse", tensor_parallel: bool = False) -> None:
+    """The steer options that need no model: the strength, and a voice the sharded save can hold."""
+    check_strength(alpha, alpha_multiple)
+    if voice == "explain" and tensor_parallel:
+        # the sharded save rewrites one steering term from the source; the voice adds a second
+        raise UserError("--voice explain cannot be combined with --tensor-parallel; drop one of them")
 
 
 def check_strength(alpha, alpha_multiple) -> None:
@@ -552,11 +557,16 @@ def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | Non
                 with_page: bool = False, note: Callable[[str], None] | None = None):
     """The model folder (an edited one, or a preset) as a transformers.js bundle for the browser
     page; with_page also copies the page in, ready for any static host."""
+    from .loading import resolve
     from .onnx import export_onnx as export
     from .onnx import parse_dtypes
     from .serve import PAGE_DIR
 
     parse_dtypes(dtypes)
+    model_folder = resolve(model_folder, progress=note)
+    # before the weights are read: the graph's activations output may also be the final residual
+    validate.layer("--layer", layer, validate.model_config(model_folder).get("num_hidden_layers"),
+                   final_residual=True)
     if with_page and not (PAGE_DIR / "index.html").is_file():
         raise UserError(f"--with-page: no page in {PAGE_DIR} (index.html missing); restore export/ from the repository")
     page = PAGE_DIR if with_page else None

@@ -8,6 +8,12 @@ import click
 from .loading import DEFAULT_PRESET as DEFAULT_MODEL
 
 
+def default_out(spec: str, what: str) -> Path:
+    """--out when not given: runs/<model name>/<command>."""
+    name = Path(str(spec).rstrip("/")).name.replace(".gguf", "") or "model"
+    return Path("runs") / name / what
+
+
 def _all(*options):
     def apply(f):
         for o in reversed(options):

@@ -145,6 +145,18 @@ def print_choice(choice) -> None:
                     f"variety >= {VoiceTarget().variety}; kept the one that explained most", fg="yellow", err=True)
 
 
+def print_projection(edit, scale: float, writers, per_layer: bool) -> None:
+    """How an ablate/project edit chose its direction (layer scores, search front), and the edit."""
+    if edit.layer_evals:
+        click.echo(layer_evals(edit.layer_evals))
+    if edit.search:
+        click.echo(search_front(edit.search))
+        return
+    what = "each layer's own direction" if per_layer else f"the direction of layer {edit.record['layer']}"
+    click.secho(f"{edit.kind}: scale {scale:g} along {what}, writers of "
+                f"{'all layers' if writers is None else f'layers {writers}'}", bold=True)
+
+
 def layer_evals(evals) -> str:
     rows = [[e.layer, e.bypass, e.kl, "yes" if e.kept else "no"] for e in sorted(evals, key=lambda e: e.bypass)[:8]]
     return table(["layer", "bypass score", "KL", "kept"], rows,

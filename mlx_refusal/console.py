@@ -1,10 +1,58 @@
-"""Terminal presentation for the CLI: tables and progress bars. The library never imports this."""
+"""Terminal presentation for the CLI: one-line errors and notes, tables and progress bars. The
+library never imports this."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
 import click
+
+from .errors import UserError
+
+
+class CommandGroup(click.Group):
+    """Turns UserError (and a few environment errors) into one line on stderr, exit status 2."""
+
+    def invoke(self, ctx):
+        import warnings
+
+        warnings.showwarning = note
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
+            where = f"{exc.ctx.command_path} --help" if exc.ctx else "--help"
+            click.secho(f"error: {exc.format_message()} (see {where})", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted (nothing half-written was left behind)", fg="yellow", err=True)
+            sys.exit(130)
+
+
+def note(message, category=None, filename=None, lineno=None, file=None, line=None):
+    """Library warnings and notes as one `note:` line, above a running progress bar, not in it."""
+    from tqdm import tqdm
+
+    tqdm.write(click.style(f"note: {message}", fg="yellow"), file=sys.stderr)
+
+
+def say(message: str) -> None:
+    """A step the library reports (fetching, converting, saving), indented under the command's line."""
+    click.echo(f"  {message}", err=True)
+
+
+def quiet_other_ranks() -> None:
+    """Under mlx.launch every rank runs the command; rank 0 alone reports (errors still show)."""
+    if os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) != "0":
+        import functools
+
+        import tqdm
+
+        sys.stdout = open(os.devnull, "w")
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import validate
 from .atomic import atomic_file
 from .errors import UserError
 from .record import array_sha256
@@ -33,9 +34,7 @@ class Directions:
         return self.directions.shape[0] - 1
 
     def direction(self, layer: int) -> np.ndarray:
-        if not 0 <= layer <= self.num_layers:
-            raise UserError(f"layer {layer} is out of range; this model has layers 0..{self.num_layers - 1} "
-                            f"(and {self.num_layers} = the final residual)")
+        validate.layer("layer", layer, self.num_layers, final_residual=True)
         if layer in self.degenerate:
             raise UserError(f"the direction at layer {layer} is zero or not finite; pick another layer")
         return self.directions[layer]

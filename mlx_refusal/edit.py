@@ -26,7 +26,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import arch
+from . import arch, validate
 from .errors import UserError
 from .progress import Update
 
@@ -201,9 +201,8 @@ def _layer_list(model, layers) -> list[int]:
     if layers is None:
         return list(range(n))
     out = sorted({int(i) for i in layers})
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise UserError(f"layers {bad} are out of range; this model has layers 0..{n - 1}")
+    for i in out:
+        validate.layer("layer", i, n)
     return out
 
 
@@ -347,9 +346,7 @@ def add_steering_bias(model, layer: int, vector) -> str:
     absent) of the module `arch.steering_site(model, L)` names, inside block L - 1. Quantized weights are
     untouched by a bias edit; at layer 0 a quantized embedding is re-quantized.
     """
-    n = arch.num_layers(model)
-    if not 0 <= layer <= n:
-        raise UserError(f"layer {layer} is out of range; use 0..{n} ({n} = the final residual)")
+    validate.layer("layer", layer, arch.num_layers(model), final_residual=True)
     v = mx.array(np.asarray(vector, dtype=np.float32))
     if v.shape != (arch.hidden_size(model),):
         raise UserError(f"steering vector has shape {tuple(v.shape)}; expected ({arch.hidden_size(model)},)")

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import arch
+from . import arch, validate
 from .edit import site_directions, unit
 from .errors import UserError
 
@@ -103,9 +103,8 @@ def hooked_layers(model, before: Mapping[int, Transform] | None = None,
     arch.check_supported(model)
     n = arch.num_layers(model)
     before, after = dict(before or {}), dict(after or {})
-    for i in set(before) | set(after):
-        if not 0 <= i < n:
-            raise UserError(f"layer {i} is out of range; this model has layers 0..{n - 1}")
+    for i in sorted(set(before) | set(after)):
+        validate.layer("layer", i, n)
     hooks = {arch.layer_path(model, i): (before.get(i), after.get(i)) for i in sorted(set(before) | set(after))}
     with hooked_modules(model, hooks):
         yield model
@@ -127,8 +126,7 @@ def adding_at(model, layer: int, vector):
     """Add `vector` to resid_pre of `layer` (every token), or to the final residual if
     `layer == num_layers`."""
     n = arch.num_layers(model)
-    if not 0 <= layer <= n:
-        raise UserError(f"layer {layer} is out of range; use 0..{n} ({n} = the final residual)")
+    validate.layer("layer", layer, n, final_residual=True)
     add = _adder(_vector(model, vector))
     with hooked_layers(model, before={layer: add} if layer < n else {}, after={n - 1: add} if layer == n else {}):
         yield model

@@ -36,15 +36,18 @@ def model_config(folder: Path) -> dict:
     return {**config, **config.get("text_config", {})}
 
 
-def layer(option: str, value: int | None, num_layers: int | None) -> None:
-    """A layer index: 0..L-1. Row L of a directions file is the final residual, not a layer."""
+def layer(option: str, value: int | None, num_layers: int | None, *, final_residual: bool = False) -> None:
+    """A layer index: 0..L-1, or 0..L where `final_residual` is allowed: index L (the last row of a
+    directions file) is the residual after the last layer, which one can read or add to, but which
+    has no layer of its own to edit. The one check of a layer index, for options and library calls."""
     if value is None or num_layers is None:
         return
-    if value == num_layers:
+    if value == num_layers and not final_residual:
         raise UserError(f"{option} {value} is the final residual (after the last layer), not a layer one can "
                         f"edit; this model has layers 0..{num_layers - 1}")
-    if not 0 <= value < num_layers:
-        raise UserError(f"{option} {value} is out of range; this model has layers 0..{num_layers - 1}")
+    if not 0 <= value <= (num_layers if final_residual else num_layers - 1):
+        raise UserError(f"{option} {value} is out of range; this model has layers 0..{num_layers - 1}"
+                        + (f" ({num_layers} = the final residual)" if final_residual else ""))
 
 
 def layer_range(text: str | None, num_layers: int) -> list[int] | None:
@@ -63,9 +66,11 @@ def layer_range(text: str | None, num_layers: int) -> list[int] | None:
             layers = [int(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"--layers {text!r} is not a range like 4:20 or a list like 3,5,7") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or not layers:
-        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}")
+    try:
+        for i in layers:
+            layer("--layers", i, num_layers)
+    except UserError:  # name the whole range, not its first bad member
+        raise UserError(f"--layers {text!r} is out of range; this model has layers 0..{num_layers - 1}") from None
     return layers
 
 

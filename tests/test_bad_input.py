@@ -9,6 +9,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ CASES = {
     "layer = num_layers": (lambda f: ["steer", *m(f), "--layer", "4"], "--layer 4 is the final residual"),
     "ablate layer on the final-residual row": (lambda f: ["ablate", *m(f), "--layer", "4"], "is the final residual"),
     "export layer out of range": (lambda f: ["export-onnx", *m(f), "--out", "web", "--layer", "9"],
-                                  "--layer 9 is out of range"),
+                                  "--layer 9 is out of range; this model has layers 0..3 (4 = the final residual)"),
     "--layers 5:3": (lambda f: ["ablate", *m(f), "--layers", "5:3"], "empty range (the end must be above the start)"),
     "--layers past the end": (lambda f: ["ablate", *m(f), "--layers", "1:99"], "'1:99' is out of range"),
     "--search with --layer": (lambda f: ["ablate", *m(f), "--search", "4", "--layer", "1"],
@@ -188,3 +189,47 @@ def test_bad_input_in_a_real_process(case, inputs, busy_port, tmp_path):
 
 def test_the_matrix_is_at_least_30_cases():
     assert len(CASES) + len(SUBPROCESS_CASES) >= 30
+
+
+def test_every_layer_index_is_checked_by_one_function_with_two_limits(tiny_qwen2):
+    """Editing a layer allows 0..L-1; reading or adding to a residual also allows L, the final
+    residual. Every site says it the same way."""
+    import mlx_lm
+
+    from mlx_refusal import edit, interventions, validate
+    from mlx_refusal.errors import UserError
+    from mlx_refusal.onnx.bundle import _activations_layer
+    from mlx_refusal.onnx.source import read_model
+    from mlx_refusal.directions import Directions
+
+    L = NUM_LAYERS
+    for n in (1, L, 24):
+        for i in range(-2, n + 3):
+            for final in (False, True):
+                fits = 0 <= i < n or (final and i == n)
+                try:
+                    validate.layer("--layer", i, n, final_residual=final)
+                    assert fits
+                except UserError as exc:
+                    assert not fits
+                    assert str(exc).startswith(f"--layer {i} is ")
+    model, _ = mlx_lm.load(str(tiny_qwen2))
+    hidden = model.args.hidden_size
+    rows = np.ones((L + 1, hidden), np.float32)
+    d = Directions(rows, rows, rows, np.ones(L + 1, np.float32))
+    beyond = f"layer {L + 1} is out of range; this model has layers 0..{L - 1} ({L} = the final residual)"
+    final = f"layer {L} is the final residual (after the last layer), not a layer one can edit"
+    residual_sites = [lambda i: d.direction(i), lambda i: edit.add_steering_bias(model, i, rows[0]),
+                      lambda i: interventions.adding_at(model, i, rows[0]).__enter__()]
+    for site in residual_sites:
+        with pytest.raises(UserError) as exc:
+            site(L + 1)
+        assert str(exc.value) == beyond
+    layer_sites = [lambda i: edit.ablate(model, rows[0], layers=[0, i]),
+                   lambda i: interventions.hooked_layers(model, before={i: lambda x: x}).__enter__()]
+    for site in layer_sites:
+        with pytest.raises(UserError, match="^" + re.escape(final)):
+            site(L)
+    with pytest.raises(UserError, match=rf"^--layer {L + 1} is out of range.*\({L} = the final residual\)$"):
+        _activations_layer(read_model(tiny_qwen2), L + 1)
+    assert _activations_layer(read_model(tiny_qwen2), L) == L

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .. import __version__, families
+from .. import __version__, families, validate
 from ..atomic import atomic_directory, check_replaceable
 from ..errors import UserError
 from ..loading import weight_fingerprint
@@ -198,8 +198,7 @@ def _activations_layer(src: SourceModel, layer: int | None) -> int:
             return src.steering.layer
         edit_layer = src.edit.layer if src.edit is not None else None
         return edit_layer if isinstance(edit_layer, int) and 0 <= edit_layer <= n else n // 2
-    if not 0 <= layer <= n:
-        raise UserError(f"--layer {layer} is out of range; this model has layers 0..{n - 1} ({n} = the final residual)")
+    validate.layer("--layer", layer, n, final_residual=True)
     return layer
 
 

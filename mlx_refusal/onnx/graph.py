@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import validate
 from ..errors import UserError
 from .files import GRAPH_MARGIN, PROTOBUF_LIMIT, external_data_name
 from .source import EMBEDDING_SITE, DecoderSpec, Steering
@@ -186,8 +187,7 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], options: Gr
     external_data: stream every tensor of 1 KB or more into this file while building; the returned
     model refers to it by file name, so save the model in the same folder (see `write_decoder`).
     """
-    if not 0 <= options.activations_layer <= spec.num_layers:
-        raise ValueError(f"activations layer {options.activations_layer} outside 0..{spec.num_layers}")
+    validate.layer("activations layer", options.activations_layer, spec.num_layers, final_residual=True)
     if spec.graph.norm not in _NORMS or spec.graph.activation not in _ACTIVATIONS:
         raise UserError(f"cannot export {spec.model_type} to ONNX: the graph has no {spec.graph.norm!r} norm or "
                         f"{spec.graph.activation!r} activation (it has norms {', '.join(_NORMS)} and activations "
