@@ -14,7 +14,7 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm.utils import load_model
 
-from mlx_refusal import arch, capture, edit, families, gguf, interventions
+from mlx_refusal import arch, batching, capture, edit, families, gguf, interventions, template
 from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
 
@@ -116,10 +116,10 @@ def test_evaluation_logits_include_the_family_soft_cap(tiny_qwen2, monkeypatch):
                      logits=lambda m, h: cap * mx.tanh(families.head_logits(m, h) / cap))
     monkeypatch.setitem(families._BY_MODEL_TYPE, "qwen2", capped)
     got = ev.first_token_logprobs(model, tok, prompts)
-    ids = ev.encode_chat(tok, prompts)
+    ids = template.encode_chat(tok, prompts)
     for row, p in enumerate(ids):
         raw = model(mx.array([p]))[0, -1]
-        want = ev._log_softmax(cap * mx.tanh(raw / cap))
+        want = batching.log_softmax(cap * mx.tanh(raw / cap))
         assert max_diff(got[row], want) <= 1e-4
     assert max_diff(got, plain) > 0.5  # the cap really changed them
 
