@@ -191,8 +191,8 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
                      progress: Update | None = None, stop: Stop | None = None,
                      first_logprobs: bool = False) -> tuple[list[list[int]], mx.array | None]:
     """Greedy continuations of every prompt in input order (`max_tokens` 0: none), and with
-    `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] from the
-    same prefill. Prompts share one prefix cache and run in length-sorted batches;
+    `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] (one
+    extra right-padded prefill per batch when generating too). Prompts share one prefix cache and run in length-sorted batches;
     `progress` (progress.Update) counts prompts."""
     check_nonempty(prompt_ids)
     results: list[list[int]] = [[] for _ in prompt_ids]
@@ -207,17 +207,13 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
     prefix = shared_prefix(model, prompt_ids, keep=2)
     for idx in batches:
         batch = [list(prompt_ids[i]) for i in idx]
-
-        def keep_first(lps, idx=idx):
-            mx.eval(lps)
-            for j, i in enumerate(idx):
-                firsts[i] = lps[j]
-
         if first_logprobs:
-            # From our own prefill, not BatchGenerator's first step: under tensor parallelism the
-            # generator's log-probs are not those of the gathered logits (its tokens are).
+            # Our own prefill, not the generator's first step: its log-probs came out wrong under
+            # tensor parallelism (see decode_greedy's stream sync), and this pass is the one checked.
             lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
-            keep_first([lp[j] for j in range(len(idx))])
+            mx.eval(lp)
+            for j, i in enumerate(idx):
+                firsts[i] = lp[j]
         if max_tokens > 0:
             outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx)
             for i, ids in zip(idx, outs):
