@@ -9,6 +9,8 @@ Both decode the same chat-templated prompts greedily, in one batch, with the mod
 BatchGenerator runs twice: on the whole prompts, and on the prompts' suffixes with a copy of the
 shared template prefix's KV cache per prompt (its `caches=` argument, the closest it comes to our
 shared prefix). Each is run once to warm up, then timed; the tokens are compared row by row.
+It also times first-token log-probs (the KL reports need them): read from the generator's own
+first step while it decodes, against the separate right-padded prefill pass they used to cost.
 Every figure and ratio printed comes from this one run.
 
 Usage: python bench/batch_generator.py [--model qwen2.5-coder-0.5b] [--prompts 16] [--max-tokens 64]
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from functools import partial
 
 import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
@@ -91,6 +94,18 @@ def main():
                       for x, y in zip(a, other) if x != y]
         print(f"{name}  {t:6.2f} s  {sum(map(len, other)) / t:6.1f} tok/s  time ratio {t / t_ours:.2f}x ours; "
               f"identical rows {same}/{len(a)}" + (f" (first differing token at {first_diff})" if first_diff else ""))
+
+    def batched(max_tokens, first_logprobs):
+        return batching.generate_batched(m.model, partial(evaluation._logits_at, m.model), ids, max_tokens, eos,
+                                         len(ids), pad, first_logprobs=first_logprobs)
+    t_prefill, (_, lp_prefill) = timed(lambda: batched(0, True))
+    t_with, (d, lp_gen) = timed(lambda: batched(args.max_tokens, True))
+    gap = float(mx.max(mx.abs(lp_gen - lp_prefill)))
+    print(f"first-token log-probs, separate prefill: {t_prefill:6.2f} s on top of {t_ours:.2f} s "
+          f"({(t_ours + t_prefill) / t_ours:.2f}x generation alone)")
+    print(f"first-token log-probs, generator's step: {t_with:6.2f} s ({t_with / t_ours:.2f}x generation alone, "
+          f"{t_with / (t_ours + t_prefill):.2f}x the separate pass); tokens identical {d == a}, "
+          f"max |log-prob gap| {gap:.1e}")
 
 
 if __name__ == "__main__":

@@ -139,9 +139,10 @@ def prefill(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: 
 
 
 def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, max_tokens: int, eos: set[int],
-                  stop: Stop | None = None, rows: Sequence[int] | None = None) -> list[list[int]]:
+                  stop: Stop | None = None, rows: Sequence[int] | None = None, first_logprobs: bool = False):
     """Greedy continuations of one batch (eos excluded), by mlx_lm's BatchGenerator. `rows` names
-    the batch's rows for `stop` (default 0..)."""
+    the batch's rows for `stop` (default 0..). With `first_logprobs`, returns (continuations, the
+    log-softmax of each row's first-token distribution) from the generator's own prefill step."""
     rows = list(range(len(batch))) if rows is None else list(rows)
     # One prefill step for the whole batch, so every row starts decoding at the same step.
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[e] for e in sorted(eos)] or None,
@@ -154,9 +155,12 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
                           caches=None if prefix.caches is None else [prefix.caches] * len(batch))
         row_of = dict(zip(uids, rows))
         out: dict[int, list[int]] = {u: [] for u in uids}
+        firsts: dict[int, mx.array] = {}
         live, step = set(uids), 0
         while live:
             for r in gen.next_generated():
+                if first_logprobs and r.uid not in firsts:
+                    firsts[r.uid] = r.logprobs
                 if r.finish_reason != "stop":  # "stop": the token is an eos id
                     out[r.uid].append(r.token)
                 if r.finish_reason is not None:
@@ -173,6 +177,8 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
         # default one, or a sharded model's collectives on the two streams interleave across
         # ranks and the next forward pass sums the wrong tensors.
         mx.synchronize(generation_stream)
+    if first_logprobs:
+        return [out[u] for u in uids], [firsts[u] for u in uids]
     return [out[u] for u in uids]
 
 
@@ -191,8 +197,8 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
                      progress: Update | None = None, stop: Stop | None = None,
                      first_logprobs: bool = False) -> tuple[list[list[int]], mx.array | None]:
     """Greedy continuations of every prompt in input order (`max_tokens` 0: none), and with
-    `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] (one
-    extra right-padded prefill per batch when generating too). Prompts share one prefix cache and run in length-sorted batches;
+    `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] (the
+    generator's first step when generating, else one right-padded prefill per batch). Prompts share one prefix cache and run in length-sorted batches;
     `progress` (progress.Update) counts prompts."""
     check_nonempty(prompt_ids)
     results: list[list[int]] = [[] for _ in prompt_ids]
@@ -207,17 +213,18 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
     prefix = shared_prefix(model, prompt_ids, keep=2)
     for idx in batches:
         batch = [list(prompt_ids[i]) for i in idx]
-        if first_logprobs:
-            # Our own prefill, not the generator's first step: its log-probs came out wrong under
-            # tensor parallelism (see decode_greedy's stream sync), and this pass is the one checked.
+        if max_tokens > 0:
+            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx, first_logprobs)
+            outs, lps = outs if first_logprobs else (outs, None)
+            for j, (i, ids) in enumerate(zip(idx, outs)):
+                results[i] = ids
+                if lps is not None:
+                    firsts[i] = lps[j].astype(mx.float32)
+        elif first_logprobs:
             lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
             mx.eval(lp)
             for j, i in enumerate(idx):
                 firsts[i] = lp[j]
-        if max_tokens > 0:
-            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx)
-            for i, ids in zip(idx, outs):
-                results[i] = ids
         if progress:
             progress(len(idx))
     if not first_logprobs:

@@ -36,7 +36,7 @@ def single_process_results(model, tok) -> dict:
     """What each check computes; the worker runs it on N ranks, the test on one."""
     from mlx_refusal.capture import capture_residuals
     from mlx_refusal.directions import from_captures
-    from mlx_refusal.evaluation import evaluate, first_token_logprobs
+    from mlx_refusal.evaluation import evaluate, first_token_logprobs, generate_with_logprobs
 
     d = from_captures(capture_residuals(model, tok, HARMFUL, batch_size=3),
                       capture_residuals(model, tok, HARMLESS, batch_size=3))
@@ -45,6 +45,8 @@ def single_process_results(model, tok) -> dict:
         "directions": d.directions,
         "mean_norm": d.mean_norm,
         "logprobs": np.array(first_token_logprobs(model, tok, HARMLESS, batch_size=2)),
+        # the same distributions, read from the generator's first step while it decodes
+        "gen_logprobs": np.array(generate_with_logprobs(model, tok, HARMLESS, max_tokens=3, batch_size=2)[1]),
         "records": [[r.set, r.prompt, r.answer, r.refused, r.coherent] for r in report.records],
     }
 
@@ -83,7 +85,8 @@ def main(model_dir: Path, out: Path, quantized_dir: Path | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for key in ("data", "tensor"):
             r = results[key]
-            np.savez(out / f"{key}.npz", directions=r["directions"], mean_norm=r["mean_norm"], logprobs=r["logprobs"])
+            np.savez(out / f"{key}.npz", directions=r["directions"], mean_norm=r["mean_norm"], logprobs=r["logprobs"],
+                     gen_logprobs=r["gen_logprobs"])
             (out / f"{key}_records.json").write_text(json.dumps(r["records"]))
         for how in [k for k in ("ablate", "steer", "ablate_q4") if k in results]:
             weights, logits = results[how]

@@ -102,7 +102,9 @@ def test_directions_equal_a_single_process_run(two_ranks, one_process, mode):
 def test_evaluation_verdicts_and_answers_are_identical(two_ranks, one_process, mode):
     got = json.loads((two_ranks / f"{mode}_records.json").read_text())
     assert got == [list(r) for r in one_process["records"]]
-    np.testing.assert_allclose(np.load(two_ranks / f"{mode}.npz")["logprobs"], one_process["logprobs"], atol=1e-5)
+    got_lp = np.load(two_ranks / f"{mode}.npz")
+    np.testing.assert_allclose(got_lp["logprobs"], one_process["logprobs"], atol=1e-5)
+    np.testing.assert_allclose(got_lp["gen_logprobs"], one_process["logprobs"], atol=1e-5)
 
 
 @pytest.mark.parametrize("how", ["ablate", "steer", "ablate_q4"])
