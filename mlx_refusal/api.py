@@ -118,9 +118,13 @@ def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", har
 
 
 def check_directions(d: Directions, info: ModelInfo, where: str = "the directions") -> Directions:
+    """`d`, if it fits the model: its shape, and the chat template it was computed under (recorded
+    since its sha256 was; an older file passes)."""
     if d.directions.shape != (info.num_layers + 1, info.hidden_size):
         raise UserError(f"{where} hold directions of shape {d.directions.shape}, not "
                         f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    override = info.template_override
+    validate.directions_template(where, d.metadata, info.chat_template, override.file if override else None)
     return d
 
 

@@ -260,3 +260,65 @@ def test_export_onnx_of_an_edit_defaults_to_the_template_the_edit_was_made_under
                          "--out", web], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert _bundle_template(web) == OWN_TEMPLATE
+
+
+def _directions_file(folder: Path, out: Path, template: str | None, template_file: Path | None = None) -> Path:
+    """A directions file for `folder`'s weights that records being computed under `template`
+    (from `template_file`, else the model's own); None: written before the template was recorded."""
+    import numpy as np
+
+    from mlx_refusal.directions import Directions, save_directions
+    from mlx_refusal.loading import weight_fingerprint
+    from mlx_refusal.template import ChatTemplate, template_provenance
+
+    rows = np.eye(5, 64, dtype=np.float32)  # the tiny models: 4 layers + the final residual, hidden 64
+    meta = {"model": {"spec": str(folder), "fingerprint": weight_fingerprint(folder), "model_type": "qwen2"}}
+    if template is not None:
+        meta["chat_template"] = template_provenance(
+            template, ChatTemplate(template, str(template_file)) if template_file else None)
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32), [], meta), out)
+    return out
+
+
+def _steer_with(models, directions: Path, out: Path, template: str | None = None) -> list:
+    args = ["steer", "--model", models["chat"], "--directions", directions, "--layer", "1",
+            "--alpha-multiple", "0.5", "--eval-limit", "0", "--out", out]
+    return args + (["--chat-template", models[template]] if template else [])
+
+
+@pytest.mark.parametrize("made, run, fix", [
+    ("own.jinja", None, "pass --chat-template {own}"),
+    (None, "own.jinja", "drop --chat-template"),
+    ("own.jinja", "config.json", None),  # another file, the same text: accepted
+], ids=["file then own", "own then file", "two files, one text"])
+def test_directions_under_another_template_are_refused_in_one_line(made, run, fix, models, tmp_path, monkeypatch):
+    d = _directions_file(models["chat"], tmp_path / "d", OWN_TEMPLATE if made else CHATML_TEMPLATE,
+                         models[made] if made else None)
+    out = tmp_path / "work" / "out"
+    result, work, before = _run(_steer_with(models, d, out, run), tmp_path, monkeypatch)
+    if fix is None:
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "refusal_edit.json").read_text())["chat_template"]["file"] == str(models[run])
+        return
+    line = _one_error(result, work, before, f"--directions {d}: computed under ")
+    assert fix.format(own=models["own.jinja"]) in line and "run `directions` again" in line, line
+    assert "sha256 " in line
+
+
+def test_directions_under_the_same_template_or_from_before_it_was_recorded_are_used(models, tmp_path, monkeypatch):
+    from mlx_refusal import api
+    from mlx_refusal.directions import load_directions
+
+    m = api.load(str(models["chat"]), chat_template=models["own.jinja"])
+    same = load_directions(_directions_file(models["chat"], tmp_path / "same", OWN_TEMPLATE, models["own.jinja"]))
+    assert api.check_directions(same, m.info) is same
+    older = load_directions(_directions_file(models["chat"], tmp_path / "older", None))
+    assert "chat_template" not in older.metadata and api.check_directions(older, m.info) is older
+    other = load_directions(_directions_file(models["chat"], tmp_path / "other", CHATML_TEMPLATE))
+    with pytest.raises(UserError, match=r"the directions: computed under the model's own chat template.*"
+                                        r"drop --chat-template"):
+        api.check_directions(other, m.info)
+    # the command line takes the older file too
+    out = tmp_path / "work" / "out"
+    result, _, _ = _run(_steer_with(models, tmp_path / "older", out), tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
