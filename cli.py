@@ -129,7 +129,8 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
 def serve(webdir, host, port, quiet):
     """Serve the web page with an exported bundle (WEBDIR, from `export-onnx --out`) and the
     page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need.
-    The first run installs the pinned runtime (npm ci from export/package-lock.json)."""
+    The first run installs the pinned runtime (npm ci from export/package-lock.json): into export/
+    in a checkout; for an installed package, into a copy of the page in the per-user cache."""
     from mlx_refusal.serve import is_loopback, serve as serve_page
 
     if not is_loopback(host):
