@@ -61,8 +61,8 @@ def recorded_template(folder) -> ChatTemplate | None:
     recorded file whose sha256 is the recorded one: the edit wrote the first two alike, but a
     tokenizer file copied in later must not pass for the template the edit was made under."""
     record = read_record(Path(folder))
-    used = (record.details.get("chat_template") if record is not None else None) or {}
-    if not used.get("file") or not used.get("sha256"):
+    used = record.details.get("chat_template") if record is not None else None
+    if not isinstance(used, dict) or not used.get("file") or not used.get("sha256"):
         return None
     for text in _template_texts(Path(folder), Path(used["file"])):
         if template_sha256(text) == used["sha256"]:
@@ -75,10 +75,10 @@ def recorded_template(folder) -> ChatTemplate | None:
 def _template_texts(folder: Path, recorded: Path):
     jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
     if jinja.is_file():
-        yield jinja.read_text(encoding="utf-8")
+        yield jinja.read_text(encoding="utf-8", errors="replace")  # not UTF-8: no match, and the error says so
     if config.is_file():
         try:
-            held = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+            held = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("chat_template")
         except (ValueError, AttributeError):
             held = None
         if isinstance(held, str):
