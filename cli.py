@@ -129,7 +129,8 @@ def directions(model_spec, harmful, harmless, split, positions, system, batch_si
 def serve(webdir, host, port, quiet):
     """Serve the web page with an exported bundle (WEBDIR, from `export-onnx --out`) and the
     page's JS runtime, fully offline, with the headers onnxruntime-web's wasm threads need.
-    The first run installs the pinned runtime (npm ci from export/package-lock.json)."""
+    The first run installs the pinned runtime (npm ci from export/package-lock.json): into export/
+    in a checkout; for an installed package, into a copy of the page in the per-user cache."""
     from mlx_refusal.serve import is_loopback, serve as serve_page
 
     if not is_loopback(host):
@@ -147,16 +148,22 @@ def serve(webdir, host, port, quiet):
 def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
     in each chosen dtype; for a steered model, standard onnx/model*.onnx files (steering fixed, for
-    stock transformers.js) plus onnx/steerable*.onnx slider graphs sharing their weights."""
+    stock transformers.js) plus onnx/steerable*.onnx slider graphs sharing their weights. The
+    bundle's chat template is --chat-template's, else the one the edit was made under, else the model's."""
     from mlx_refusal import api, validate
     from mlx_refusal.loading import resolve
     from mlx_refusal.onnx import parse_dtypes
+    from mlx_refusal.template import read_chat_template
 
     parse_dtypes(dtypes)  # fail on a typo before loading anything
     validate.out_folder(out_dir, True)  # file / read-only; export_onnx refuses a folder that is not an export
+    template = opt.chat_template_file()
+    if template is not None:
+        read_chat_template(template)  # a missing or empty file before a download
     folder = resolve(model_spec, progress=say)
     t0 = time.perf_counter()
-    res = api.export_onnx(folder, out_dir, dtypes, layer=layer, force=force, with_page=with_page, note=say)
+    res = api.export_onnx(folder, out_dir, dtypes, layer=layer, force=force, with_page=with_page, note=say,
+                          chat_template=template)
     click.echo(f"exported {folder} -> {res.out_dir} in {time.perf_counter() - t0:.1f} s "
                f"({res.model_type}, activations.layer{res.activations_layer}"
                f"{', steering_scale input' if res.steered else ''})")

@@ -118,9 +118,13 @@ def write_directions(m: Model, d: Directions, out, harmful: str = "harmful", har
 
 
 def check_directions(d: Directions, info: ModelInfo, where: str = "the directions") -> Directions:
+    """`d`, if it fits the model: its shape, and the chat template it was computed under (recorded
+    since its sha256 was; an older file passes)."""
     if d.directions.shape != (info.num_layers + 1, info.hidden_size):
         raise UserError(f"{where} hold directions of shape {d.directions.shape}, not "
                         f"({info.num_layers + 1}, {info.hidden_size}) for {info.spec}; compute them for this model")
+    override = info.template_override
+    validate.directions_template(where, d.metadata, info.chat_template, override.file if override else None)
     return d
 
 
@@ -554,14 +558,20 @@ def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | 
 
 
 def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | None = None, force: bool = False,
-                with_page: bool = False, note: Callable[[str], None] | None = None):
+                with_page: bool = False, note: Callable[[str], None] | None = None,
+                chat_template: str | Path | None = None):
     """The model folder (an edited one, or a preset) as a transformers.js bundle for the browser
-    page; with_page also copies the page in, ready for any static host."""
-    from .loading import resolve
+    page; with_page also copies the page in, ready for any static host.
+    chat_template: a Jinja chat template file the bundle carries for the page to render with; by
+    default the one the folder's edit was made under (its record), else the folder's own. Either
+    is checked as a load checks it, before any graph is built: the page needs a chat model's template."""
+    from .loading import chat_tokenizer, resolve
     from .onnx import export_onnx as export
     from .onnx import parse_dtypes
     from .serve import PAGE_DIR
+    from .template import recorded_template
 
+    template = read_chat_template(chat_template) if chat_template is not None else None
     parse_dtypes(dtypes)
     model_folder = resolve(model_folder, progress=note)
     # before the weights are read: the graph's activations output may also be the final residual
@@ -570,4 +580,8 @@ def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | Non
     if with_page and not (PAGE_DIR / "index.html").is_file():
         raise UserError(f"--with-page: no page in {PAGE_DIR} (index.html missing); restore export/ from the repository")
     page = PAGE_DIR if with_page else None
-    return export(model_folder, out_dir, dtypes=dtypes, force=force, progress=note, layer=layer, page_dir=page)
+    if template is None:
+        template = recorded_template(model_folder)
+    chat_tokenizer(model_folder, template)
+    return export(model_folder, out_dir, dtypes=dtypes, force=force, progress=note, layer=layer, page_dir=page,
+                  chat_template=template.text if template is not None else None)

@@ -26,13 +26,14 @@ def _all(*options):
 _model = click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True,
                       help="Model: a preset name, a local mlx_lm folder, a .gguf file, or a Hugging Face repo id.")
 # Stored on the click context like --direction-method: cli._load and the pre-load checks read it
-# (chat_template_file), so every command that loads a model takes it with --model.
+# (chat_template_file), so every command that loads a model takes it with --model (and export-onnx,
+# whose bundle carries it).
 _chat_template = click.option(
     "--chat-template", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
     expose_value=False, callback=lambda ctx, _param, value: ctx.meta.__setitem__("chat_template", value),
     help="A Jinja chat template file to render prompts with instead of the model's own (needed for a model "
          "without one). An edit (steer, ablate, project) saves it into the edited folder, so stock mlx_lm "
-         "renders with it too.")
+         "renders with it too; export-onnx puts it into the bundle, for the page.")
 model = _all(_model, _chat_template)
 
 
@@ -172,6 +173,7 @@ export_options = _all(
                  help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle)."),
     click.option("--force", is_flag=True, help="Replace an existing export in --out."),
     click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host."),
+    _chat_template,
 )
 
 eval_options = _all(

@@ -12,6 +12,8 @@ Vendor files come from WEBDIR/vendor when the bundle carries a copy, else from t
 installed under export/node_modules (which `install_runtime` puts there on first use, from the
 pinned export/package-lock.json, and copies the few files the page needs into export/vendor, so
 that `export-onnx --with-page` can ship them). Nothing is fetched from a CDN at page time.
+An installed package's export/ (in site-packages, or not writable) is never written to: `serve`
+copies the page into the per-user cache and installs the runtime there (`runtime_page`).
 
 Every response carries COOP `same-origin` + COEP `require-corp`: that makes the page
 cross-origin isolated, which SharedArrayBuffer (and so onnxruntime-web's wasm threads) requires.
@@ -33,11 +35,15 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .paths import cache_dir
+from .record import files_sha256
 from .resources import data_dir
 
 PAGE_DIR = data_dir("export")
 NODE_MODULES = PAGE_DIR / "node_modules"
 PAGE_FILES = ("index.html", "app.js", "style.css")
+# what `npm ci` reads besides: a copy of the page for npm holds these too (.npmrc: install scripts off)
+NPM_FILES = ("package.json", "package-lock.json", ".npmrc")
 
 # vendor/<name>/<file> -> the npm package folder that holds it. Only these files are served or
 # copied: the page imports transformers.min.js (self-contained ES module) and ort.wasm.min.mjs,
@@ -271,6 +277,50 @@ def install_runtime(page_dir: Path = PAGE_DIR, progress: Callable[[str], None] |
     return sync_vendor(page_dir, page_dir / "node_modules")
 
 
+def is_installed_copy(page_dir: Path) -> bool:
+    """Whether `page_dir` belongs to an installed package (the wheel's mlx_refusal/data/export, or
+    any folder under site-packages) or cannot be written: no place for `npm ci`'s node_modules.
+    A source checkout's export/ is neither, and keeps its node_modules beside the page."""
+    page_dir = Path(page_dir).resolve()
+    package = Path(__file__).resolve().parent
+    inside = {page_dir, *page_dir.parents}
+    return (package in inside or any(p.name in ("site-packages", "dist-packages") for p in inside)
+            or not os.access(page_dir, os.W_OK | os.X_OK))
+
+
+def page_copy(page_dir: Path = PAGE_DIR) -> Path:
+    """A per-user copy of the page and its npm files, in the cache, in a folder named by their
+    content: each installed version gets its own, and reinstalling the same one reuses it."""
+    page_dir = Path(page_dir)
+    sources = [page_dir / name for name in (*PAGE_FILES, *NPM_FILES) if (page_dir / name).is_file()]
+    copy = cache_dir("page", files_sha256(sources)[:16])
+    for src in sources:
+        target = copy / src.name
+        if not (target.is_file() and _same_file_content(src, target)):
+            shutil.copyfile(src, target)
+    return copy
+
+
+def runtime_page(webdir: str | os.PathLike, page_dir: Path = PAGE_DIR,
+                 progress: Callable[[str], None] | None = None) -> Path:
+    """The page folder to serve `webdir` with, its runtime installed (`install_runtime`) if neither
+    the bundle nor the page has it: `page_dir` itself, or, for an installed package's page
+    (`is_installed_copy`), its copy in the cache (`page_copy`), where npm may write."""
+    page_dir = Path(page_dir)
+    webdir = Path(webdir)
+
+    def lacks_runtime(page: Path) -> bool:
+        missing = Site(webdir.resolve(), page, page / "node_modules").missing()
+        return any(m.startswith("vendor/") for m in missing)
+
+    if not webdir.is_dir() or not lacks_runtime(page_dir):
+        return page_dir  # nothing to install (make_server reports a missing folder)
+    page = page_copy(page_dir) if is_installed_copy(page_dir) else page_dir
+    if page == page_dir or lacks_runtime(page):
+        install_runtime(page, progress=progress)
+    return page
+
+
 def make_server(
     webdir: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -310,11 +360,11 @@ def serve(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the page + bundle in `webdir` until interrupted. `on_ready(url)` is called once listening.
-    When neither the bundle nor the repo has the page's runtime, it is installed first
-    (`install_runtime`, which reports to `progress`)."""
-    if Path(webdir).is_dir() and any(m.startswith("vendor/") for m in Site(Path(webdir).resolve()).missing()):
-        install_runtime(progress=progress)
-    server = make_server(webdir, host, port, log=log)
+    When neither the bundle nor the page has the page's runtime, it is installed first
+    (`runtime_page`: into export/ in a checkout, else into a cached copy of the page; it reports
+    to `progress`)."""
+    page = runtime_page(webdir, PAGE_DIR, progress=progress)
+    server = make_server(webdir, host, port, log=log, page_dir=page, node_modules=page / "node_modules")
     try:
         if on_ready is not None:
             on_ready(server_url(server))

@@ -10,7 +10,6 @@ own; it is rendered in the same sandbox and travels into the provenance and the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Sequence
 
 from .batching import common_prefix_len
 from .errors import UserError
+from .record import read_record, text_sha256
 
 POSITIONS = ("last", "post-instruction")
 
@@ -45,8 +45,49 @@ class ChatTemplate:
 def template_provenance(text: str | None, override: ChatTemplate | None) -> dict:
     """Which chat template prompts were rendered with, for a record: the --chat-template file
     (`override`), or the model's own (file None), and the sha256 of the template's text."""
-    return {"file": override.file if override else None,
-            "sha256": hashlib.sha256((text or "").encode("utf-8")).hexdigest()}
+    return {"file": override.file if override else None, "sha256": template_sha256(text)}
+
+
+def template_sha256(text: str | None) -> str:
+    """The sha256 a record keeps of a chat template's text (of "" for none)."""
+    return text_sha256(text or "")
+
+
+def recorded_template(folder) -> ChatTemplate | None:
+    """The --chat-template an edited folder's edit was made under, as its record names it (file
+    and sha256), or None when the edit used the model's own template (or the folder is unedited).
+
+    The text is the one among the folder's chat_template.jinja, its tokenizer_config.json and the
+    recorded file whose sha256 is the recorded one: the edit wrote the first two alike, but a
+    tokenizer file copied in later must not pass for the template the edit was made under."""
+    record = read_record(Path(folder))
+    used = record.details.get("chat_template") if record is not None else None
+    if not isinstance(used, dict) or not used.get("file") or not used.get("sha256"):
+        return None
+    for text in _template_texts(Path(folder), Path(used["file"])):
+        if template_sha256(text) == used["sha256"]:
+            return ChatTemplate(text, used["file"])
+    raise UserError(f"{folder} was edited under --chat-template {used['file']} (sha256 {used['sha256'][:12]}...), "
+                    "but neither the folder nor that file holds that template any more; pass the template "
+                    "the edit was made with as --chat-template FILE")
+
+
+def _template_texts(folder: Path, recorded: Path):
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    if jinja.is_file():
+        yield jinja.read_text(encoding="utf-8", errors="replace")  # not UTF-8: no match, and the error says so
+    if config.is_file():
+        try:
+            held = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("chat_template")
+        except (ValueError, AttributeError):
+            held = None
+        if isinstance(held, str):
+            yield held
+    if recorded.is_file():
+        try:
+            yield read_chat_template(recorded).text
+        except UserError:
+            pass  # changed into something unreadable: no match, and the error above says so
 
 
 def read_chat_template(path) -> ChatTemplate:

@@ -109,8 +109,9 @@ def prompts_fit(folder: Path, tokenizer, sets, system: str | None = None) -> Non
                                 f"the model's context of {context:,}; shorten or drop it")
 
 
-def directions_match(path: Path, fingerprint: str) -> None:
-    """A directions file must have been computed on these very weights."""
+def directions_match(path: Path, fingerprint: str, *, template: str | None, template_file: str | None) -> None:
+    """A directions file must have been computed on these very weights, under this run's chat
+    template (`template`, rendered from --chat-template `template_file` or the model's own)."""
     from .directions import load_directions
 
     d = load_directions(path)
@@ -119,6 +120,25 @@ def directions_match(path: Path, fingerprint: str) -> None:
         spec = (d.metadata.get("model") or {}).get("spec", "another model")
         raise UserError(f"--directions {path} was computed on {spec} (weights {str(theirs)[:12]}...), not on this "
                         f"model (weights {fingerprint[:12]}...); run `directions` on this model or pass its --model")
+    directions_template(f"--directions {path}", d.metadata, template, template_file)
+
+
+def directions_template(where: str, metadata: dict, template: str | None, template_file: str | None) -> None:
+    """Directions made under one chat template are read off other token sequences than this run's
+    prompts under another (another system prompt, other turn markers), so they must agree. A file
+    written before directions recorded their template's sha256 is taken on trust."""
+    from .template import template_sha256
+
+    recorded = metadata.get("chat_template") or {}
+    theirs, ours = recorded.get("sha256"), template_sha256(template)
+    if not theirs or theirs == ours:
+        return
+    then = f"--chat-template {recorded['file']}" if recorded.get("file") else "the model's own chat template"
+    now = f"--chat-template {template_file}" if template_file else "the model's own chat template"
+    fix = (f"pass --chat-template {recorded['file']}" if recorded.get("file") else
+           "drop --chat-template" if template_file else "restore the model's template")
+    raise UserError(f"{where}: computed under {then} (sha256 {theirs[:12]}...), but this run renders prompts with "
+                    f"{now} (sha256 {ours[:12]}...); {fix}, or run `directions` again with this run's template")
 
 
 
@@ -148,5 +168,6 @@ def before_loading(model_spec: str, harmful: str, harmless: str, out: Path, forc
     if files:
         prompts_fit(folder, tokenizer, files, system)
     if directions_file is not None:
-        directions_match(directions_file, weight_fingerprint(folder))
+        directions_match(directions_file, weight_fingerprint(folder), template=tokenizer.chat_template,
+                         template_file=template.file if template is not None else None)
     return folder

@@ -103,6 +103,13 @@ ERRORS = {
     "template without the user's text": ("steer", "no_template", "drops_user.jinja", "does not put the user's message"),
     "template whose turns end in no stop token": ("steer", "no_template", "no_stop.jinja", "base (non-chat) model"),
     "template reaching for Python internals": ("eval", "no_template", "evil.jinja", "stopped by the sandbox"),
+    # the page renders every prompt with the bundle's template: export-onnx checks it alike
+    "export-onnx, no template": ("export-onnx", "no_template", None, "has no chat template"),
+    "export-onnx, base model": ("export-onnx", "base", None, "looks like a base (non-chat) model"),
+    "export-onnx, missing template file": ("export-onnx", "chat", "missing.jinja", "no such file"),
+    "export-onnx, template syntax error": ("export-onnx", "no_template", "syntax.jinja", "failed to render"),
+    "export-onnx, template whose turns end in no stop token": ("export-onnx", "chat", "no_stop.jinja",
+                                                               "base (non-chat) model"),
 }
 
 
@@ -112,7 +119,7 @@ def test_bad_chat_template_is_one_line_and_writes_nothing(case, models, tmp_path
     args = [command, "--model", models[model]]
     if template:
         args += ["--chat-template", models.get(template, tmp_path / template)]
-    if command in ("directions", "steer", "ablate"):
+    if command in ("directions", "steer", "ablate", "export-onnx"):
         args += ["--out", tmp_path / "work" / "out"]
     line = _one_error(*_run(args, tmp_path, monkeypatch), expected)
     assert "--chat-template FILE" in line or template and "; " in line, line
@@ -199,3 +206,119 @@ def test_an_edited_folder_carries_the_template_to_stock_mlx_lm(streamed, models,
     assert stock.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
     # and our own load of the edited folder needs no --chat-template any more
     assert render(api.load(str(out)).tokenizer, QUESTION) == expected
+
+
+def _bundle_template(web: Path) -> str:
+    """The template the page renders with: transformers.js reads tokenizer_config.json's."""
+    return json.loads((web / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_export_onnx_puts_the_given_template_into_the_bundle(models, tmp_path, monkeypatch):
+    web = tmp_path / "work" / "web"
+    result, _, _ = _run(["export-onnx", "--model", models["no_template"], "--chat-template", models["own.jinja"],
+                         "--dtype", "fp32", "--out", web], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert _bundle_template(web) == OWN_TEMPLATE
+    # the model's own template (ChatML, another system prompt) gives way to it
+    result, _, _ = _run(["export-onnx", "--model", models["chat"], "--chat-template", models["config.json"],
+                         "--dtype", "fp32", "--out", web, "--force"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert _bundle_template(web) == OWN_TEMPLATE
+
+
+def _edited_under(src: Path, dst: Path, template_file: Path) -> Path:
+    """A copy of `src` whose edit record says it was made under --chat-template `template_file`
+    (OWN_TEMPLATE), with that template in chat_template.jinja, as `save` writes it, while its
+    tokenizer_config.json keeps the model's own template (a tokenizer file copied in later)."""
+    from mlx_refusal.record import EditRecord, write_record
+    from mlx_refusal.template import ChatTemplate, template_provenance
+
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").write_text(OWN_TEMPLATE)
+    used = template_provenance(OWN_TEMPLATE, ChatTemplate(OWN_TEMPLATE, str(template_file)))
+    write_record(dst, EditRecord(kind="ablate", scale=1.0, details={"chat_template": used}))
+    return dst
+
+
+def test_export_onnx_of_an_edit_defaults_to_the_template_the_edit_was_made_under(models, tmp_path, monkeypatch):
+    gone = tmp_path / "gone.jinja"  # the recorded file, since deleted
+    edited = _edited_under(models["chat"], tmp_path / "edited", gone)
+    assert json.loads((edited / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    web = tmp_path / "work" / "web"
+    result, _, _ = _run(["export-onnx", "--model", edited, "--dtype", "fp32", "--out", web], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert _bundle_template(web) == OWN_TEMPLATE
+
+    # with the template gone from the folder too, nothing holds it: one line, nothing written
+    (edited / "chat_template.jinja").unlink()
+    shutil.rmtree(web)
+    line = _one_error(*_run(["export-onnx", "--model", edited, "--dtype", "fp32", "--out", web], tmp_path,
+                            monkeypatch), f"was edited under --chat-template {gone}")
+    assert line.endswith("as --chat-template FILE")
+    # ... and --chat-template says which one to ship
+    result, _, _ = _run(["export-onnx", "--model", edited, "--chat-template", models["own.jinja"], "--dtype", "fp32",
+                         "--out", web], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert _bundle_template(web) == OWN_TEMPLATE
+
+
+def _directions_file(folder: Path, out: Path, template: str | None, template_file: Path | None = None) -> Path:
+    """A directions file for `folder`'s weights that records being computed under `template`
+    (from `template_file`, else the model's own); None: written before the template was recorded."""
+    import numpy as np
+
+    from mlx_refusal.directions import Directions, save_directions
+    from mlx_refusal.loading import weight_fingerprint
+    from mlx_refusal.template import ChatTemplate, template_provenance
+
+    rows = np.eye(5, 64, dtype=np.float32)  # the tiny models: 4 layers + the final residual, hidden 64
+    meta = {"model": {"spec": str(folder), "fingerprint": weight_fingerprint(folder), "model_type": "qwen2"}}
+    if template is not None:
+        meta["chat_template"] = template_provenance(
+            template, ChatTemplate(template, str(template_file)) if template_file else None)
+    save_directions(Directions(rows, rows, 0 * rows, np.ones(5, np.float32), [], meta), out)
+    return out
+
+
+def _steer_with(models, directions: Path, out: Path, template: str | None = None) -> list:
+    args = ["steer", "--model", models["chat"], "--directions", directions, "--layer", "1",
+            "--alpha-multiple", "0.5", "--eval-limit", "0", "--out", out]
+    return args + (["--chat-template", models[template]] if template else [])
+
+
+@pytest.mark.parametrize("made, run, fix", [
+    ("own.jinja", None, "pass --chat-template {own}"),
+    (None, "own.jinja", "drop --chat-template"),
+    ("own.jinja", "config.json", None),  # another file, the same text: accepted
+], ids=["file then own", "own then file", "two files, one text"])
+def test_directions_under_another_template_are_refused_in_one_line(made, run, fix, models, tmp_path, monkeypatch):
+    d = _directions_file(models["chat"], tmp_path / "d", OWN_TEMPLATE if made else CHATML_TEMPLATE,
+                         models[made] if made else None)
+    out = tmp_path / "work" / "out"
+    result, work, before = _run(_steer_with(models, d, out, run), tmp_path, monkeypatch)
+    if fix is None:
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "refusal_edit.json").read_text())["chat_template"]["file"] == str(models[run])
+        return
+    line = _one_error(result, work, before, f"--directions {d}: computed under ")
+    assert fix.format(own=models["own.jinja"]) in line and "run `directions` again" in line, line
+    assert "sha256 " in line
+
+
+def test_directions_under_the_same_template_or_from_before_it_was_recorded_are_used(models, tmp_path, monkeypatch):
+    from mlx_refusal import api
+    from mlx_refusal.directions import load_directions
+
+    m = api.load(str(models["chat"]), chat_template=models["own.jinja"])
+    same = load_directions(_directions_file(models["chat"], tmp_path / "same", OWN_TEMPLATE, models["own.jinja"]))
+    assert api.check_directions(same, m.info) is same
+    older = load_directions(_directions_file(models["chat"], tmp_path / "older", None))
+    assert "chat_template" not in older.metadata and api.check_directions(older, m.info) is older
+    other = load_directions(_directions_file(models["chat"], tmp_path / "other", CHATML_TEMPLATE))
+    with pytest.raises(UserError, match=r"the directions: computed under the model's own chat template.*"
+                                        r"drop --chat-template"):
+        api.check_directions(other, m.info)
+    # the command line takes the older file too
+    out = tmp_path / "work" / "out"
+    result, _, _ = _run(_steer_with(models, tmp_path / "older", out), tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output

@@ -71,10 +71,11 @@ def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
                    check=True, capture_output=True, text=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = ("import json, mlx_refusal; from mlx_refusal.prompts import BUNDLED_DIR, bundled, capability_texts; "
-             "from mlx_refusal.serve import PAGE_DIR; "
+             "from mlx_refusal.serve import PAGE_DIR, is_installed_copy; "
              "print(json.dumps({'package': mlx_refusal.__file__, 'prompts': str(BUNDLED_DIR), 'page': str(PAGE_DIR), "
              "'harmful': len(bundled('harmful')), 'test': len(bundled('harmless', 'test')), "
-             "'paragraphs': len(capability_texts()), 'index': (PAGE_DIR / 'index.html').is_file()}))")
+             "'paragraphs': len(capability_texts()), 'index': (PAGE_DIR / 'index.html').is_file(), "
+             "'installed': is_installed_copy(PAGE_DIR)}))")
     out = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
                                     capture_output=True, text=True).stdout)
     from mlx_refusal.prompts import bundled, capability_texts
@@ -86,6 +87,7 @@ def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
     assert (out["harmful"], out["test"], out["paragraphs"]) == (
         len(bundled("harmful")), len(bundled("harmless", "test")), len(capability_texts()))
     assert out["index"]
+    assert out["installed"]  # `serve` installs the page's runtime into a cached copy, not into the package
     script = subprocess.run([str(target / "bin" / "mlx-refusal"), "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert script.returncode == 0, script.stderr

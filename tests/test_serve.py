@@ -280,3 +280,103 @@ def test_install_runtime_from_the_lockfile_makes_a_fresh_page_servable(tmp_path)
     written = install_runtime(page_dir=page)
     assert "vendor/ort/ort-wasm-simd-threaded.wasm" in written
     assert Site(web, page, page / "node_modules").missing() == []
+
+
+def _npm_page(folder: Path) -> Path:
+    """A page folder as the repo's export/ or a wheel's mlx_refusal/data/export holds it."""
+    folder.mkdir(parents=True)
+    for name in (*PAGE_FILES, "package.json", "package-lock.json", ".npmrc"):
+        (folder / name).write_text(f"{name} of {folder.name}")
+    return folder
+
+
+@pytest.fixture()
+def fake_npm(tmp_path, monkeypatch):
+    """`npm ci` recorded, not run: it 'installs' the whitelisted vendor files into its cwd."""
+    import subprocess
+
+    import mlx_refusal.serve as serve_module
+
+    ran = []
+
+    def run(args, cwd, **_kw):
+        ran.append(Path(cwd))
+        for vendor, (package, files) in VENDOR.items():
+            (Path(cwd) / "node_modules" / package).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (Path(cwd) / "node_modules" / package / f).write_text(f"// {vendor} {f}")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(serve_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(serve_module.subprocess, "run", run)
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))
+    return ran
+
+
+def _bundle(tmp_path) -> Path:
+    web = tmp_path / "bundle"
+    web.mkdir()
+    (web / "config.json").write_text("{}")
+    return web
+
+
+def test_serve_installs_the_runtime_beside_a_checkouts_page(fake_npm, tmp_path):
+    from mlx_refusal.serve import is_installed_copy, runtime_page
+
+    assert not is_installed_copy(PAGE_DIR)  # this checkout's export/
+    page = _npm_page(tmp_path / "repo" / "export")
+    assert not is_installed_copy(page)
+    assert runtime_page(_bundle(tmp_path), page) == page
+    assert fake_npm == [page]  # npm ci ran in export/ itself, as before
+    assert (page / "vendor" / "ort" / "ort.wasm.min.mjs").is_file()
+    assert not (tmp_path / "cache" / "page").exists()
+
+
+@pytest.mark.parametrize("where", ["site-packages", "read-only"])
+def test_serve_of_an_installed_page_installs_the_runtime_into_a_cached_copy(where, fake_npm, tmp_path, monkeypatch):
+    import mlx_refusal.serve as serve_module
+    from mlx_refusal.serve import is_installed_copy, runtime_page
+
+    if where == "site-packages":
+        page = _npm_page(tmp_path / "lib" / "python3.12" / "site-packages" / "mlx_refusal" / "data" / "export")
+    else:
+        page = _npm_page(tmp_path / "opt" / "export")
+        access = os.access  # root may write anywhere: say what a user would be told
+        monkeypatch.setattr(serve_module.os, "access",
+                            lambda p, mode: False if Path(p).resolve() == page.resolve() else access(p, mode))
+    before = sorted(p.relative_to(page) for p in page.rglob("*"))
+    assert is_installed_copy(page)
+    web = _bundle(tmp_path)
+    copy = runtime_page(web, page)
+    assert copy.parent == tmp_path / "cache" / "page" and fake_npm == [copy]
+    assert sorted(p.relative_to(page) for p in page.rglob("*")) == before  # the installed page is untouched
+    for name in (*PAGE_FILES, "package-lock.json", ".npmrc"):
+        assert (copy / name).read_text() == (page / name).read_text()
+    assert Site(web.resolve(), copy, copy / "node_modules").missing() == []
+    # the next serve reuses the installed copy: no second npm ci
+    assert runtime_page(web, page) == copy and fake_npm == [copy]
+
+    # and `serve` hands the server that copy, page and runtime
+    handed = {}
+
+    class Stop(Exception):
+        pass
+
+    def make_server(webdir, host, port, log=None, page_dir=None, node_modules=None):
+        handed.update(page_dir=page_dir, node_modules=node_modules)
+        raise Stop
+
+    monkeypatch.setattr(serve_module, "PAGE_DIR", page)
+    monkeypatch.setattr(serve_module, "make_server", make_server)
+    with pytest.raises(Stop):
+        serve_module.serve(web, port=0)
+    assert handed == {"page_dir": copy, "node_modules": copy / "node_modules"}
+
+
+def test_serve_runs_no_npm_when_the_bundle_carries_the_runtime(fake_npm, tmp_path, site):
+    from mlx_refusal.serve import runtime_page
+
+    web, page, nm = site
+    copy_page(web, page_dir=page, node_modules=nm)
+    installed = _npm_page(tmp_path / "site-packages" / "export")
+    assert runtime_page(web, installed) == installed and fake_npm == []

@@ -4,7 +4,7 @@
       config.json              HF-style config (the source family's model_type and HF architecture)
       generation_config.json
       tokenizer.json
-      tokenizer_config.json    with the chat template
+      tokenizer_config.json    with the chat template (--chat-template's, else the edit's, else the folder's)
       onnx/model_int8.onnx     int8 weights AND int8 compute (MatMulInteger) everywhere, the embedding
                                included (tied models: one int8 matrix for the lookup and the head);
                                the page's default: onnxruntime-web's wasm build has fast int8 kernels
@@ -81,6 +81,7 @@ def export_onnx(
     steering_input: str = "required",
     page_dir: str | Path | None = None,
     all_logits: bool = False,
+    chat_template: str | None = None,
 ) -> ExportResult:
     """Export the mlx_lm model folder `model_dir` to `out_dir` (see the module docstring).
 
@@ -92,6 +93,8 @@ def export_onnx(
     page_dir: copy this folder's static files (not node_modules) into the bundle too.
     all_logits: logits at every position (scoring); by default only the last position's, which is
       all generation reads and spares the prompt pass the lm_head over every prompt token.
+    chat_template: the template text tokenizer_config.json carries (the page renders with it), in
+      place of the folder's own; `api.export_onnx` checks it and finds an edit's recorded one.
     """
     say = progress or (lambda _msg: None)
     dtypes = parse_dtypes(dtypes)
@@ -156,7 +159,7 @@ def export_onnx(
 
         say("writing config, tokenizer and provenance")
         (tmp / "config.json").write_text(json.dumps(hf_config(src, model_type, external), indent=2) + "\n")
-        _write_tokenizer(src.path, tmp)
+        _write_tokenizer(src.path, tmp, chat_template)
         _write_generation_config(src, tmp)
         if src.edit is not None:
             copy_record(src.path, tmp)
@@ -241,11 +244,14 @@ def _check_tokenizer(model_dir: Path) -> None:
                         "re-save the model with a fast tokenizer (mlx_lm.convert or `cli.py import-gguf`)")
 
 
-def _write_tokenizer(model_dir: Path, out: Path) -> None:
+def _write_tokenizer(model_dir: Path, out: Path, chat_template: str | None = None) -> None:
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
     tc_path = model_dir / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
-    if not tc.get("chat_template"):
+    if chat_template is not None:
+        # transformers.js reads the template from tokenizer_config.json alone
+        tc["chat_template"] = chat_template
+    elif not tc.get("chat_template"):
         # newer HF folders keep the template beside the config
         if (model_dir / "chat_template.jinja").is_file():
             tc["chat_template"] = (model_dir / "chat_template.jinja").read_text()
