@@ -83,11 +83,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# what the library's steps count, by their progress description; any other step counts prompts
+STEP_UNITS = {"score layers": "layer", "search": "trial", "rewrite tensors": "tensor"}
+
+
 @contextmanager
-def progress_bar(desc: str, total: int, unit: str = "prompt"):
+def progress_bar(desc: str, total: int, unit: str | None = None):
     """A tqdm bar that also shows tokens/s; yields `update(n_items, n_tokens)`."""
     from tqdm import tqdm
 
+    unit = unit or STEP_UNITS.get(desc, "prompt")
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
     state = {"tokens": 0}
 

@@ -98,3 +98,13 @@ def test_a_streamed_edit_saves_what_the_in_memory_one_saves(loaded, tmp_path):
     a, b = mx.load(str(streamed / "model.safetensors")), mx.load(str(memory / "model.safetensors"))
     assert set(a) == set(b) and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
     assert json.loads((streamed / "refusal_edit.json").read_text())["streamed"] is True
+
+
+@pytest.mark.parametrize("desc, unit", [("search", "trial"), ("score layers", "layer"), ("eval after", "prompt")])
+def test_progress_bars_count_what_the_step_counts(capsys, desc, unit):
+    from mlx_refusal.console import progress_bar
+
+    with progress_bar(desc, 2) as update:
+        update(2)
+    err = capsys.readouterr().err
+    assert "2/2 " in err and (f"{unit}/s" in err or f"s/{unit}" in err), err
