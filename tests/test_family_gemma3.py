@@ -238,7 +238,44 @@ def test_gemma3_onnx_export_is_refused_before_any_work(tiny_gemma3, tmp_path, mo
     assert "\n" not in str(err.value) and not (tmp_path / "web").exists()
 
 
-def test_gemma3_gguf_is_a_one_line_error():
-    with pytest.raises(UserError, match=r"^unsupported GGUF architecture 'gemma3'; supported: ") as err:
-        families.from_gguf("gemma3")
-    assert "\n" not in str(err.value)
+def test_gemma3_gguf_round_trip(tiny_gemma3, tmp_path):
+    """A GGUF written the way llama.cpp writes gemma3 (its tensor names, norms stored as 1 + w)
+    imports to the same model."""
+    from mlx_refusal import gguf
+    from test_gguf import _load, _logits, write_gguf
+
+    meta = {"gemma3.attention.sliding_window": 4, "gemma3.attention.sliding_window_pattern": 2}
+    out = gguf.convert(write_gguf(tiny_gemma3, tmp_path / "g.gguf", arch="gemma3", meta=meta), tmp_path / "converted")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3ForCausalLM"]
+    source = json.loads((Path(tiny_gemma3) / "config.json").read_text())
+    for key in ("head_dim", "query_pre_attn_scalar", "sliding_window", "sliding_window_pattern",
+                "rope_local_base_freq", "rope_theta", "num_key_value_heads"):
+        assert config[key] == source[key], key
+    np.testing.assert_allclose(_logits(*_load(out)), _logits(*_load(tiny_gemma3)), atol=1e-4, rtol=0)
+
+
+def _meta(layers: int, hidden: int, heads: int, head_dim: int, **extra) -> dict:
+    return {"general.architecture": "gemma3", "gemma3.embedding_length": hidden, "gemma3.block_count": layers,
+            "gemma3.feed_forward_length": 4 * hidden, "gemma3.attention.head_count": heads,
+            "gemma3.attention.head_count_kv": 1, "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+            "gemma3.attention.key_length": head_dim, "gemma3.rope.freq_base": 1e6, "gemma3.context_length": 32768,
+            "gemma3.attention.sliding_window": 512, **extra}
+
+
+def test_gemma3_gguf_config_has_what_llama_cpp_assumes():
+    from mlx_refusal import gguf
+
+    one_b = gguf.build_config(_meta(26, 1152, 4, 256), {"token_embd.weight"}, 262144)
+    assert (one_b["head_dim"], one_b["query_pre_attn_scalar"], one_b["sliding_window_pattern"],
+            one_b["rope_local_base_freq"], one_b["tie_word_embeddings"]) == (256, 256, 6, 10000.0, True)
+    big = gguf.build_config(_meta(62, 5376, 32, 128), set(), 262208)  # 27B: the query scale is hidden/heads
+    assert big["query_pre_attn_scalar"] == 168 and big["head_dim"] == 128
+    flags = [(i + 1) % 3 != 0 for i in range(26)]
+    assert gguf.build_config(_meta(26, 1152, 4, 256, **{"gemma3.attention.sliding_window_pattern": flags}),
+                             set(), 262144)["sliding_window_pattern"] == 3
+    with pytest.raises(UserError, match="do not repeat with one global layer per period"):
+        gguf.build_config(_meta(26, 1152, 4, 256, **{"gemma3.attention.sliding_window_pattern": [False, True] * 13}),
+                          set(), 262144)
+    with pytest.raises(UserError, match="lacks 'gemma3.attention.sliding_window'"):
+        gguf.build_config({k: v for k, v in _meta(26, 1152, 4, 256).items() if "sliding" not in k}, set(), 262144)

@@ -93,6 +93,9 @@ class Family:
     gguf_layer_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_LAYER_TENSORS)
     gguf_global_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_GLOBAL_TENSORS)
     gguf_required: tuple[str, ...] = REQUIRED_LAYER_MODULES
+    # (mlx_lm parameter name, float32 array as the GGUF stores it) -> the array mlx_lm expects
+    # (Gemma: llama.cpp stores every norm weight plus one); None: as stored
+    gguf_tensor: Callable[[str, object], object] | None = None
     # where things sit in mlx_lm's module tree, as dotted paths from the Model
     decoder_path: str = "model"  # owns the embedding, the layers and the final norm
     layers_path: str = "model.layers"
