@@ -351,6 +351,17 @@ def _model_config(model) -> dict:
     return dict(vars(model.args))
 
 
+def check_steerable(model, layer: int) -> None:
+    """Refuse now a steering bias at `layer` that could not be saved for stock mlx_lm later
+    (layer 0, an embedding edit, always can)."""
+    if layer == 0:
+        return
+    try:
+        arch.stock_config(_model_config(model), needs_output_bias=True)
+    except arch.UnsupportedArchitecture as exc:
+        raise UnsupportedEdit(str(exc)) from None
+
+
 def add_steering_bias(model, layer: int, vector) -> str:
     """Add `vector` to the residual stream at `layer` for every token, in the weights. Returns the
     edited site (a dotted parameter path).
@@ -377,10 +388,7 @@ def add_steering_bias(model, layer: int, vector) -> str:
         _write_weight(emb, (W.astype(mx.float32) + row).astype(W.dtype))
         mx.eval(emb.parameters())
         return site
-    try:  # refuse now what could not be saved for stock mlx_lm later
-        arch.stock_config(_model_config(model), needs_output_bias=True)
-    except arch.UnsupportedArchitecture as exc:
-        raise UnsupportedEdit(str(exc)) from None
+    check_steerable(model, layer)
     module = arch.get_module(model, site)
     if "bias" in module:
         module.bias = (module.bias.astype(mx.float32) + v).astype(module.bias.dtype)

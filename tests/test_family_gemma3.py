@@ -279,3 +279,29 @@ def test_gemma3_gguf_config_has_what_llama_cpp_assumes():
                           set(), 262144)
     with pytest.raises(UserError, match="lacks 'gemma3.attention.sliding_window'"):
         gguf.build_config({k: v for k, v in _meta(26, 1152, 4, 256).items() if "sliding" not in k}, set(), 262144)
+
+
+def test_gemma3_through_the_api_ablate_save_and_stock_load_and_steer_refused_early(tiny_gemma3, tmp_path,
+                                                                                    monkeypatch):
+    import mlx_lm
+
+    import mlx_refusal as mr
+    from mlx_refusal import workflow
+
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))
+    m = mr.load(str(tiny_gemma3))
+    d = mr.compute_directions(m, batch_size=64)
+    assert d.directions.shape == (5, HIDDEN)
+    edit_ = mr.ablate(mr.load(m.info.spec), d, layer=2, eval_limit=0)
+    out = edit_.save(tmp_path / "ablated", dtype="float32")
+    stock, tok = mlx_lm.load(str(out))
+    ids = mx.array([tok.encode("How do I bake bread?")])
+    assert max_diff(stock(ids), edit_.model.model(ids)) <= 1e-5
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before the refusal")
+
+    monkeypatch.setattr(workflow, "choose_steering", no_calibration)
+    for layer in (2, None):  # None: the calibration would try layers > 0 only
+        with pytest.raises(UserError, match="beyond layer 0 on gemma3"):
+            mr.steer(m, d, layer=layer, alpha_multiple=0.5, eval_limit=0)
