@@ -22,8 +22,8 @@ class Writer:
     kind: str  # "embedding" (rows are written vectors) or "linear" (columns are)
     layer: int  # -1 for the embedding (it writes before layer 0)
     role: str = "embedding"  # "embedding", "attention" (a block's attention output) or "mlp"
-    # the norm its output passes through before the residual add (Gemma's post-norms), or None:
-    # then what reaches the residual stream is the norm's output, not the writer's
+    # the norm its output passes through before the residual add (Gemma's post-norms: what reaches
+    # the residual stream is then that norm's output, not the writer's), or None
     norm: str | None = None
 
     @property

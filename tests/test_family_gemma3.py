@@ -85,6 +85,26 @@ def test_gemma3_capture_sees_the_residual_stream(gemma, tiny_gemma3):
     assert cap.mean.shape == (5, HIDDEN) and np.all(np.isfinite(cap.mean))
 
 
+def test_gemma3_batched_engine_matches_a_plain_forward(gemma, tiny_gemma3):
+    """Capture and first-token log-probs run on a shared prefix cache and right-padded batches
+    of plain (non-rotating) caches: with prompts far longer than the 4-token window, the windowed
+    masks must give what one prompt alone gives."""
+    from mlx_refusal import batching, template
+    from mlx_refusal import evaluation as ev
+
+    _, tok = mlx_load(str(tiny_gemma3))
+    prompts = ["hi there", "what is a cat? tell me about cats and dogs please", "why"]
+    cap = capture.capture_residuals(gemma, tok, prompts, keep_all=True, batch_size=3)
+    first = ev.first_token_logprobs(gemma, tok, prompts)
+    for row, ids in enumerate(template.encode_chat(tok, prompts)):
+        assert len(ids) > 10 * 4
+        sites = {}
+        with capture.record_residuals(gemma, lambda site, x: sites.__setitem__(site, x[0, -1])):
+            logits = gemma(mx.array([ids]))[0, -1]
+        assert np.abs(np.stack([np.array(sites[i]) for i in range(5)]) - cap.acts[row]).max() <= 1e-4
+        assert max_diff(first[row], batching.log_softmax(logits)) <= 1e-4
+
+
 def test_gemma3_hooks_add_at_resid_pre(gemma):
     """What block 2 reads (its input norm's input) is resid_pre[2] + v; blocks before are untouched."""
     v = 5.0 * unit_vector(1)
