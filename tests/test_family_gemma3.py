@@ -124,7 +124,7 @@ def _component(x, d) -> float:
     return float(np.max(np.abs(xf @ d) / np.linalg.norm(xf, axis=-1)))
 
 
-def test_gemma3_ablation_zeroes_the_direction_in_every_write(gemma, monkeypatch):
+def test_gemma3_ablation_zeroes_the_direction_in_every_write(gemma):
     d = unit_vector(2)
     before, before_writes = residuals_and_writes(gemma)
     assert min(_component(x, d) for x in before_writes.values()) > 1e-2
