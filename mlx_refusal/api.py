@@ -279,7 +279,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     (workflow.choose_steering) unless given; `voice="explain"` adds a response-direction term.
     eval_limit: prompts per set in the before/after report (None: the whole test split; 0: none).
     judge: scores the layers, judges the calibration trials and the before/after reports."""
-    from .edit import add_steering_bias
+    from .edit import add_steering_bias, check_steerable
     from .record import SteeringTerm, array_sha256
     from .select import VoiceTarget, candidate_layers
     from .voice import response_direction
@@ -287,6 +287,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
 
     check_steer(alpha, alpha_multiple, voice, distributed.is_tensor_parallel(m.model))
     validate.layer("--layer", layer, m.info.num_layers)
+    check_steerable(m.model, 1 if layer is None else layer)  # before the calibration (which tries layers > 0)
     check_directions(d, m.info)
     hval, lval = prompt_sets(harmful, harmless, "val")
     voice_rows = None

@@ -22,6 +22,14 @@ class Writer:
     kind: str  # "embedding" (rows are written vectors) or "linear" (columns are)
     layer: int  # -1 for the embedding (it writes before layer 0)
     role: str = "embedding"  # "embedding", "attention" (a block's attention output) or "mlp"
+    # the norm its output passes through before the residual add (Gemma's post-norms: what reaches
+    # the residual stream is then that norm's output, not the writer's), or None
+    norm: str | None = None
+
+    @property
+    def written_by(self) -> str:
+        """The module whose output is added to the residual stream."""
+        return self.norm or self.path
 
 
 def family(model_type: str) -> Family:
@@ -70,9 +78,22 @@ def residual_writers(model, layer_range: range | None = None, include_embedding:
     out = [Writer(fam.embedding_path, "embedding", -1)] if include_embedding else []
     for i in rng:
         attn, mlp = fam.writer_paths(i)
-        out.append(Writer(attn, "linear", i, "attention"))
-        out.append(Writer(mlp, "linear", i, "mlp"))
+        attn_norm, mlp_norm = fam.writer_norm_paths(i) or (None, None)
+        out.append(Writer(attn, "linear", i, "attention", attn_norm))
+        out.append(Writer(mlp, "linear", i, "mlp", mlp_norm))
     return out
+
+
+def writer_gain(model, writer: Writer):
+    """The elementwise gain (float32) of the norm `writer`'s output passes through, or None."""
+    if writer.norm is None:
+        return None
+    return check_supported(model).norm_gain(get_module(model, writer.norm))
+
+
+def embedding_scale(model) -> float:
+    """The factor the decoder multiplies the embedding's output by before block 0 (1 but for Gemma)."""
+    return float(check_supported(model).embedding_scale(model))
 
 
 def get_module(model, path: str):

@@ -176,6 +176,8 @@ def untie_embeddings(model) -> bool:
         head.weight = emb.weight
     model.lm_head = head
     model.args.tie_word_embeddings = False
+    if hasattr(model, "tie_word_embeddings"):  # gemma3_text's Model reads its own switch, set on load
+        model.tie_word_embeddings = False
     return True
 
 
@@ -222,6 +224,13 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
     the cost is one vocab x hidden matrix in the saved model).
     writer_scale: the scale of each writer instead of `scale` (e.g. `kernel_scales`); a writer
     whose scale is 0 is left untouched (listed as skipped).
+
+    A writer whose output passes through a norm g * o / rms(o) before the residual add (Gemma's
+    post-norms, `arch.Writer.norm`) writes a vector whose component along d is (g * d) . o / rms(o),
+    so the edit projects u = unit(g * d) out of it instead of d: with scale 1 the written vector
+    has no component along d. With another scale the component along d of g * o is multiplied by
+    1 - scale, but rms(o) changes with it: the whole written vector is rescaled, so this is not
+    `projecting_out` (which projects the norm's output and keeps its length).
     """
     arch.check_supported(model)
     n, hidden = arch.num_layers(model), arch.hidden_size(model)
@@ -233,6 +242,11 @@ def ablate(model, directions, layers: Iterable[int] | None = None, scale: float 
     for w in writers:
         d = rows[w.layer + 1]
         s = scale if writer_scale is None else float(writer_scale(w))
+        gain = arch.writer_gain(model, w)
+        if d is not None and gain is not None:
+            d = gain * d  # orthogonalize makes it unit
+            if float(mx.linalg.norm(d).item()) == 0.0:  # the norm writes nothing along the direction
+                d = None
         if d is None or s == 0.0:
             summary.skipped.append(w.path)
             if progress is not None:
@@ -337,11 +351,23 @@ def _model_config(model) -> dict:
     return dict(vars(model.args))
 
 
+def check_steerable(model, layer: int) -> None:
+    """Refuse now a steering bias at `layer` that could not be saved for stock mlx_lm later
+    (layer 0, an embedding edit, always can)."""
+    if layer == 0:
+        return
+    try:
+        arch.stock_config(_model_config(model), needs_output_bias=True)
+    except arch.UnsupportedArchitecture as exc:
+        raise UnsupportedEdit(str(exc)) from None
+
+
 def add_steering_bias(model, layer: int, vector) -> str:
     """Add `vector` to the residual stream at `layer` for every token, in the weights. Returns the
     edited site (a dotted parameter path).
 
-    layer 0: added to every embedding row (exactly resid_pre of layer 0; a tied embedding is
+    layer 0: added to every embedding row, divided by the factor the decoder scales the embedding
+    by (`arch.embedding_scale`), so resid_pre of layer 0 gets `vector` (a tied embedding is
     untied first so the output head stays the same). layer L > 0: added to the bias (created if
     absent) of the module `arch.steering_site(model, L)` names, inside block L - 1. Quantized weights are
     untouched by a bias edit; at layer 0 a quantized embedding is re-quantized.
@@ -357,13 +383,12 @@ def add_steering_bias(model, layer: int, vector) -> str:
         untie_embeddings(model)
         emb = arch.get_module(model, site)
         W = _read_weight(emb)
-        _write_weight(emb, (W.astype(mx.float32) + v).astype(W.dtype))
+        # the decoder scales the embedding's output (Gemma: by sqrt(hidden)); rows get v / scale
+        row = v / arch.embedding_scale(model)
+        _write_weight(emb, (W.astype(mx.float32) + row).astype(W.dtype))
         mx.eval(emb.parameters())
         return site
-    try:  # refuse now what could not be saved for stock mlx_lm later
-        arch.stock_config(_model_config(model), needs_output_bias=True)
-    except arch.UnsupportedArchitecture as exc:
-        raise UnsupportedEdit(str(exc)) from None
+    check_steerable(model, layer)
     module = arch.get_module(model, site)
     if "bias" in module:
         module.bias = (module.bias.astype(mx.float32) + v).astype(module.bias.dtype)

@@ -408,6 +408,8 @@ def read_tensors(reader, config: dict, progress: Progress | None = None) -> tupl
             rope_freqs = arr
             continue
         name = hf_name(t.name, fam)
+        if fam.gguf_tensor is not None:
+            arr = fam.gguf_tensor(name, arr)
         if permuted and (".q_proj." in name or ".k_proj." in name):
             arr = unpermute_qk(arr, heads if ".q_proj." in name else kv_heads)
         weights[name] = arr

@@ -148,8 +148,8 @@ def projecting_out(model, directions, scale: float = 1.0):
     """The runtime twin of `edit.ablate(model, directions, scale=scale)` over all layers.
 
     Applies (I - scale d d^T) to everything written into the residual stream: the embedding
-    output (the input of block 0) and the output of every residual writer (attention output and
-    MLP down projections). With scale = 1 this is directional ablation: no residual site (resid_pre,
+    output (the input of block 0) and what every residual writer adds (the attention output and
+    MLP down projections, or the norm of their output where the family has one). With scale = 1 this is directional ablation: no residual site (resid_pre,
     resid_mid, resid_post of any layer) has a component along d. `directions` is one vector [hidden]
     or one row per site [num_layers + 1, hidden] (zero rows skipped), paired with writers as in
     `edit.ablate`: the embedding uses row 0, block i's writers row i + 1.
@@ -159,7 +159,7 @@ def projecting_out(model, directions, scale: float = 1.0):
     hooks = {}
     for w in arch.residual_writers(model, include_embedding=False):
         if rows[w.layer + 1] is not None:
-            hooks[w.path] = (None, projector(rows[w.layer + 1], scale))
+            hooks[w.written_by] = (None, projector(rows[w.layer + 1], scale))
     before = {0: projector(rows[0], scale)} if rows[0] is not None else {}
     with hooked_layers(model, before=before), hooked_modules(model, hooks):
         yield model

@@ -41,10 +41,12 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 _QUANT_PARAMS = (".scales", ".biases", ".global_scale")
 
 
-def _expected_parameters(config: dict) -> dict[str, tuple]:
+def _expected_parameters(config: dict, weights: dict | None = None) -> dict[str, tuple]:
     """Parameter names and shapes the stock mlx_lm class for `config` has (unquantized). The
     class is the one mlx_lm's loader picks: the module mlx_lm.models.<model_type>, after its public
-    remapping tables (by architecture name, then by model type: mistral -> llama, ...)."""
+    remapping tables (by architecture name, then by model type: mistral -> llama, ...). With the
+    `weights` to be saved, after the class's `sanitize` has seen them, as mlx_lm's loader runs it
+    (gemma3_text drops its lm_head there when the folder has none)."""
     import importlib
 
     from mlx_lm import utils
@@ -61,6 +63,8 @@ def _expected_parameters(config: dict) -> dict[str, tuple]:
     except ImportError as exc:
         raise ValueError(f"Model type {model_type} not supported.") from exc
     skeleton = family.Model(family.ModelArgs.from_dict(config))  # lazy arrays: nothing is computed
+    if weights is not None and hasattr(skeleton, "sanitize"):
+        skeleton.sanitize(dict(weights))  # for what it does to the skeleton; the copy is dropped
     return {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
 
 
@@ -78,7 +82,7 @@ def stock_weights_and_config(model, config: dict, dtype) -> tuple[dict, dict]:
     weights = {}
     for k, v in tree_flatten(model.parameters()):
         weights[k] = v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
-    missing, extra = _mismatch(set(weights), _expected_parameters(config))
+    missing, extra = _mismatch(set(weights), _expected_parameters(config, weights))
     if missing or extra:
         # The edit added parameters the source architecture has no place for (a steering bias).
         try:
@@ -86,7 +90,7 @@ def stock_weights_and_config(model, config: dict, dtype) -> tuple[dict, dict]:
             config = arch.stock_config(config, needs_output_bias=True)
         except arch.UnsupportedArchitecture as exc:
             raise UnsupportedEdit(str(exc)) from None
-        expected = _expected_parameters(config)
+        expected = _expected_parameters(config, weights)
         missing, extra = _mismatch(set(weights), expected)
         for name in sorted(k for k in missing if k.endswith(".bias")):
             weights[name] = mx.zeros(expected[name], dtype=dtype)

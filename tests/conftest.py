@@ -34,6 +34,12 @@ def tiny_phi3(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_phi3"), arch="phi3", seed=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    # hidden 48: sqrt(48) is not a bfloat16, so the embedding scale's rounding matters
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_gemma3"), arch="gemma3_text", hidden=48, tie=True, seed=4)
+
+
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "qwen2.5-coder-0.5b"
 

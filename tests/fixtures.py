@@ -65,6 +65,11 @@ def _config(arch: str, vocab: int, hidden: int, layers: int, tie: bool) -> dict:
     }
     if arch == "qwen3":
         cfg["head_dim"] = hidden // heads
+    if arch == "gemma3_text":
+        # heads * head_dim != hidden, as in Gemma; a window shorter than the test prompts and
+        # every second layer global, so both kinds of layer (and both rope bases) run
+        cfg.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=2,
+                   rope_local_base_freq=10000.0)
     return cfg
 
 
@@ -95,7 +100,9 @@ def make_tiny_model(
     params = {}
     for name, value in tree_flatten(model.parameters()):
         shape = value.shape
-        if "norm" in name:
+        if "norm" in name and arch == "gemma3_text":
+            arr = 0.5 * rng.standard_normal(shape)  # Gemma's norms compute (1 + w) x: gains 1 +- 0.5
+        elif "norm" in name:
             arr = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith("bias"):
             arr = 0.1 * rng.standard_normal(shape)
@@ -104,6 +111,8 @@ def make_tiny_model(
         else:
             arr = rng.standard_normal(shape) / np.sqrt(shape[-1])
         params[name] = mx.array(arr.astype(np.float32))
+    if tie:  # gemma3_text builds an lm_head always and drops it on load when the folder has none
+        params.pop("lm_head.weight", None)
     mx.save_safetensors(str(path / "model.safetensors"), params, metadata={"format": "mlx"})
 
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -59,11 +59,16 @@ _TO_GGUF = {
 }
 
 
-def _gguf_name(name: str) -> str:
+# llama.cpp's gemma3: ffn_norm is the pre-feedforward norm; the post-norms have names of their own
+_GEMMA3_TO_GGUF = {**_TO_GGUF, "post_attention_layernorm": "post_attention_norm",
+                   "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _gguf_name(name: str, table=_TO_GGUF) -> str:
     if name.startswith("model.layers."):
         _, _, i, rest = name.split(".", 3)
         module, _, suffix = rest.rpartition(".")
-        return f"blk.{i}.{_TO_GGUF[module]}.{suffix}"
+        return f"blk.{i}.{table[module]}.{suffix}"
     return {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -137,9 +142,11 @@ def write_gguf(folder, out, *, arch=None, pre="gpt-2", tokenizer_model="gpt2", q
             w.add_uint32(key, value)
 
     for name, arr in weights.items():
-        gname = _gguf_name(name)
+        gname = _gguf_name(name, _GEMMA3_TO_GGUF if arch == "gemma3" else _TO_GGUF)
         if any(s in gname for s in skip_tensors):
             continue
+        if arch == "gemma3" and gname.endswith("norm.weight"):
+            arr = arr + 1.0  # llama.cpp's Gemma converter stores 1 + w
         if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             arr = llamacpp_permute(arr, cfg["num_attention_heads"] if ".attn_q." in gname else cfg["num_key_value_heads"])
         qtype = next((q for frag, q in (qtypes or {}).items() if frag in gname), None)
@@ -343,7 +350,7 @@ def test_errors_are_user_errors(tiny_qwen2, tmp_path):
     with pytest.raises(UserError, match="not a GGUF file"):
         conv.convert(junk, tmp_path / "a")
     gemma = write_gguf(tiny_qwen2, tmp_path / "gemma.gguf", arch="gemma")
-    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gemma'; supported: llama, phi3, qwen2, qwen3"):
+    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gemma'; supported: gemma3, llama, phi3, qwen2, qwen3"):
         conv.convert(gemma, tmp_path / "a")
     wordpiece = write_gguf(tiny_qwen2, tmp_path / "bert.gguf", tokenizer_model="bert")
     with pytest.raises(UserError, match="unsupported GGUF tokenizer 'bert'"):

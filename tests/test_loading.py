@@ -135,7 +135,7 @@ def test_unsupported_architecture(tiny_qwen2, tmp_path):
     cfg = json.loads((other / "config.json").read_text())
     cfg["model_type"] = "gemma"
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"unsupported architecture 'gemma'; supported: llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UserError, match=r"unsupported architecture 'gemma'; supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
         loading.load(str(other))
 
 

@@ -17,6 +17,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import mlx.core as mx
+
 from ..errors import UserError
 
 
@@ -91,12 +93,22 @@ class Family:
     gguf_layer_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_LAYER_TENSORS)
     gguf_global_tensors: Mapping[str, str] = field(default_factory=lambda: GGUF_GLOBAL_TENSORS)
     gguf_required: tuple[str, ...] = REQUIRED_LAYER_MODULES
+    # (mlx_lm parameter name, float32 array as the GGUF stores it) -> the array mlx_lm expects
+    # (Gemma: llama.cpp stores every norm weight plus one); None: as stored
+    gguf_tensor: Callable[[str, object], object] | None = None
     # where things sit in mlx_lm's module tree, as dotted paths from the Model
     decoder_path: str = "model"  # owns the embedding, the layers and the final norm
     layers_path: str = "model.layers"
     embedding_path: str = "model.embed_tokens"
     attention_writer: str = "self_attn.o_proj"  # inside a layer: writes the attention output
     mlp_writer: str = "mlp.down_proj"  # inside a layer: writes the MLP output, the block's last write
+    # inside a layer: the norms each writer's output passes through before the residual add
+    # (attention, then MLP: Gemma's post-norms); None: the writers' outputs are added as they are
+    writer_norms: tuple[str, str] | None = None
+    # a norm module -> its elementwise gain g, as float32: the norm computes g * x / rms(x)
+    norm_gain: Callable[[object], object] = lambda norm: norm.weight.astype(mx.float32)
+    # (model) -> the factor the decoder multiplies the embedding output by (Gemma: sqrt(hidden))
+    embedding_scale: Callable[[object], float] = lambda model: 1.0
     # (model, final hidden states after the decoder's norm) -> logits, as the model's own
     # __call__ computes them (a family with final soft-capping applies it here)
     logits: Callable[[object, object], object] = head_logits
@@ -116,6 +128,12 @@ class Family:
     def writer_paths(self, i: int) -> tuple[str, str]:
         """Block i's residual writers: the attention output, then the MLP output."""
         return f"{self.layer_path(i)}.{self.attention_writer}", f"{self.layer_path(i)}.{self.mlp_writer}"
+
+    def writer_norm_paths(self, i: int) -> tuple[str, str] | None:
+        """The norms of block i's writers' outputs (attention, MLP), or None when it has none."""
+        if self.writer_norms is None:
+            return None
+        return tuple(f"{self.layer_path(i)}.{norm}" for norm in self.writer_norms)
 
     def steering_site(self, layer: int) -> str:
         """Where a vector added at resid_pre of `layer` lives in the weights.
