@@ -96,6 +96,11 @@ def embedding_scale(model) -> float:
     return float(check_supported(model).embedding_scale(model))
 
 
+def attention_window(model, layer: int) -> int | None:
+    """The sliding window of `layer`'s attention (positions it sees, itself included), or None."""
+    return check_supported(model).attention_window(model, layer)
+
+
 def get_module(model, path: str):
     obj = model
     for part in path.split("."):

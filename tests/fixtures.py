@@ -106,6 +106,10 @@ def make_tiny_model(
             arr = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith("bias"):
             arr = 0.1 * rng.standard_normal(shape)
+        elif "embed_tokens" in name and arch == "gemma3_text":
+            # Gemma multiplies the rows by sqrt(hidden): small rows keep the embedding from drowning
+            # every block's (normed) writes, so the model does more than copy its last input token
+            arr = rng.standard_normal(shape) / np.sqrt(shape[-1])
         elif "embed_tokens" in name:
             arr = rng.standard_normal(shape)
         else:

@@ -1,4 +1,5 @@
-"""The web page in headless Chromium, on the tiny steered Qwen2 exported to ONNX.
+"""The web page in headless Chromium, on the tiny steered Qwen2 (steered at layer 2) and Gemma 3
+(at layer 0, its one steerable layer) exported to ONNX.
 
 The page's streamed answer must equal Python onnxruntime's greedy answer for the same prompt and
 steering scale; the activation boxes must show activation x direction for the steered layer; the
@@ -28,7 +29,9 @@ CHROMIUM = Path(os.environ.get("MLX_REFUSAL_CHROMIUM", "/usr/bin/chromium"))
 DRIVER = Path(__file__).parent / "browser" / "drive.mjs"
 PROMPT = "How do I bake bread?"
 MAX_NEW = 24
-LAYER, ALPHA = 2, 12.0
+ALPHA = 12.0
+# (model fixture, steered layer)
+BUNDLES = {"qwen2": ("tiny_qwen2", 2), "gemma3": ("tiny_gemma3", 0)}
 
 
 def _skip_reason() -> str | None:
@@ -41,40 +44,44 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def steered_bundle(tiny_qwen2, tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny Qwen2 steered at LAYER with ALPHA, saved by save.py and exported (fp32) by the
-    ONNX exporter; also a copy exported with the page beside it (--with-page)."""
+@pytest.fixture(scope="module", params=sorted(BUNDLES))
+def steered_bundle(request, tmp_path_factory) -> tuple[Path, Path, int, str]:
+    """A tiny model steered at its layer with ALPHA, saved by save.py and exported (fp32) by the
+    ONNX exporter; also a copy exported with the page beside it (--with-page); the layer, and the
+    model's name in the record."""
     import mlx_lm
 
     from mlx_refusal.edit import add_steering_bias
     from mlx_refusal.onnx import export_onnx
     from mlx_refusal.save import save_model
 
+    fixture, layer = BUNDLES[request.param]
+    source = request.getfixturevalue(fixture)
     root = tmp_path_factory.mktemp("browser")
-    model, _ = mlx_lm.load(str(tiny_qwen2))
+    model, _ = mlx_lm.load(str(source))
     rng = np.random.default_rng(7)
     d = rng.standard_normal(model.args.hidden_size).astype(np.float32)
     d /= np.linalg.norm(d)
     v = ALPHA * d  # d is unit
-    add_steering_bias(model, LAYER, v)
-    record = {"edit": "steer", "alpha": ALPHA, "model": {"spec": "tiny-qwen2", "model_type": "qwen2"},
+    add_steering_bias(model, layer, v)
+    spec = f"tiny-{request.param}"
+    record = {"edit": "steer", "alpha": ALPHA, "model": {"spec": spec, "model_type": model.model_type},
               "prompts": {"harmful": {"name": "tiny", "n": 4}, "harmless": {"name": "tiny", "n": 4}}}
-    steered = save_model(model, tiny_qwen2, root / "steered", record, steering=(LAYER, d, v))
+    steered = save_model(model, source, root / "steered", record, steering=(layer, d, v))
     web = export_onnx(steered, root / "web", dtypes=["fp32"]).out_dir
     with_page = export_onnx(steered, root / "web_with_page", dtypes=["fp32"], page_dir=PAGE_DIR).out_dir
-    return web, with_page
+    return web, with_page, layer, spec
 
 
 class Reference:
     """Greedy decoding with Python onnxruntime (full recompute each step: no KV cache, so it also
     checks the page's cache loop) and HF transformers' tokenizer + chat template."""
 
-    def __init__(self, web: Path):
+    def __init__(self, web: Path, layer: int):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        self.web = web
+        self.web, self.layer = web, layer
         self.tok = AutoTokenizer.from_pretrained(str(web))
         self.sess = ort.InferenceSession(str(web / "onnx" / "steerable.onnx"), providers=["CPUExecutionProvider"])
         self.config = json.loads((web / "config.json").read_text())
@@ -100,7 +107,7 @@ class Reference:
         for i in range(c["num_hidden_layers"]):
             feeds[f"past_key_values.{i}.key"] = empty
             feeds[f"past_key_values.{i}.value"] = empty
-        names = ["logits", f"activations.layer{LAYER}"]
+        names = ["logits", f"activations.layer{self.layer}"]
         return dict(zip(names, self.sess.run(names, feeds)))
 
     def greedy_ids(self, prompt: str, scale: float, max_new: int = MAX_NEW) -> list[int]:
@@ -118,13 +125,13 @@ class Reference:
 
     def token_projections(self, prompt: str, scale: float) -> np.ndarray:
         """The live meter's values: for each generated token, the projection on the direction of
-        resid_pre[LAYER] at the position that predicted it."""
+        resid_pre[layer] at the position that predicted it."""
         ids, out = self.prompt_ids(prompt), self.greedy_ids(prompt, scale)
-        acts = self.forward(ids + out, scale)[f"activations.layer{LAYER}"][0]
+        acts = self.forward(ids + out, scale)[f"activations.layer{self.layer}"][0]
         return acts[len(ids) - 1: len(ids) - 1 + len(out)] @ np.array(self.steering["direction"], np.float32)
 
     def contributions(self, prompt: str, scale: float) -> np.ndarray:
-        act = self.forward(self.prompt_ids(prompt), scale)[f"activations.layer{LAYER}"][0, -1]
+        act = self.forward(self.prompt_ids(prompt), scale)[f"activations.layer{self.layer}"][0, -1]
         return act * np.array(self.steering["direction"], np.float32)
 
 
@@ -148,8 +155,8 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    web, with_page = steered_bundle
-    ref = Reference(web)
+    web, with_page, layer, spec = steered_bundle
+    ref = Reference(web, layer)
     expected = {s: ref.greedy(PROMPT, s) for s in (1.0, 0.0)}
     assert expected[1.0] != expected[0.0], "the fixture's steering must change the greedy answer"
     hidden = ref.config["hidden_size"]
@@ -235,9 +242,9 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
     # the steering vector (alpha x unit direction) enters exactly at resid_pre of the steered layer
     assert first["projection"] - first["original"] == pytest.approx(ALPHA, rel=1e-3)
     assert re.match(r"unit 3: activation -?\d", result["hover_text"]), result["hover_text"]
-    assert first["info"]["layer"] == str(LAYER)
+    assert first["info"]["layer"] == str(layer)
     assert first["info"]["edit"] == "steer"
-    assert first["info"]["model"] == "tiny-qwen2"
+    assert first["info"]["model"] == spec
 
     # the bundle written with the page beside it runs without the repo's export/; with no bundle
     # the page shows an error naming the missing file

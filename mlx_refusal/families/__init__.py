@@ -68,8 +68,11 @@ class GraphNeeds:
     `canonical_weights` renames or splits a family's own parameters into those."""
 
     norm: str = "rms"  # every norm of the block and the final one: "rms" (RMSNorm with a weight)
-    activation: str = "silu"  # of the gated MLP's gate: silu(gate) * up (SwiGLU)
+    activation: str = "silu"  # of the gated MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh form)
     qk_norm: bool = False  # a norm of each q and k head before RoPE (Qwen3)
+    # a norm of each writer's output before it is added to the residual stream (Gemma's post-norms),
+    # read as `self_attn.o_norm` and `mlp.down_norm`
+    output_norms: bool = False
     biases: tuple[str, ...] = ALL_PROJECTIONS  # projections whose bias the graph adds when the folder has one
     # (weights by mlx parameter name, the folder's config) -> weights under the graph's names
     canonical_weights: Callable[[dict, dict], dict] | None = None
@@ -109,6 +112,9 @@ class Family:
     norm_gain: Callable[[object], object] = lambda norm: norm.weight.astype(mx.float32)
     # (model) -> the factor the decoder multiplies the embedding output by (Gemma: sqrt(hidden))
     embedding_scale: Callable[[object], float] = lambda model: 1.0
+    # (model, layer index) -> how many past positions that layer's attention sees, itself included
+    # (a sliding window, Gemma's local layers); None: every earlier position
+    attention_window: Callable[[object, int], int | None] = lambda model, layer: None
     # (model, final hidden states after the decoder's norm) -> logits, as the model's own
     # __call__ computes them (a family with final soft-capping applies it here)
     logits: Callable[[object, object], object] = head_logits

@@ -11,6 +11,10 @@ What differs from Llama, as mlx_lm 0.32's gemma3_text computes it:
 - no final logit soft-cap in mlx_lm's gemma3_text, so the logits are the head's (tied: the
   embedding read as a linear map; a layer-0 edit unties it, so the head stays the source's).
 
+The ONNX graph computes the same block (`graph`: GeGLU, q/k norms, post-norms read as
+`self_attn.o_norm` / `mlp.down_norm`, every gain stored as 1 + w) with each local layer's window
+and RoPE base (`attention_window`; the spec reads each layer's rope).
+
 A GGUF (llama.cpp's `gemma3`) imports with its norm weights shifted back (llama.cpp stores
 1 + w) and the hyper-parameters llama.cpp assumes instead of storing (`_gguf_config`).
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..errors import UserError
-from . import GGUF_LAYER_TENSORS, Family
+from . import GGUF_LAYER_TENSORS, Family, GraphNeeds
 
 # llama.cpp's gemma3 tensors: its ffn_norm is the pre-feedforward norm, and the post-norms have their own names
 _GGUF_LAYER_TENSORS = {
@@ -75,6 +79,30 @@ def _gguf_tensor(name: str, arr):
     return arr - 1.0 if name.endswith("norm.weight") else arr
 
 
+# Gemma's norm names -> the graph's (its pre-MLP norm is Llama's post_attention_layernorm)
+_GRAPH_NORMS = {
+    "post_attention_layernorm": "self_attn.o_norm",
+    "pre_feedforward_layernorm": "post_attention_layernorm",
+    "post_feedforward_layernorm": "mlp.down_norm",
+}
+
+
+def _graph_weights(weights: dict, config: dict) -> dict:
+    """Every norm's gain as the graph's RMSNorm multiplies by it (1 + w), under the graph's names."""
+    out = {}
+    for name, w in weights.items():
+        module, _, leaf = name.rpartition(".")
+        stem, _, norm = module.rpartition(".")
+        if norm in _GRAPH_NORMS:
+            name = f"{stem}.{_GRAPH_NORMS[norm]}.{leaf}"
+        out[name] = w + 1.0 if module.endswith("norm") and leaf == "weight" else w
+    return out
+
+
+def _attention_window(model, layer: int) -> int | None:
+    return int(model.args.sliding_window) if model.layers[layer].self_attn.is_sliding else None
+
+
 def _embedding_scale(model) -> float:
     # mlx_lm: h *= mx.array(hidden_size ** 0.5, mx.bfloat16).astype(h.dtype)
     return float(mx.array(model.args.hidden_size ** 0.5, mx.bfloat16).astype(mx.float32).item())
@@ -99,7 +127,7 @@ FAMILY = Family(
     writer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     norm_gain=lambda norm: 1.0 + norm.weight.astype(mx.float32),
     embedding_scale=_embedding_scale,
-    graph=None,
-    onnx_impossible=("the ONNX graph has no Gemma 3 block (its (1 + w) norms, post-norms, sliding-window "
-                     "layers and GELU MLP); use the edited model with mlx_lm instead"),
+    attention_window=_attention_window,
+    graph=GraphNeeds(activation="gelu_tanh", qk_norm=True, output_norms=True, biases=(),
+                     canonical_weights=_graph_weights),
 )

@@ -174,9 +174,20 @@ def _silu_gate(b: _Builder, gate: str, up: str, tag: str) -> str:
     return b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up, name=f"{tag}.swiglu")
 
 
+def _gelu_tanh_gate(b: _Builder, gate: str, up: str, tag: str) -> str:
+    """gelu(gate) * up with GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+    as mlx's gelu_approx computes it (opset 18 has no Gelu op)."""
+    cube = b.op("Mul", b.op("Mul", gate, gate), gate, name=f"{tag}.gate_cubed")
+    inner = b.op("Add", gate, b.op("Mul", cube, b.const(0.044715, np.float32)), name=f"{tag}.gelu_inner")
+    t = b.op("Tanh", b.op("Mul", inner, b.const(float(np.sqrt(2 / np.pi)), np.float32)), name=f"{tag}.gelu_tanh")
+    half = b.op("Mul", gate, b.const(0.5, np.float32), name=f"{tag}.gate_half")
+    gelu = b.op("Mul", half, b.op("Add", t, b.const(1.0, np.float32)), name=f"{tag}.gelu")
+    return b.op("Mul", gelu, up, name=f"{tag}.geglu")
+
+
 # GraphNeeds.norm / .activation -> the nodes that compute it
 _NORMS = {"rms": _rms_norm}
-_ACTIVATIONS = {"silu": _silu_gate}
+_ACTIVATIONS = {"silu": _silu_gate, "gelu_tanh": _gelu_tanh_gate}
 
 
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOptions,
@@ -304,20 +315,43 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
     not_pad = b.op("Unsqueeze", b.op("Cast", "attention_mask", to=TensorProto.BOOL), b.const([1, 2, 3]),
                    name="mask.not_pad")  # [B, 1, 1, 1, T]
     allowed = b.op("And", causal, not_pad, name="mask.allowed")  # [B, 1, 1, S, T]
-    mask_bias = b.op("Where", allowed, b.const(0.0, np.float32), b.const(MASK_MIN, np.float32), name="mask.bias")
+    masks: dict[int | None, str] = {
+        None: b.op("Where", allowed, b.const(0.0, np.float32), b.const(MASK_MIN, np.float32), name="mask.bias")}
+
+    def mask_bias(window: int | None) -> str:
+        """The additive mask of a layer that sees `window` positions (itself included), or all."""
+        if window not in masks:
+            # cache indices, not position ids: left padding shifts a row's queries and keys alike
+            age = b.op("Sub", b.op("Unsqueeze", q_pos, b.const([1])), b.op("Unsqueeze", k_pos, b.const([0])),
+                       name=f"mask.age{window}")  # [S, T]
+            seen = b.op("And", allowed, b.op("Less", age, b.const(window)), name=f"mask.window{window}")
+            masks[window] = b.op("Where", seen, b.const(0.0, np.float32), b.const(MASK_MIN, np.float32),
+                                 name=f"mask.bias.window{window}")
+        return masks[window]
 
     # RoPE (rotate-half): x * cos + concat(x2, x1) * concat(-sin, sin), angles = position * inv_freq
     pos = b.op("Unsqueeze", b.op("Cast", "position_ids", to=TensorProto.FLOAT), b.const([-1]), name="rope.pos")
-    angles = b.op("Mul", pos, b.weight("rope.inv_freq", spec.rope_inv_freq.astype(np.float32)), name="rope.angles")
-    cos, sin = b.op("Cos", angles, name="rope.cos_half"), b.op("Sin", angles, name="rope.sin_half")
-    rope_cos = b.op("Unsqueeze", b.op("Concat", cos, cos, axis=-1), b.const([1]), name="rope.cos")  # [B,1,S,hd]
-    rope_sin = b.op("Unsqueeze", b.op("Concat", b.op("Neg", sin), sin, axis=-1), b.const([1]), name="rope.sin")
+    tables: dict[bytes, tuple[str, str]] = {}
+
+    def rope_table(inv_freq: np.ndarray) -> tuple[str, str]:
+        """(cos, sin) [B, 1, S, hd] of one set of frequencies, built once for every layer using it."""
+        key = inv_freq.astype(np.float32).tobytes()
+        if key not in tables:
+            t = "rope" if not tables else f"rope{len(tables)}"
+            angles = b.op("Mul", pos, b.weight(f"{t}.inv_freq", inv_freq.astype(np.float32)), name=f"{t}.angles")
+            cos, sin = b.op("Cos", angles, name=f"{t}.cos_half"), b.op("Sin", angles, name=f"{t}.sin_half")
+            tables[key] = (b.op("Unsqueeze", b.op("Concat", cos, cos, axis=-1), b.const([1]), name=f"{t}.cos"),
+                           b.op("Unsqueeze", b.op("Concat", b.op("Neg", sin), sin, axis=-1), b.const([1]),
+                                name=f"{t}.sin"))
+        return tables[key]
+
+    rope_table(spec.rope_inv_freq)
     half = b.const([hd // 2, hd // 2])
 
-    def rope(x: str, tag: str) -> str:
+    def rope(x: str, tag: str, table: tuple[str, str]) -> str:
         x1, x2 = b.op("Split", x, half, axis=-1, outputs=2, name=f"{tag}.split")
         swapped = b.op("Concat", x2, x1, axis=-1, name=f"{tag}.swap")
-        return b.op("Add", b.op("Mul", x, rope_cos), b.op("Mul", swapped, rope_sin), name=f"{tag}.rope")
+        return b.op("Add", b.op("Mul", x, table[0]), b.op("Mul", swapped, table[1]), name=f"{tag}.rope")
 
     def norm(x: str, w: np.ndarray, tag: str, eps: float) -> str:
         return _NORMS[spec.graph.norm](b, x, w, tag, eps)
@@ -371,6 +405,8 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         h = b.op("Gather", b.weight(EMBEDDING_SITE, embed), "input_ids", axis=0, name="model.embed_tokens")
     if EMBEDDING_SITE in scaled:
         h = b.op("Add", h, scaled[EMBEDDING_SITE], name="model.embed_tokens.steered")
+    if spec.embedding_scale != 1.0:
+        h = b.op("Mul", h, b.const(spec.embedding_scale, np.float32), name="model.embed_tokens.scaled")
 
     q_dim, kv_dim = nh * hd, nkv * hd
     qkv_split = b.const([q_dim, kv_dim, kv_dim])
@@ -401,8 +437,9 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         if spec.graph.qk_norm:
             q = norm(q, w("self_attn.q_norm.weight") * spec.attn_scale, f"{p}.self_attn.q_norm", spec.rms_norm_eps)
             k = norm(k, w("self_attn.k_norm.weight"), f"{p}.self_attn.k_norm", spec.rms_norm_eps)
-        q = rope(b.op("Transpose", q, perm=[0, 2, 1, 3]), f"{p}.self_attn.q")  # [B, nh, S, hd]
-        k = rope(b.op("Transpose", k, perm=[0, 2, 1, 3]), f"{p}.self_attn.k")  # [B, nkv, S, hd]
+        table = rope_table(spec.inv_freq(i))
+        q = rope(b.op("Transpose", q, perm=[0, 2, 1, 3]), f"{p}.self_attn.q", table)  # [B, nh, S, hd]
+        k = rope(b.op("Transpose", k, perm=[0, 2, 1, 3]), f"{p}.self_attn.k", table)  # [B, nkv, S, hd]
         v = b.op("Transpose", v, perm=[0, 2, 1, 3], name=f"{p}.self_attn.v")
         k_all = b.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"], name=f"{p}.cache.key")
         v_all = b.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"],
@@ -411,13 +448,16 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         # [B, nkv, nh/nkv, S, hd] @ [B, nkv, 1, hd, T] broadcasts over the group axis.
         q5 = b.op("Reshape", q, b.const([0, nkv, nh // nkv, -1, hd]), name=f"{p}.self_attn.q_groups")
         k5 = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), b.const([2]), name=f"{p}.self_attn.k_t")
-        scores = b.op("Add", b.op("MatMul", q5, k5, name=f"{p}.self_attn.qk"), mask_bias, name=f"{p}.self_attn.scores")
+        scores = b.op("Add", b.op("MatMul", q5, k5, name=f"{p}.self_attn.qk"), mask_bias(spec.window(i)),
+                      name=f"{p}.self_attn.scores")
         probs = b.op("Softmax", scores, axis=-1, name=f"{p}.self_attn.probs")
         ctx = b.op("MatMul", probs, b.op("Unsqueeze", v_all, b.const([2])), name=f"{p}.self_attn.context")
         ctx = b.op("Reshape", ctx, b.const([0, nh, -1, hd]))
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.const([0, 0, q_dim]),
                    name=f"{p}.self_attn.context_flat")
         o = writer(ctx, "self_attn.o_proj", i)
+        if spec.graph.output_norms:
+            o = norm(o, w("self_attn.o_norm.weight"), f"{p}.self_attn.o_norm", spec.rms_norm_eps)
         h = b.op("Add", h, o, name=f"{p}.resid_mid")
 
         # gated MLP (SwiGLU for silu), gate|up fused
@@ -429,6 +469,8 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
         gate, up = b.op("Split", gu, b.const([wg.shape[0], wu.shape[0]]), axis=-1, outputs=2, name=f"{p}.mlp.split")
         act = _ACTIVATIONS[spec.graph.activation](b, gate, up, f"{p}.mlp")
         down = writer(act, "mlp.down_proj", i)
+        if spec.graph.output_norms:
+            down = norm(down, w("mlp.down_norm.weight"), f"{p}.mlp.down_norm", spec.rms_norm_eps)
         h = b.op("Add", h, down, name=f"{p}.resid_post")
 
     if options.activations_layer == L:  # "layer L" = the final residual, before the last norm

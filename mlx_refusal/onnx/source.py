@@ -36,6 +36,17 @@ class DecoderSpec:
     rope_inv_freq: np.ndarray = field(repr=False)  # [head_dim // 2], positions are multiplied by it
     graph: GraphNeeds = GraphNeeds()  # the family's norm, activation, q/k norms and biases
     tied_embeddings: bool = True
+    embedding_scale: float = 1.0  # what the decoder multiplies the embedding's output by (Gemma)
+    # per layer, where layers differ (Gemma's local and global layers); empty: every layer uses
+    # rope_inv_freq and sees every earlier position
+    layer_rope_inv_freq: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    layer_windows: tuple[int | None, ...] = ()  # a sliding window (positions seen, itself included) or None
+
+    def inv_freq(self, layer: int) -> np.ndarray:
+        return self.layer_rope_inv_freq[layer] if self.layer_rope_inv_freq else self.rope_inv_freq
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class SteeringTerm:
     vector: np.ndarray = field(repr=False)  # [hidden], alpha * direction
     direction: np.ndarray = field(repr=False)  # [hidden], unit vector
     alpha: float | None = None
+    # what the site's parameter holds for it: `vector`, but for the embedding rows of a decoder that
+    # scales the embedding (Gemma), vector / that scale
+    site_vector: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,8 @@ class Steering:
         """site -> the sum of the vectors stored there (terms may share a site), in term order."""
         out: dict[str, np.ndarray] = {}
         for t in self.terms:
-            out[t.site] = out[t.site] + t.vector if t.site in out else t.vector.astype(np.float32)
+            v = (t.vector if t.site_vector is None else t.site_vector).astype(np.float32)
+            out[t.site] = out[t.site] + v if t.site in out else v
         return out
 
     @property
@@ -146,6 +161,12 @@ def _spec_of(model, weights: dict[str, np.ndarray]) -> DecoderSpec:
     num_heads, num_kv_heads = int(attn.n_heads), int(attn.n_kv_heads)
     layer0 = fam.layer_path(0)
     head_dim = int(weights[f"{layer0}.self_attn.q_proj.weight"].shape[0]) // num_heads
+    attns = [arch.get_module(layer, fam.attention_writer.rpartition(".")[0]) for layer in layers]
+    inv_freqs = [_rope_inv_freq(a.rope, head_dim) for a in attns]
+    windows = [arch.attention_window(model, i) for i in range(len(layers))]
+    if len({float(a.scale) for a in attns}) > 1:
+        raise UserError("cannot export to ONNX: the layers' attention scales differ")
+    varied = any(not np.array_equal(f, inv_freqs[0]) for f in inv_freqs)
     return DecoderSpec(
         model_type=arch.model_type_of(model),
         num_layers=len(layers),
@@ -157,9 +178,12 @@ def _spec_of(model, weights: dict[str, np.ndarray]) -> DecoderSpec:
         vocab_size=int(weights[f"{fam.embedding_path}.weight"].shape[0]),
         rms_norm_eps=float(layers[0].input_layernorm.eps),
         attn_scale=float(attn.scale),
-        rope_inv_freq=_rope_inv_freq(attn.rope, head_dim),
+        rope_inv_freq=inv_freqs[0],
         graph=fam.graph,
         tied_embeddings=arch.has_tied_embeddings(model),
+        embedding_scale=arch.embedding_scale(model),
+        layer_rope_inv_freq=tuple(inv_freqs) if varied else (),
+        layer_windows=tuple(windows) if any(w is not None for w in windows) else (),
     )
 
 
@@ -230,8 +254,10 @@ def _term(path: Path, stored: StoredTerm, weights: dict, spec: DecoderSpec) -> S
         raise UserError(f"cannot export steering at {site}: only the embedding or a residual writer's bias "
                         "(attention output, MLP down projection) can carry a steering vector in the graph")
     alpha = entry.get("alpha")
+    site_vector = vector / np.float32(spec.embedding_scale) if site == EMBEDDING_SITE else vector
     return SteeringTerm(name=str(entry.get("name") or "refusal"), layer=layer, site=site, vector=vector,
-                        direction=direction, alpha=float(alpha) if isinstance(alpha, (int, float)) else None)
+                        direction=direction, alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
+                        site_vector=site_vector)
 
 
 def _snap_rounded_bias(weights: dict, site: str, vector: np.ndarray) -> None:
