@@ -145,7 +145,7 @@ def serve(webdir, host, port, quiet):
 
 @main.command("export-onnx")
 @opt.export_options
-def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
+def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page, share_embedding):
     """Export a model to ONNX for the browser: a KV-cache decoder graph with an activations output
     in each chosen dtype; for a steered model, standard onnx/model*.onnx files (steering fixed, for
     stock transformers.js) plus onnx/steerable*.onnx slider graphs sharing their weights. The
@@ -163,7 +163,7 @@ def export_onnx_cmd(model_spec, out_dir, dtypes, layer, force, with_page):
     folder = resolve(model_spec, progress=say)
     t0 = time.perf_counter()
     res = api.export_onnx(folder, out_dir, dtypes, layer=layer, force=force, with_page=with_page, note=say,
-                          chat_template=template)
+                          chat_template=template, share_embedding=share_embedding)
     click.echo(f"exported {folder} -> {res.out_dir} in {time.perf_counter() - t0:.1f} s "
                f"({res.model_type}, activations.layer{res.activations_layer}"
                f"{', steering_scale input' if res.steered else ''})")

@@ -560,20 +560,24 @@ def streamed_project(folder: Path, d: Directions, scale: float, *, layer: int | 
 
 def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | None = None, force: bool = False,
                 with_page: bool = False, note: Callable[[str], None] | None = None,
-                chat_template: str | Path | None = None):
+                chat_template: str | Path | None = None, share_embedding: str = "auto"):
     """The model folder (an edited one, or a preset) as a transformers.js bundle for the browser
     page; with_page also copies the page in, ready for any static host.
     chat_template: a Jinja chat template file the bundle carries for the page to render with; by
     default the one the folder's edit was made under (its record), else the folder's own. Either
-    is checked as a load checks it, before any graph is built: the page needs a chat model's template."""
+    is checked as a load checks it, before any graph is built: the page needs a chat model's template.
+    share_embedding: auto | always | never, whether an untied model's int8 graph keeps one matrix for
+    the embedding and the lm_head when they are two roundings of one (onnx/share.py)."""
     from .loading import chat_tokenizer, resolve
     from .onnx import export_onnx as export
     from .onnx import parse_dtypes
+    from .onnx.share import check_mode
     from .serve import PAGE_DIR
     from .template import recorded_template
 
     template = read_chat_template(chat_template) if chat_template is not None else None
     parse_dtypes(dtypes)
+    check_mode(share_embedding)
     model_folder = resolve(model_folder, progress=note)
     # before the weights are read: the graph's activations output may also be the final residual
     validate.layer("--layer", layer, validate.model_config(model_folder).get("num_hidden_layers"),
@@ -585,4 +589,4 @@ def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | Non
         template = recorded_template(model_folder)
     chat_tokenizer(model_folder, template)
     return export(model_folder, out_dir, dtypes=dtypes, force=force, progress=note, layer=layer, page_dir=page,
-                  chat_template=template.text if template is not None else None)
+                  chat_template=template.text if template is not None else None, share_embedding=share_embedding)

@@ -173,6 +173,15 @@ export_options = _all(
                  help="Layer whose resid_pre the graph also outputs (default: the steered layer, else the middle)."),
     click.option("--force", is_flag=True, help="Replace an existing export in --out."),
     click.option("--with-page", is_flag=True, help="Also copy the web page (export/) into --out, ready for any static host."),
+    click.option("--share-embedding", type=click.Choice(("auto", "always", "never")), default="auto", show_default=True,
+                 help="int8, untied models: store ONE int8 matrix for the embedding lookup and the lm_head "
+                      "(other dtypes keep both: fp32 stays the folder's model exactly). "
+                      "auto: when the two are roundings of one matrix (a GGUF keeps them at different "
+                      "precisions): relative RMS difference <= 0.1, every row's cosine >= 0.99, and no single "
+                      "direction holding over 10% of the difference; the finer-grained copy is kept, and "
+                      "never when the edit steers at layer 0 or ablated the embedding. always: share "
+                      "regardless (an edit that made them differ is lost on one side). never: two matrices. "
+                      "export.json records the choice and the measured difference."),
     _chat_template,
 )
 

@@ -133,6 +133,9 @@ CASES = {
                                                 "not an mlx_lm model (no config.json)"),
     "export-onnx unknown --dtype": (lambda f: ["export-onnx", *m(f), "--out", "web", "--dtype", "fp64"],
                                     "unknown dtype fp64"),
+    "export-onnx unknown --share-embedding": (
+        lambda f: ["export-onnx", *m(f), "--out", "web", "--share-embedding", "sometimes"],
+        "Invalid value for '--share-embedding'"),
     "batch size 0": (lambda f: ["steer", *m(f), "--batch-size", "0"], "Invalid value for '--batch-size'"),
     "info on a missing model": (lambda f: ["info", "--model", "./no/such/model"], "no such file or folder"),
 }

@@ -6,7 +6,8 @@
       tokenizer.json
       tokenizer_config.json    with the chat template (--chat-template's, else the edit's, else the folder's)
       onnx/model_int8.onnx     int8 weights AND int8 compute (MatMulInteger) everywhere, the embedding
-                               included (tied models: one int8 matrix for the lookup and the head);
+                               included (tied models, and untied ones whose embedding and head are
+                               two roundings of one matrix: one int8 matrix for the lookup and the head);
                                the page's default: onnxruntime-web's wasm build has fast int8 kernels
       onnx/model.onnx          float32 (+ model.onnx_data when over 2 GB)
       onnx/model_q4.onnx       4-bit MatMulNBits linears, float32 embedding: small, but the wasm
@@ -42,6 +43,7 @@ from ..serve import copy_page
 from .files import check_onnx
 from .graph import OPSET, STEERING_INPUT, GraphOptions, activations_name, write_decoder, write_fixed_twin
 from .quantize import Q4_ACCURACY_LEVEL, Q4_BLOCK_SIZE, quantize_q4, quantize_q8
+from .share import EmbeddingSharing, check_mode, decide_sharing
 from .source import SourceModel, read_model
 
 # transformers.js's file names for its dtypes (int8 -> "_int8", q8 -> "_quantized", q4 -> "_q4")
@@ -82,6 +84,7 @@ def export_onnx(
     page_dir: str | Path | None = None,
     all_logits: bool = False,
     chat_template: str | None = None,
+    share_embedding: str = "auto",
 ) -> ExportResult:
     """Export the mlx_lm model folder `model_dir` to `out_dir` (see the module docstring).
 
@@ -95,9 +98,13 @@ def export_onnx(
       all generation reads and spares the prompt pass the lm_head over every prompt token.
     chat_template: the template text tokenizer_config.json carries (the page renders with it), in
       place of the folder's own; `api.export_onnx` checks it and finds an edit's recorded one.
+    share_embedding: "auto", "always" or "never": whether an untied model's int8 graph stores one
+      int8 matrix for the embedding lookup and the lm_head when they are two roundings of one
+      (share.py). The other dtypes keep the folder's two matrices: fp32 stays its model exactly.
     """
     say = progress or (lambda _msg: None)
     dtypes = parse_dtypes(dtypes)
+    check_mode(share_embedding)
     out_dir = Path(out_dir).absolute()
     check_replaceable(out_dir, force, _is_export, "an ONNX export")
     page = Path(page_dir) if page_dir is not None else None
@@ -127,9 +134,13 @@ def export_onnx(
             check_onnx(path)
 
         # the int8-compute graphs first: built from the float32 weights, which the quantizers below do not need
+        sharing = None
         if "int8" in dtypes:
+            sharing = decide_sharing(src, share_embedding)
+            say(f"int8 embedding and lm_head: {_sharing_note(sharing)}")
             say(f"building and writing {DTYPE_FILES['int8']} (int8 weights and compute, {spec.num_layers} layers)")
-            finish("int8", write_decoder(spec, src.weights, replace(base, weights="int8"), tmp / DTYPE_FILES["int8"],
+            int8 = replace(base, weights="int8", shared_embedding=sharing.matrix)
+            finish("int8", write_decoder(spec, src.weights, int8, tmp / DTYPE_FILES["int8"],
                                          external=True if steered else None))
         fp32_path = tmp / DTYPE_FILES["fp32"]
         if "fp32" in dtypes:
@@ -173,7 +184,7 @@ def export_onnx(
             p.relative_to(tmp).as_posix(): p.stat().st_size
             for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        record = export_record(src, model_type, act_layer, dtypes, files, steering_input, all_logits)
+        record = export_record(src, model_type, act_layer, dtypes, files, steering_input, all_logits, sharing)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files[EXPORT_RECORD] = (tmp / EXPORT_RECORD).stat().st_size
         say(f"moving into place: {out_dir}")
@@ -188,6 +199,13 @@ def steerable_file(standard: str) -> str:
     Not named model*.onnx, so no transformers.js dtype lookup ever picks it."""
     folder, _, name = standard.rpartition("/")
     return f"{folder}/steerable{name[len('model'):]}"
+
+
+def _sharing_note(sharing: EmbeddingSharing) -> str:
+    if sharing.rel_rms_difference is None:
+        return sharing.reason
+    how = f"one matrix ({sharing.matrix})" if sharing.shared else "two matrices"
+    return f"{how}: {sharing.reason} (relative RMS difference {sharing.rel_rms_difference:.3g})"
 
 
 def _is_export(folder: Path) -> bool:
@@ -285,7 +303,7 @@ def steering_record(src: SourceModel, act_layer: int) -> dict:
 
 
 def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, files: dict, steering_input: str,
-                  all_logits: bool = False) -> dict:
+                  all_logits: bool = False, sharing: EmbeddingSharing | None = None) -> dict:
     spec = src.spec
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(spec.num_layers) for kv in ("key", "value")]
@@ -322,7 +340,9 @@ def export_record(src: SourceModel, model_type: str, act_layer: int, dtypes, fil
         "quantization": {
             **({"int8": {"tool": "mlx-refusal", "weights": "int8, symmetric, one scale per output channel",
                          "compute": "DynamicQuantizeLinear (uint8 activations) + MatMulInteger",
-                         "embedding": "int8 per token" + (", shared with the lm_head" if spec.tied_embeddings else "")}}
+                         "embedding": "int8 per token" + (", shared with the lm_head" if sharing.shared else ""),
+                         # the decision and the measured difference between the folder's two copies
+                         "shared_embedding": sharing.record()}}
                if "int8" in dtypes else {}),
             **({"q4": {"tool": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": Q4_BLOCK_SIZE,
                        "symmetric": False, "accuracy_level": Q4_ACCURACY_LEVEL,

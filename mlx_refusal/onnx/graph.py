@@ -67,6 +67,10 @@ class GraphOptions:
     # kernels onnxruntime-web's wasm build has fast SIMD code for). A tied model keeps ONE int8
     # matrix for both the embedding lookup and the head.
     weights: str = "float32"
+    # An untied int8 graph's one matrix for both the embedding lookup and the head: "lm_head.weight"
+    # or "model.embed_tokens.weight" when the two are roundings of one matrix (share.py), or None
+    # for a matrix each. float32 graphs ignore it: they stay the folder's model exactly.
+    shared_embedding: str | None = None
     # "all": logits at every position; "last": only the last one ([batch, 1, vocab]), so a prompt
     # pass does not run the 150k-row head over every prompt token (what generation needs).
     logits: str = "all"
@@ -294,6 +298,9 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
     if options.logits not in ("all", "last"):
         raise ValueError(f"logits must be 'all' or 'last', not {options.logits!r}")
     int8 = options.weights == "int8"
+    if options.shared_embedding not in (None, "lm_head.weight", EMBEDDING_SITE):
+        raise ValueError(f"shared_embedding must be None, 'lm_head.weight' or {EMBEDDING_SITE!r}, "
+                         f"not {options.shared_embedding!r}")
 
     def site_value(name: str) -> np.ndarray | None:
         """A parameter with the steering vectors taken out of it (the unedited value)."""
@@ -390,10 +397,11 @@ def _build(spec: DecoderSpec, weights: dict[str, np.ndarray], options: GraphOpti
     head_int8 = None  # (int8 [H, V], scale [V]) of the lm_head, when int8
     if int8:
         # int8 with one scale per token, stored transposed ([H, V], the head's layout) and looked up
-        # by column; a tied model stores that matrix once for both the lookup and the head
-        # an untied folder whose head is a copy of the embedding (re-saved tied models) shares too
-        tied = spec.tied_embeddings or (EMBEDDING_SITE not in scaled and "lm_head.weight" in weights
-                                        and np.array_equal(weights["lm_head.weight"], embed))
+        # by column; a tied model, or an untied one whose two matrices are roundings of one
+        # (options.shared_embedding), stores that matrix once for both the lookup and the head
+        tied = spec.tied_embeddings or options.shared_embedding is not None
+        if not spec.tied_embeddings and options.shared_embedding == "lm_head.weight":
+            embed = weights["lm_head.weight"]
         q, scale = int8_weight(transposed(embed), "lm_head" if tied else "model.embed_tokens")
         if tied:
             head_int8 = (q, scale)
