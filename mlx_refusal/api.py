@@ -572,7 +572,7 @@ def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | Non
     from .onnx import export_onnx as export
     from .onnx import parse_dtypes
     from .onnx.share import check_mode
-    from .serve import PAGE_DIR
+    from .serve import PAGE_DIR, page_with_runtime
     from .template import recorded_template
 
     template = read_chat_template(chat_template) if chat_template is not None else None
@@ -584,9 +584,10 @@ def export_onnx(model_folder, out_dir, dtypes: str = "int8", *, layer: int | Non
                    final_residual=True)
     if with_page and not (PAGE_DIR / "index.html").is_file():
         raise UserError(f"--with-page: no page in {PAGE_DIR} (index.html missing); restore export/ from the repository")
-    page = PAGE_DIR if with_page else None
     if template is None:
         template = recorded_template(model_folder)
     chat_tokenizer(model_folder, template)
+    # an installed package's page gets its runtime in the cache, as `serve` does
+    page = page_with_runtime(PAGE_DIR, note) if with_page else None
     return export(model_folder, out_dir, dtypes=dtypes, force=force, progress=note, layer=layer, page_dir=page,
                   chat_template=template.text if template is not None else None, share_embedding=share_embedding)

@@ -303,22 +303,31 @@ def page_copy(page_dir: Path = PAGE_DIR) -> Path:
 
 def runtime_page(webdir: str | os.PathLike, page_dir: Path = PAGE_DIR,
                  progress: Callable[[str], None] | None = None) -> Path:
-    """The page folder to serve `webdir` with, its runtime installed (`install_runtime`) if neither
-    the bundle nor the page has it: `page_dir` itself, or, for an installed package's page
-    (`is_installed_copy`), its copy in the cache (`page_copy`), where npm may write."""
+    """The page folder to serve `webdir` with: `page_dir`, unless neither the bundle nor the page
+    has the runtime, in which case `page_with_runtime` installs it."""
     page_dir = Path(page_dir)
     webdir = Path(webdir)
-
-    def lacks_runtime(page: Path) -> bool:
-        missing = Site(webdir.resolve(), page, page / "node_modules").missing()
-        return any(m.startswith("vendor/") for m in missing)
-
-    if not webdir.is_dir() or not lacks_runtime(page_dir):
+    if not webdir.is_dir() or not _lacks_runtime(webdir, page_dir):
         return page_dir  # nothing to install (make_server reports a missing folder)
+    return page_with_runtime(page_dir, progress)
+
+
+def page_with_runtime(page_dir: Path = PAGE_DIR, progress: Callable[[str], None] | None = None) -> Path:
+    """A page folder whose JS runtime is installed (`install_runtime`, on first use): `page_dir`
+    itself, or, for an installed package's page (`is_installed_copy`), its copy in the cache
+    (`page_copy`), where npm may write."""
+    page_dir = Path(page_dir)
+    if not _lacks_runtime(page_dir, page_dir):
+        return page_dir
     page = page_copy(page_dir) if is_installed_copy(page_dir) else page_dir
-    if page == page_dir or lacks_runtime(page):
+    if page == page_dir or _lacks_runtime(page, page):
         install_runtime(page, progress=progress)
     return page
+
+
+def _lacks_runtime(webdir: Path, page: Path) -> bool:
+    missing = Site(webdir.resolve(), page, page / "node_modules").missing()
+    return any(m.startswith("vendor/") for m in missing)
 
 
 def make_server(

@@ -380,3 +380,22 @@ def test_serve_runs_no_npm_when_the_bundle_carries_the_runtime(fake_npm, tmp_pat
     copy_page(web, page_dir=page, node_modules=nm)
     installed = _npm_page(tmp_path / "site-packages" / "export")
     assert runtime_page(web, installed) == installed and fake_npm == []
+
+
+def test_export_with_page_from_an_installed_package_takes_the_runtime_from_its_cached_copy(
+        fake_npm, tmp_path, monkeypatch, tiny_qwen2):
+    """`export-onnx --with-page` of a wheel install: the page's runtime is installed into the
+    cached copy of the page (never into site-packages), and the bundle carries it from there."""
+    import mlx_refusal.serve as serve_module
+    from mlx_refusal import api
+
+    page = _npm_page(tmp_path / "lib" / "site-packages" / "mlx_refusal" / "data" / "export")
+    before = sorted(p.relative_to(page) for p in page.rglob("*"))
+    monkeypatch.setattr(serve_module, "PAGE_DIR", page)
+    out = api.export_onnx(tiny_qwen2, tmp_path / "web", dtypes="fp32", with_page=True).out_dir
+    assert len(fake_npm) == 1 and fake_npm[0].parent == tmp_path / "cache" / "page"
+    assert sorted(p.relative_to(page) for p in page.rglob("*")) == before
+    assert (out / "index.html").read_text() == f"index.html of {page.name}"
+    for vendor, (package, files) in VENDOR.items():
+        for f in files:
+            assert (out / "vendor" / vendor / f).read_text() == f"// {vendor} {f}"

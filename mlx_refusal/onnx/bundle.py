@@ -178,7 +178,7 @@ def export_onnx(
             (tmp / STEERING_RECORD).write_text(json.dumps(steering_record(src, act_layer), indent=1) + "\n")
         if page is not None:
             say(f"copying the page from {page}")
-            copy_page(tmp, page_dir=page)
+            copy_page(tmp, page_dir=page, node_modules=page / "node_modules")
 
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size
