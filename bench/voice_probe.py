@@ -5,6 +5,9 @@
         --n 20 --tokens 96
 
 Each configuration is a list of terms [direction, layer, multiple of the mean residual norm].
+Directions: "refusal" (harmful minus harmless means), "explain" / "explain_named" (an explaining
+refusal minus the terse one, over the response tokens), "explain-vs-comply" (the explaining refusal
+minus a compliant opening: a refusal direction in the explaining voice), "persona", "eos".
 Prints one JSON line per configuration: refused / explained / coherent / variety / named / reason.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mlx_refusal.judge import coherence, is_refusal, variety, voice  # noqa: E40
 from mlx_refusal.loading import load  # noqa: E402
 from mlx_refusal.prompts import bundled  # noqa: E402
 from mlx_refusal.voice import PERSONA, persona_direction, response_direction  # noqa: E402
-from mlx_refusal.workflow import compute_directions  # noqa: E402
+from mlx_refusal.workflow import COMPLIANCE_PREFILL, compute_directions  # noqa: E402
 
 
 def score(prompts, answers):
@@ -82,6 +85,9 @@ def main():
                         dirs[name] = eos_direction(model, tok)
                     elif name == "persona":
                         dirs[name] = persona_direction(model, tok, lset.texts[:48])
+                    elif name == "explain-vs-comply":
+                        dirs[name] = response_direction(model, tok, lset.texts[:48], "explain",
+                                                        against=COMPLIANCE_PREFILL)
                     else:
                         dirs[name] = response_direction(model, tok, lset.texts[:48], name)
                 vec = float(mult * norms[layer]) * np.asarray(dirs[name][layer], np.float32)

@@ -33,11 +33,11 @@ def _encoded(tokenizer, prompts, response: str, system: str | None) -> list[Enco
 
 
 def response_direction(model, tokenizer, prompts, kind: str = "explain", system: str | None = None,
-                       batch_size: int = 16) -> np.ndarray:
-    """mean(explaining) - mean(terse) residual over the response tokens: [num_layers + 1, hidden],
-    one unit row per site."""
+                       batch_size: int = 16, against: str = TERSE) -> np.ndarray:
+    """mean(explaining) - mean(`against`: the terse refusal, or e.g. a compliant opening) residual
+    over the response tokens: [num_layers + 1, hidden], one unit row per site."""
     means = []
-    for response in (EXPLAINING[kind], TERSE):
+    for response in (EXPLAINING[kind], against):
         enc = _encoded(tokenizer, prompts, response, system)
         same = len({e.num_positions for e in enc}) == 1  # a batch reads one count of positions
         means.append(capture_encoded(model, enc, batch_size if same else 1).mean)
