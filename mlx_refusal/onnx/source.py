@@ -157,11 +157,11 @@ def _spec_of(model, weights: dict[str, np.ndarray]) -> DecoderSpec:
     """The geometry from the loaded modules, shapes from the weights under the graph's names."""
     fam = arch.check_supported(model)
     layers = arch.layers(model)
-    attn = arch.get_module(layers[0], fam.attention_writer.rpartition(".")[0])
+    attns = [arch.get_module(layer, fam.attention_writer.rpartition(".")[0]) for layer in layers]
+    attn = attns[0]
     num_heads, num_kv_heads = int(attn.n_heads), int(attn.n_kv_heads)
     layer0 = fam.layer_path(0)
     head_dim = int(weights[f"{layer0}.self_attn.q_proj.weight"].shape[0]) // num_heads
-    attns = [arch.get_module(layer, fam.attention_writer.rpartition(".")[0]) for layer in layers]
     inv_freqs = [_rope_inv_freq(a.rope, head_dim) for a in attns]
     windows = [arch.attention_window(model, i) for i in range(len(layers))]
     if len({float(a.scale) for a in attns}) > 1:
