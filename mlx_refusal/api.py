@@ -155,7 +155,7 @@ def _about(info: ModelInfo) -> dict:
 
 
 def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, desc, base=None, cache_key=None,
-              judge: Judge = MARKERS):
+              judge: Judge = MARKERS, keep_logprobs: bool = False):
     from .evaluation import evaluate as judge_answers
 
     # a base model costs one more first-token pass over the harmless set; base log-probs cost none
@@ -163,7 +163,7 @@ def _evaluate(m: Model, hset, lset, max_tokens, batch_size, system, progress, de
     with (progress or silent)(desc, total) as update:
         return judge_answers(m.model, m.tokenizer, hset, lset, base=base, max_tokens=max_tokens,
                              batch_size=batch_size, progress=update, system=system, cache_key=cache_key,
-                             judge=judge)
+                             judge=judge, keep_logprobs=keep_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,15 +256,13 @@ def _edited(kind: str, m: Model, record: dict, **parts) -> Edit:
     return Edit(kind, m, m.info.path, record, chat_template=m.info.template_override, **parts)
 
 
-def _before(m: Model, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+def _before(m: Model, hset, lset, max_tokens, gen_batch_size, system, progress, use_cache,
             judge: Judge = MARKERS):
-    """The unedited model's first-token log-probs (for the KL after) and its report."""
-    from .evaluation import first_token_logprobs
-
-    base_lp = first_token_logprobs(m.model, m.tokenizer, lset.texts, batch_size, system)
+    """The unedited model's first-token log-probs on the harmless prompts (for the KL after: read
+    off the first step of its own generation) and its report."""
     before = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval before",
-                       cache_key=m.info.fingerprint if use_cache else None, judge=judge)
-    return base_lp, before
+                       cache_key=m.info.fingerprint if use_cache else None, judge=judge, keep_logprobs=True)
+    return before.first_logprobs, before
 
 
 def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", *,
@@ -308,7 +306,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
     hset, lset = prompt_sets(harmful, harmless, "test", eval_limit)
     base_lp = before = after = None
     if eval_limit != 0:
-        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+        base_lp, before = _before(m, hset, lset, max_tokens, gen_batch_size, system, progress, use_cache,
                                   judge)
     direction = np.asarray(d.directions[choice.layer], np.float32)
     terms = [SteeringTerm("refusal", choice.layer, direction, choice.alpha, choice.multiple), *choice.extra]
@@ -420,7 +418,7 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
     base_lp = before = after = None
     ppl = {}
     if eval_limit != 0:
-        base_lp, before = _before(m, hset, lset, max_tokens, batch_size, gen_batch_size, system, progress, use_cache,
+        base_lp, before = _before(m, hset, lset, max_tokens, gen_batch_size, system, progress, use_cache,
                                   judge)
         ppl["base"] = perplexity(m.model, m.tokenizer, capability_texts())
     if found is None:

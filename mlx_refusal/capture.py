@@ -9,7 +9,9 @@ and copied into each batch's cache, and the suffixes are right-padded: with a ca
 token never attends to a pad that comes after it, so the captured positions are exact, and their
 RoPE positions are simply prefix_len + i. Batches are formed from prompts of similar length so
 little is spent on padding. Blocks after the last needed site and the LM head are never run: the
-hook stops the forward pass by raising once it has what it needs.
+hook stops the forward pass by raising once it has what it needs. A `head` (a function of the
+decoder's output at each prompt's last token, such as the base model's refusal odds) lets the
+same pass read the first-token distribution too, instead of a second forward pass over the prompts.
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ from .template import encode_prefilled, Encoded, encode_prompts
 
 CACHE_FORMAT = 1
 
+# head(final): a per-prompt number [batch] from the decoder's output (after its norm) at each
+# prompt's last token [batch, hidden]
+Head = Callable[[mx.array], mx.array]
+
 
 class _StopForward(Exception):
     pass
@@ -49,6 +55,7 @@ class Capture:
     count: int
     acts: np.ndarray | None = None  # [n, L+1, hidden] float32, prompt order, if keep_all
     stats: dict = field(default_factory=dict)  # tokens, padded tokens, prefix length
+    head_out: np.ndarray | None = None  # [n] float64, prompt order: `head` at the last token, if given
 
 
 @contextmanager
@@ -76,9 +83,11 @@ def capture_encoded(
     batch_size: int = 16,
     keep_all: bool = False,
     progress: Update | None = None,
+    head: Head | None = None,
 ) -> Capture:
     """Run the prompts and accumulate the residuals at their last `num_positions` tokens
-    (averaged over those positions within a prompt, then over prompts)."""
+    (averaged over those positions within a prompt, then over prompts). With `head`, the decoder
+    runs to its end and `head` of its output at each prompt's last token lands in `head_out`."""
     if not encoded:
         raise UserError("no prompts to capture")
     n_layers, hidden = arch.num_layers(model), arch.hidden_size(model)
@@ -89,6 +98,7 @@ def capture_encoded(
     total = np.zeros((n_sites, hidden), np.float64)
     norm_total = np.zeros(n_sites, np.float64)
     acts = np.zeros((len(encoded), n_sites, hidden), np.float32) if keep_all else None
+    head_out = np.zeros(len(encoded), np.float64) if head is not None else None
     tokens = padded = 0
 
     suffixes = [e.ids[P:] for e in encoded]
@@ -103,16 +113,21 @@ def capture_encoded(
         def sink(site: int, x: mx.array):
             picked = mx.take_along_axis(x, gather_mx, axis=1)  # [B, npos, H]
             got[site] = picked.astype(mx.float32).mean(axis=1)
-            if site == n_layers:
+            if site == n_layers and head is None:
                 raise _StopForward
 
+        scored = None
         with record_residuals(model, sink):
             try:
-                arch.decoder(model)(ids, cache=batch_cache(model, prefix, padding))
+                out = arch.decoder(model)(ids, cache=batch_cache(model, prefix, padding))
+                last = mx.array([len(suffixes[i]) - 1 for i in batch])
+                scored = head(out[mx.arange(len(batch)), last]).astype(mx.float32)
             except _StopForward:
                 pass
         stacked = mx.stack(got, axis=1)  # [B, sites, H]
-        mx.eval(stacked)
+        mx.eval(stacked, *([] if scored is None else [scored]))
+        if scored is not None:
+            head_out[batch] = np.array(scored, dtype=np.float64)
         block = np.array(stacked, copy=False)
         total += block.astype(np.float64).sum(axis=0)
         norm_total += np.linalg.norm(block.astype(np.float64), axis=-1).sum(axis=0)
@@ -126,7 +141,7 @@ def capture_encoded(
     n = len(encoded)
     stats = {"prompts": n, "prefix_tokens": P, "suffix_tokens": tokens, "padded_tokens": padded,
              "tokens": tokens + P * n}
-    return Capture(total / n, norm_total / n, n, acts, stats)
+    return Capture(total / n, norm_total / n, n, acts, stats, head_out)
 
 
 def capture_residuals(
@@ -138,20 +153,22 @@ def capture_residuals(
     batch_size: int = 16,
     keep_all: bool = False,
     progress: Update | None = None,
+    head: Head | None = None,
 ) -> Capture:
     """Residual-stream means over `prompts` (chat-templated) at `positions` ("last" or
-    "post-instruction"), one row per layer input plus the final residual."""
+    "post-instruction"), one row per layer input plus the final residual (and `head`, see
+    `capture_encoded`)."""
     return capture_shared(model, encode_prompts(tokenizer, prompts, positions, system), batch_size, keep_all,
-                          progress)
+                          progress, head)
 
 
 def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all: bool = False,
-                   progress: Update | None = None) -> Capture:
+                   progress: Update | None = None, head: Head | None = None) -> Capture:
     """`capture_encoded`, split across the data-parallel ranks under `mlx.launch` (each runs
     every N-th prompt; the float64 sums and counts are added); on one process, just that."""
     group = distributed.data_group(model)
     if group is None:
-        return capture_encoded(model, encoded, batch_size, keep_all, progress)
+        return capture_encoded(model, encoded, batch_size, keep_all, progress, head)
     # Data parallel: this rank's share, then every rank's sums and counts added together.
     mine = distributed.share(encoded, group)
     if not mine:
@@ -166,7 +183,7 @@ def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all
         progress(step, tokens * group.size())
 
     return distributed.combined_capture(capture_encoded(model, mine, batch_size, keep_all,
-                                                        scaled if progress else None), len(encoded), group)
+                                                        scaled if progress else None, head), len(encoded), group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,16 +248,19 @@ def cached_capture(
     use_cache: bool = True,
     progress: Update | None = None,
     prefill: str | None = None,
+    head: Head | None = None,
 ) -> tuple[Capture, bool]:
     """`capture_residuals` behind the on-disk cache. Returns (capture, whether it was a cache hit).
-    With `prefill`, the assistant turn starts with that text and its tokens are the ones read."""
+    With `prefill`, the assistant turn starts with that text and its tokens are the ones read.
+    With `head` the prompts are always run (the cache holds no head output) and the capture is
+    stored for the next call."""
     from .paths import cache_dir
 
     where = positions if prefill is None else "response:" + prefill
     key = capture_key(fingerprint, prompts, getattr(tokenizer, "chat_template", None), system, where,
                       str(arch.embedding(model).weight.dtype))
     root = cache_dir("activations")
-    if use_cache:
+    if use_cache and head is None:
         hit = load_cached(root, key)
         usable = hit is not None and (hit.acts is not None or not keep_all)
         # every rank must take the same branch: a capture runs collectives
@@ -249,10 +269,10 @@ def cached_capture(
                 hit.acts = None
             return hit, True
     if prefill is None:
-        cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress)
+        cap = capture_residuals(model, tokenizer, prompts, positions, system, batch_size, keep_all, progress, head)
     else:
         cap = capture_shared(model, encode_prefilled(tokenizer, prompts, prefill, system), batch_size, keep_all,
-                             progress)
+                             progress, head)
     if use_cache and distributed.is_writer():
         store_cached(root, key, cap)
     return cap, False

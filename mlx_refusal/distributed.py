@@ -170,7 +170,7 @@ def map_prompts(model, fn: Callable[[list], T], prompts: Sequence, gather: str) 
 def combined_capture(cap, n: int, group):
     """A `capture.Capture` of all `n` prompts from each rank's own: float64 sums and counts
     added with all_sum (the order of prompts does not change a mean); kept activations are
-    gathered back into prompt order."""
+    gathered back into prompt order, and so is the head output."""
     from .capture import Capture
 
     count = int(all_sum(np.array([cap.count], np.float64), group)[0])
@@ -180,10 +180,13 @@ def combined_capture(cap, n: int, group):
     stats = {k: int(all_sum(np.array([v], np.float64), group)[0])
              if isinstance(v, int) and k != "prefix_tokens" else v for k, v in sorted(cap.stats.items())}
     stats["ranks"] = group.size()
-    acts = None
+    acts = head_out = None
     if cap.acts is not None:
         acts = np.array(gather_rows(mx.array(cap.acts), n, group))
-    return Capture(total / count, norm_total / count, count, acts, stats)
+    if cap.head_out is not None:
+        rows = gather_rows(mx.array(cap.head_out[:, None].astype(np.float32)), n, group)
+        head_out = np.array(rows, np.float64)[:, 0]
+    return Capture(total / count, norm_total / count, count, acts, stats, head_out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,6 +218,9 @@ class EvalReport:
     settings: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # what was evaluated: model, base, prompts
     criteria: str = ""  # the judge's account of its verdicts (Judge.criteria), for the Markdown report
+    # the evaluated model's own first-token log-probs on the harmless prompts [n, vocab], when
+    # asked for (keep_logprobs): the base distribution of a later KL, at no extra forward pass
+    first_logprobs: object = field(default=None, repr=False, compare=False)
 
     @property
     def sets(self) -> list[SetStats]:
@@ -274,6 +277,7 @@ def evaluate(
     system: str | None = None,
     cache_key: str | None = None,
     judge: Judge = MARKERS,
+    keep_logprobs: bool = False,
 ) -> EvalReport:
     """Generate answers to both sets and judge them (`judge`: refusal, coherence, voice); with
     `base` (a (model, tokenizer) pair, or
@@ -286,7 +290,8 @@ def evaluate(
 
     `harmful` / `harmless` are PromptSets (or lists of strings). `progress` (a progress.Update)
     counts prompts: both sets are generated in one pass (the model's first-token log-probs come from its
-    prefill), then the base's first-token pass when `base` is a model.
+    prefill), then the base's first-token pass when `base` is a model. `keep_logprobs` keeps the
+    model's harmless first-token log-probs in the report (`first_logprobs`).
     """
     h_name, h_texts, h_cats = _texts_and_categories(harmful)
     s_name, s_texts, s_cats = _texts_and_categories(harmless)
@@ -296,7 +301,8 @@ def evaluate(
     # Both sets in one call, so they share batches; the harmless first-token distributions come
     # from the same prefill that starts generation.
     texts = h_texts + s_texts
-    both, lp = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key, want_kl)
+    both, lp = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
+                               want_kl or (keep_logprobs and bool(s_texts)), logprobs_from=len(h_texts))
     answers = {"harmful": both[: len(h_texts)], "harmless": both[len(h_texts):]}
 
     kls: list[float | None] = [None] * len(s_texts)
@@ -311,7 +317,7 @@ def evaluate(
                 f"base log-probabilities have {base_lp.shape[0]} rows for {len(s_texts)} harmless "
                 "prompts; compute them on the same prompts"
             )
-        kls = [float(x) for x in kl_divergence(base_lp, lp[len(h_texts):]).tolist()]
+        kls = [float(x) for x in kl_divergence(base_lp, lp).tolist()]
 
     records = []
     for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
@@ -340,14 +346,16 @@ def evaluate(
             "judge": judge.settings(),
         },
         criteria=judge.criteria(),
+        first_logprobs=lp if keep_logprobs else None,
     )
 
 
 def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
-                    first_logprobs: bool = False, stop: Stop | None = None):
-    """(answers, first-token log-probs [n, vocab] or None). With `cache_key` (a JSON-able value
-    naming the weights, any intervention, and `stop` when given) the answers are kept on disk
-    (memo); on a hit the log-probs, when asked for, cost one prefill."""
+                    first_logprobs: bool = False, stop: Stop | None = None, logprobs_from: int = 0):
+    """(answers, first-token log-probs [n - logprobs_from, vocab] of texts[logprobs_from:], or
+    None). With `cache_key` (a JSON-able value naming the weights, any intervention, and `stop`
+    when given) the answers are kept on disk (memo); on a hit the log-probs, when asked for, cost
+    one prefill of those texts."""
     from . import memo
 
     def run():
@@ -355,7 +363,8 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
                               first_logprobs)
 
     if cache_key is None:
-        return run()
+        answers, lp = run()
+        return answers, None if lp is None else lp[logprobs_from:]
     digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
                       template=getattr(tokenizer, "chat_template", None), texts=list(texts))
     answers = memo.recall("generations", digest)
@@ -363,12 +372,14 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
     if distributed.everyone(isinstance(answers, list) and len(answers) == len(texts), distributed.world()):
         if progress:
             progress(len(texts))
-        lp = first_token_logprobs(model, tokenizer, texts, batch_size, system) if first_logprobs else None
+        lp = None
+        if first_logprobs:
+            lp = first_token_logprobs(model, tokenizer, texts[logprobs_from:], batch_size, system)
         return answers, lp
     answers, lp = run()
     if distributed.is_writer():
         memo.remember("generations", digest, answers)
-    return answers, lp
+    return answers, None if lp is None else lp[logprobs_from:]
 
 
 def _jsonable(x: float | None):

@@ -87,14 +87,24 @@ def refusal_token_ids(tokenizer, judge: Judge = MARKERS) -> list[int]:
     return sorted(ids)
 
 
+def refusal_logprob(logprobs, token_ids: list[int]):
+    """Per prompt [n]: log-probability that the first answer token is a refusal token."""
+    import mlx.core as mx
+
+    return mx.logsumexp(logprobs[:, mx.array(token_ids)], axis=-1)
+
+
+def log_odds(logprob) -> np.ndarray:
+    """log(p / (1 - p)) in float64 from log p, p clipped away from 0 and 1."""
+    p = np.clip(np.exp(np.asarray(logprob, np.float64)), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
 def refusal_scores(logprobs, token_ids: list[int]) -> np.ndarray:
     """Per prompt: log-odds of the first answer token being a refusal token."""
     import mlx.core as mx
 
-    lp = mx.logsumexp(logprobs[:, mx.array(token_ids)], axis=-1)
-    lp = np.array(lp.astype(mx.float32), dtype=np.float64)
-    p = np.clip(np.exp(lp), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
+    return log_odds(np.array(refusal_logprob(logprobs, token_ids).astype(mx.float32), dtype=np.float64))
 
 
 @dataclass(frozen=True)

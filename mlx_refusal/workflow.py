@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, distributed
+from . import __version__, arch, distributed
 from .atomic import write_text_atomic
 from .capture import cached_capture
 from .directions import Directions, from_captures, separation
@@ -33,20 +33,38 @@ WEAK_REFUSAL = 0.2
 MIN_FILTERED = 8  # fewer kept prompts on either side than this is too few for a mean
 
 
-def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = None,
-                     batch_size: int = 16, judge: Judge = MARKERS) -> np.ndarray:
-    """Per prompt: log-odds that the unedited model's first answer token opens a refusal (one of
-    the `judge`'s refusal openings)."""
-    from .evaluation import first_token_logprobs
-    from .select import refusal_scores, refusal_token_ids
+def refusal_odds_head(model, tokenizer, judge: Judge = MARKERS):
+    """A capture `head`: the log-probability that the first answer token opens a refusal (one of
+    the `judge`'s refusal openings), from the decoder's output at a prompt's last token."""
+    from .batching import log_softmax
+    from .select import refusal_logprob, refusal_token_ids
 
-    logprobs = first_token_logprobs(model, tokenizer, texts, batch_size, system)
-    return refusal_scores(logprobs, refusal_token_ids(tokenizer, judge))
+    ids = refusal_token_ids(tokenizer, judge)
+    return lambda final: refusal_logprob(log_softmax(arch.logits(model, final)), ids)
+
+
+def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = None,
+                     batch_size: int = 16, judge: Judge = MARKERS, *, fingerprint: str | None = None,
+                     positions: str = "last", use_cache: bool = True, progress=None) -> np.ndarray:
+    """Per prompt: log-odds that the unedited model's first answer token opens a refusal (one of
+    the `judge`'s refusal openings).
+
+    The odds are read in a capture's forward pass: with `fingerprint`, the prompts' residuals at
+    `positions` are kept in the activation cache on the way, so the means capture that follows
+    costs no second pass over the same prompts."""
+    from .select import log_odds
+
+    cap, _ = cached_capture(model, tokenizer, texts, fingerprint or "", positions, system, batch_size,
+                            use_cache=use_cache and fingerprint is not None, progress=progress,
+                            head=refusal_odds_head(model, tokenizer, judge))
+    return log_odds(cap.head_out)
 
 
 def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: str | None = None,
-                            batch_size: int = 16, use_cache: bool = True, judge: Judge = MARKERS) -> np.ndarray:
-    """`refusal_log_odds` behind the activation cache (same key parts: weights, template, prompts)."""
+                            batch_size: int = 16, use_cache: bool = True, judge: Judge = MARKERS,
+                            positions: str = "last", progress=None) -> tuple[np.ndarray, bool]:
+    """`refusal_log_odds` behind the activation cache (same key parts: weights, template,
+    prompts). Returns (odds, whether they came from the cache)."""
     import os
 
     from .capture import capture_key
@@ -65,15 +83,16 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
             odds = None  # a damaged entry is recomputed
     # every rank must take the same branch: computing the odds runs collectives
     if distributed.everyone(odds is not None, distributed.world()):
-        return odds
-    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size, judge)
+        return odds, True
+    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size, judge, fingerprint=info.fingerprint,
+                            positions=positions, use_cache=use_cache, progress=progress)
     if use_cache and distributed.is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, odds)
         os.replace(tmp, path)
-    return odds
+    return odds, False
 
 
 def compute_directions(model, tokenizer, info, harmful, harmless, positions: str = "last",
@@ -96,10 +115,11 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
     run: dict = {"cache_hits": {}, "stats": {}}
     odds = {}
     for name, ps in (("harmful", harmful), ("harmless", harmless)):
-        with progress(f"base refusal {name}", len(ps)) as update:
-            odds[name] = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size, use_cache,
-                                                 judge)
-            update(len(ps), 0)
+        with progress(f"capture {name} + base refusal", len(ps)) as update:
+            odds[name], hit = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size,
+                                                      use_cache, judge, positions, update)
+            if hit:
+                update(len(ps), 0)
     refused = {name: float(np.mean(o > 0)) for name, o in odds.items()}
     chosen = method if method != "auto" else ("means" if refused["harmful"] >= WEAK_REFUSAL else "contrast")
     run["base_refusal_rate"] = refused

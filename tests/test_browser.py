@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlx_refusal.onnx.runtime import session_options
 from mlx_refusal.serve import NODE_MODULES, PAGE_DIR, make_server, server_url
 
 pytestmark = pytest.mark.browser
@@ -83,7 +84,8 @@ class Reference:
 
         self.web, self.layer = web, layer
         self.tok = AutoTokenizer.from_pretrained(str(web))
-        self.sess = ort.InferenceSession(str(web / "onnx" / "steerable.onnx"), providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(web / "onnx" / "steerable.onnx"), session_options(),
+                                         providers=["CPUExecutionProvider"])
         self.config = json.loads((web / "config.json").read_text())
         gen = json.loads((web / "generation_config.json").read_text())
         self.eos = {i for v in (gen.get("eos_token_id"), self.config.get("eos_token_id"), self.tok.eos_token_id)

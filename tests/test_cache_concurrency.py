@@ -75,7 +75,9 @@ def test_a_damaged_entry_is_recomputed_with_a_one_line_note(tiny_qwen2, small_se
     monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    args = ["directions", "--model", str(tiny_qwen2), *small_sets, "--out", str(tmp_path / "d")]
+    # means: the base-refusal pass stores the two captures the direction is read from
+    args = ["directions", "--model", str(tiny_qwen2), *small_sets, "--direction-method", "means",
+            "--out", str(tmp_path / "d")]
     first = runner.invoke(cli.main, args)
     assert first.exit_code == 0, first.output
     reference = load_directions(tmp_path / "d").directions

@@ -146,3 +146,29 @@ def test_cli_directions_reports_method_refusal_and_separation(tiny_qwen2, tmp_pa
                                           "--out", str(tmp_path / "d2")])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "d2" / "provenance.json").read_text())["separation_auroc_val"] == auc
+
+
+def test_base_refusal_odds_come_from_the_means_capture_pass(tiny, tmp_path, monkeypatch):
+    from mlx_refusal import capture
+    from mlx_refusal.evaluation import first_token_logprobs
+    from mlx_refusal.select import refusal_scores, refusal_token_ids
+
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path))
+    model, tok, info = tiny
+    # the same odds as a separate first-token pass over the prompts
+    separate = refusal_scores(first_token_logprobs(model, tok, HARMFUL.texts), refusal_token_ids(tok))
+    np.testing.assert_allclose(workflow.refusal_log_odds(model, tok, HARMFUL.texts), separate, rtol=1e-4, atol=1e-4)
+    # reading them leaves the residuals as a plain capture has them
+    with_head = capture.capture_residuals(model, tok, HARMFUL.texts, head=workflow.refusal_odds_head(model, tok))
+    plain = capture.capture_residuals(model, tok, HARMFUL.texts)
+    np.testing.assert_allclose(with_head.mean, plain.mean, atol=1e-6)
+    assert plain.head_out is None and with_head.head_out.shape == (len(HARMFUL),)
+
+    # the means method runs each prompt set once: odds and residuals in one pass
+    runs = []
+    real = capture.capture_encoded
+    monkeypatch.setattr(capture, "capture_encoded", lambda *a, **k: runs.append(len(a[1])) or real(*a, **k))
+    d, run = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="means")
+    assert runs == [len(HARMFUL), len(HARMLESS)] and all(run["cache_hits"].values())
+    expected, _ = diff_in_means(plain.mean, capture.capture_residuals(model, tok, HARMLESS.texts).mean)
+    np.testing.assert_allclose(d.directions, expected, atol=1e-5)

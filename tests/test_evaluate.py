@@ -369,6 +369,22 @@ def test_evaluate_with_precomputed_base_and_plain_lists(qwen2):
         ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, base=base_lp[:2], max_tokens=4)
 
 
+def test_evaluate_keeps_its_own_first_token_logprobs_from_generation(qwen2, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path))
+    model, tok = qwen2
+    separate = ev.first_token_logprobs(model, tok, HARMLESS.texts)
+    calls = []
+    real = ev.first_token_logprobs
+    monkeypatch.setattr(ev, "first_token_logprobs", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    for run in ("generated", "cached"):  # a second run reads the answers back and prefills the harmless only
+        report = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4, cache_key="fp", keep_logprobs=True)
+        assert report.first_logprobs.shape == separate.shape
+        assert float(mx.abs(report.first_logprobs - separate).max()) < 1e-4
+        assert "first_logprobs" not in json.dumps(ev.report_json(report))
+    assert calls == [len(HARMLESS.texts)]  # none while generating, the harmless set once on the cache hit
+    assert ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4).first_logprobs is None
+
+
 def test_set_stats_rates_per_category():
     recs = [ev.Record("harmful", f"p{i}", cat, "", refused, coherent, 1.0, 0)
             for i, (cat, refused, coherent) in enumerate(
