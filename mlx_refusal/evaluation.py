@@ -359,12 +359,12 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
     from . import memo
 
     def run():
-        return _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
-                              first_logprobs)
+        answers, lp = _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
+                                     first_logprobs)
+        return answers, None if lp is None else lp[logprobs_from:]
 
     if cache_key is None:
-        answers, lp = run()
-        return answers, None if lp is None else lp[logprobs_from:]
+        return run()
     digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
                       template=getattr(tokenizer, "chat_template", None), texts=list(texts))
     answers = memo.recall("generations", digest)
@@ -379,7 +379,7 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
     answers, lp = run()
     if distributed.is_writer():
         memo.remember("generations", digest, answers)
-    return answers, None if lp is None else lp[logprobs_from:]
+    return answers, lp
 
 
 def _jsonable(x: float | None):

@@ -258,13 +258,21 @@ def test_page_chats_steers_and_visualises(steered_bundle, tmp_path):
 
 # a coding question: the (coder) base model answers it firmly, so scale 0 is a clear answer
 REAL_PROMPT = "Write a Python function that reverses a string."
+# two tokens this close (a probability ratio under 1.11) are a tie the runtimes may break differently
+TIE_LOGITS = 0.1
 
 
 @pytest.mark.real
 def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory, tmp_path):
     """The steered default model exported with the page's default dtype (int8), in Chromium: a
-    refusal at scale 1, an answer once the slider moves to 0, and both the same as Python
-    onnxruntime's greedy output on the same file for at least the first 8 tokens."""
+    refusal at scale 1, an answer once the slider moves to 0, and for the first 8 tokens each token
+    the page chose is Python onnxruntime's greedy choice on the same file, or ties with it.
+
+    Ties: the browser's int8 kernels round differently from x86's, so where two tokens are within
+    a hair the page may take the other. Measured on this prompt: at scale 0 token 4 " Python" is
+    0.035 logits below " simple" and the page took " Python"; every other step agreed exactly. A
+    broken kernel is far outside the tie margin: onnxruntime's saturating AVX2 int8 path moves
+    these logits by up to 23 and puts the page's tokens 3-15 logits below its own choice."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -282,9 +290,7 @@ def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory,
     tok = AutoTokenizer.from_pretrained(str(web))
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": REAL_PROMPT}], tokenize=False,
                                              add_generation_prompt=True), add_special_tokens=False)
-    eos = tuple(json.loads((web / "generation_config.json").read_text()).get("eos_token_id") or ())
     dec = OnnxDecoder(web / "onnx" / "steerable_int8.onnx")
-    python = {s: dec.greedy(ids, 8, eos, steering_scale=s) for s in (1.0, 0.0)}
 
     server = _serve(web)
     try:
@@ -305,6 +311,10 @@ def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory,
     assert first["timings"]["load"]["dtype"] == "int8"  # the page's default for this bundle
     assert is_refusal(first["answer"]) and not is_refusal(second["answer"])
     for step, scale in ((first, 1.0), (second, 0.0)):
-        want = tok.decode([t for t in python[scale] if t not in eos], skip_special_tokens=True)
-        assert step["answer"].startswith(want), (scale, step["answer"], want)
+        page = tok.encode(step["answer"], add_special_tokens=False)[:8]
+        assert len(page) == 8 and tok.decode(page) == step["answer"][:len(tok.decode(page))]
+        logits = dec.follow(ids, page, steering_scale=scale)  # Python's logits after the page's own prefix
+        below_best = logits.max(axis=1) - logits[np.arange(len(page)), page]
+        print(f"  scale {scale}: page token's logit below Python's best, per step: {np.round(below_best, 3)}")
+        assert below_best.max() <= TIE_LOGITS, (scale, step["answer"], below_best)
     assert len(first["projections"]) >= 8 and np.mean(first["projections"]) > np.mean(second["projections"])

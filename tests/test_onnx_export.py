@@ -144,6 +144,21 @@ def test_greedy_32_tokens_identical_to_mlx(exported, arch):
         assert dec.greedy(prompt, 32) == mlx_greedy(model, prompt, 32)
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_follow_gives_the_logits_each_forced_token_was_read_after(exported, arch):
+    """Teacher forcing: the logits before forced token t are mlx's logits after prompt + tokens[:t],
+    whatever tokens are forced (here not the greedy ones)."""
+    model, dec, _ = exported(arch)
+    prompt, forced = PROMPTS[0], [7, 3, 19, 3, 42]
+    rows = dec.follow(prompt, forced)
+    assert rows.shape[0] == len(forced)
+    for t in range(len(forced)):
+        ref = mlx_logits(model, prompt + forced[:t])[-1]
+        assert np.abs(rows[t] - ref).max() <= TOL, (arch, t)
+    greedy = dec.greedy(prompt, 6)
+    assert [int(r.argmax()) for r in dec.follow(prompt, greedy)] == greedy
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4), seed=st.integers(0, 10_000))
 def test_padding_never_changes_real_tokens(exported, lengths, seed):

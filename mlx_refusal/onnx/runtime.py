@@ -95,18 +95,32 @@ class OnnxDecoder:
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
                steering_scale: float | None = None) -> list[int]:
         """Greedy continuation of one prompt through the KV cache (prefill, then one token per step)."""
+        return self._decode(prompt_ids, lambda _, logits: int(logits.argmax()), max_new_tokens, eos_ids,
+                            steering_scale)[0]
+
+    def follow(self, prompt_ids: list[int], tokens: list[int], steering_scale: float | None = None) -> np.ndarray:
+        """Next-token logits [len(tokens), vocab] before each of `tokens`, fed one per step through the
+        KV cache as a decoding page feeds them (teacher forcing): how far another runtime's choices are
+        from this one's."""
+        return self._decode(prompt_ids, lambda i, _: tokens[i], len(tokens), (), steering_scale)[1]
+
+    def _decode(self, prompt_ids, choose, max_new_tokens, eos_ids, steering_scale):
+        """Prefill, then one step per chosen token; the chosen ids and the logits each was chosen from.
+        The per-step shapes matter: int8 activations are quantized with one scale per call."""
         ids = np.array([prompt_ids], np.int64)
         mask = np.ones_like(ids)
         out = self.step(ids, mask, steering_scale=steering_scale)
         new: list[int] = []
-        for _ in range(max_new_tokens):
-            tok = int(out.logits[0, -1].argmax())
+        rows: list[np.ndarray] = []
+        for i in range(max_new_tokens):
+            rows.append(out.logits[0, -1])
+            tok = choose(i, rows[-1])
             new.append(tok)
-            if tok in eos_ids:
+            if tok in eos_ids or i == max_new_tokens - 1:
                 break
             mask = np.ones((1, mask.shape[1] + 1), np.int64)
             out = self.step(np.array([[tok]], np.int64), mask, out.present, steering_scale=steering_scale)
-        return new
+        return new, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
