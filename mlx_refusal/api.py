@@ -294,7 +294,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
         voice_rows = response_direction(m.model, m.tokenizer, ltrain.texts[:VOICE_PROMPTS], system=system,
                                         batch_size=batch_size)
     scored = layer is None and select == "evaluate"
-    with (progress or silent)("score layers", len(candidate_layers(d.num_layers)) if scored else 0) as update:
+    with ((progress or silent) if scored else silent)("score layers", len(candidate_layers(d.num_layers))) as update:
         choice = choose_steering(m.model, m.tokenizer, d, hval.texts, lval.texts, layer=layer, alpha=alpha,
                                  multiple=alpha_multiple, select=select, candidates=candidates, target=target,
                                  calibration_prompts=calibration_prompts, margin=margin, batch_size=batch_size,
