@@ -36,6 +36,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from . import arch
 from .errors import UserError
 from .progress import Update
+from .template import common_prefix_len
 
 # Shorter shared prefixes are not worth a separate forward pass.
 MIN_SHARED_PREFIX = 4
@@ -50,15 +51,6 @@ Stop = Callable[[dict[int, list[int]], set[int]], Iterable[int]]
 # logits_at(tokens, cache, last): logits [batch, vocab] at column last[b] of each row of `tokens`
 # (None: the final column), after running the decoder on them with `cache`
 LogitsAt = Callable[[mx.array, list, "mx.array | None"], mx.array]
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]], keep: Sequence[int] | int = 1) -> int:

@@ -15,11 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .batching import common_prefix_len
 from .errors import UserError
 from .record import read_record, text_sha256
 
 POSITIONS = ("last", "post-instruction")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
