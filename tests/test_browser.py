@@ -272,7 +272,7 @@ def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory,
     a hair the page may take the other. Measured on this prompt: at scale 0 token 4 " Python" is
     0.035 logits below " simple" and the page took " Python"; every other step agreed exactly. A
     broken kernel is far outside the tie margin: onnxruntime's saturating AVX2 int8 path moves
-    these logits by up to 23 and puts the page's tokens 3-15 logits below its own choice."""
+    these logits by up to 23 and puts the page's first token 9-15 logits below its own choice."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -312,7 +312,7 @@ def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory,
     assert is_refusal(first["answer"]) and not is_refusal(second["answer"])
     for step, scale in ((first, 1.0), (second, 0.0)):
         page = tok.encode(step["answer"], add_special_tokens=False)[:8]
-        assert len(page) == 8 and tok.decode(page) == step["answer"][:len(tok.decode(page))]
+        assert len(page) == 8 and step["answer"].startswith(tok.decode(page))
         logits = dec.follow(ids, page, steering_scale=scale)  # Python's logits after the page's own prefix
         below_best = logits.max(axis=1) - logits[np.arange(len(page)), page]
         print(f"  scale {scale}: page token's logit below Python's best, per step: {np.round(below_best, 3)}")
