@@ -1,7 +1,18 @@
-"""Everything is in setup.cfg except the package list: `packages = find:` there cannot also name
-the data packages that setup.cfg's package_dir maps onto the top-level prompts/ and export/."""
-from setuptools import find_packages, setup
+"""Everything is in setup.cfg except the package list and the one C file.
+
+`packages = find:` there cannot also name the data packages that setup.cfg's package_dir maps
+onto the top-level prompts/ and export/. The C file is a shared library, not a Python module
+(backend.py loads it with ctypes); it is optional, so an install without a C compiler still works,
+with batch-1 matmuls left on OpenBLAS's slower sgemm path."""
+import sys
+
+from setuptools import Extension, find_packages, setup
 
 DATA_PACKAGES = ["mlx_refusal.data.prompts", "mlx_refusal.data.export"]
 
-setup(packages=find_packages(include=["mlx_refusal", "mlx_refusal.*"]) + DATA_PACKAGES)
+# Only MLX's Linux CPU build resolves cblas_sgemm through OpenBLAS; macOS uses Accelerate/Metal.
+GEMV_FORWARD = [Extension("mlx_refusal._gemv_forward", ["mlx_refusal/_gemv_forward.c"],
+                          extra_compile_args=["-O2"], optional=True)] if sys.platform.startswith("linux") else []
+
+setup(packages=find_packages(include=["mlx_refusal", "mlx_refusal.*"]) + DATA_PACKAGES,
+      ext_modules=GEMV_FORWARD)

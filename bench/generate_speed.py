@@ -8,7 +8,8 @@ token is set for the random model, so every sequence runs the full --max-tokens.
 It also measures, in the same run, the sgemm peak (1024^3 float32) and the copy bandwidth
 (numpy copy of 256 MB), and prints each batch's decode rate against its roofline: achieved
 GFLOP/s (2 x matmul weights per token) vs the sgemm peak, and at batch 1 the weight bytes read
-per second vs the copy bandwidth (a batch-1 step reads every weight once).
+per second vs the copy bandwidth (a batch-1 step reads every weight once). Batch 1 runs twice on
+Linux: with the sgemv forward for one-row products (backend.py) and with it switched off.
 
 Usage: python bench/generate_speed.py [--prompts 16] [--max-tokens 32] [--batch 1 16] [--model SPEC]
 """
@@ -86,6 +87,28 @@ def matmul_weights(model) -> tuple[int, int]:
     return macs + w.size, nbytes + w.nbytes
 
 
+def time_decode(model, subset, b, max_tokens, macs, wbytes, peak, bandwidth) -> tuple[float, str]:
+    """Tokens/s of greedy generation at batch size b, and a line setting decode against the roofline."""
+    t = time.perf_counter()
+    evaluate.generate_tokens(model, subset, max_tokens=1, batch_size=b)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = evaluate.generate_tokens(model, subset, max_tokens=max_tokens, batch_size=b)
+    dt = time.perf_counter() - t
+    new = sum(map(len, out))
+    # decode alone: the first token comes from the prefill
+    decoded, decode_s = new - len(subset), max(dt - prefill, 1e-9)
+    gflops = 2 * macs * decoded / decode_s / 1e9
+    line = (f"batch {b:>3}: {len(subset)} prompts, {new} new tokens in {dt:6.2f} s = {new / dt:7.1f} tok/s "
+            f"(prefill alone {prefill:5.2f} s = {sum(map(len, subset)) / prefill:7.1f} prompt tok/s); decode "
+            f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:4.0f}% of the sgemm peak")
+    if b == 1:
+        steps_per_s = decoded / decode_s
+        line += (f", {steps_per_s * wbytes / 1e9:5.1f} GB/s of weights = "
+                 f"{100 * steps_per_s * wbytes / 1e9 / bandwidth:4.0f}% of the copy bandwidth")
+    return new / dt, line
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="time this model spec instead of a random Qwen2.5-0.5B-shaped one")
@@ -132,25 +155,14 @@ def main():
     for b in args.batch:
         # batch 1 is slow: time it on a slice as long as two batches of the largest size would be
         subset = ids if b > 1 else ids[: max(2, min(len(ids), 4))]
-        t = time.perf_counter()
-        evaluate.generate_tokens(model, subset, max_tokens=1, batch_size=b)
-        prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        out = evaluate.generate_tokens(model, subset, max_tokens=args.max_tokens, batch_size=b)
-        dt = time.perf_counter() - t
-        new = sum(map(len, out))
-        rates[b] = new / dt
-        # decode alone: the first token comes from the prefill
-        decoded, decode_s = new - len(subset), max(dt - prefill, 1e-9)
-        gflops = 2 * macs * decoded / decode_s / 1e9
-        line = (f"batch {b:>3}: {len(subset)} prompts, {new} new tokens in {dt:6.2f} s = {new / dt:7.1f} tok/s "
-                f"(prefill alone {prefill:5.2f} s = {sum(map(len, subset)) / prefill:7.1f} prompt tok/s); decode "
-                f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:4.0f}% of the sgemm peak")
-        if b == 1:
-            steps_per_s = decoded / decode_s
-            line += (f", {steps_per_s * wbytes / 1e9:5.1f} GB/s of weights = "
-                     f"{100 * steps_per_s * wbytes / 1e9 / bandwidth:4.0f}% of the copy bandwidth")
+        rates[b], line = time_decode(model, subset, b, args.max_tokens, macs, wbytes, peak, bandwidth)
         print(line)
+        if b == 1 and mlx_refusal.backend.gemv_forward_enable(False):
+            try:
+                plain, line = time_decode(model, subset, b, args.max_tokens, macs, wbytes, peak, bandwidth)
+            finally:
+                mlx_refusal.backend.gemv_forward_enable(True)
+            print(f"{line}  <- sgemm for one-row products; the sgemv forward is {rates[b] / plain:.2f}x faster")
     # What the shared-prefix pass saves: first-token log-probs (prefill only) with and without it.
     b = max(args.batch)
     t = time.perf_counter()

@@ -4,16 +4,24 @@ The `mlx[cpu]` wheel ships a slow reference BLAS (a 1024^3 sgemm takes ~0.4-0.9 
 MLX resolves `cblas_sgemm` dynamically, so an OpenBLAS loaded with RTLD_GLOBAL *before*
 `mlx.core` is imported wins the symbol lookup and makes the same product ~50-100x faster.
 This module must therefore stay importable without importing `mlx.core` first.
+
+Batch-1 decoding is all one-row products, where OpenBLAS 0.3.21's sgemm reads the weights at about
+a third of the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a
+`cblas_sgemm` that hands those products to sgemv; it is loaded globally ahead of OpenBLAS, so it
+wins the lookup, and gets OpenBLAS's own sgemm and sgemv to call.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
+import importlib.machinery
 import os
 import sys
-import glob
+from pathlib import Path
 
 ENV_BLAS_PATH = "MLX_REFUSAL_BLAS"  # path to a BLAS shared library to load instead of searching
 ENV_NO_BLAS = "MLX_REFUSAL_NO_BLAS"  # set to 1 to keep MLX's bundled BLAS
+ENV_NO_GEMV_FORWARD = "MLX_REFUSAL_NO_GEMV_FORWARD"  # set to 1 to leave one-row products on sgemm
 
 # Usual places for a multithreaded OpenBLAS on Debian/Ubuntu, Fedora/RHEL and Arch.
 _BLAS_CANDIDATES = [
@@ -31,6 +39,8 @@ _BLAS_CANDIDATES = [
 
 _loaded_blas: str | None = None
 _blas_message: str | None = None
+_gemv_forward: ctypes.CDLL | None = None
+_gemv_forward_message: str | None = None
 
 
 def _find_blas() -> str | None:
@@ -74,13 +84,60 @@ def load_fast_blas() -> str | None:
         )
         return None
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        blas = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        _load_gemv_forward(blas)
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # after the forward, so its cblas_sgemm wins
     except OSError as exc:
         _blas_message = f"could not load {path}: {exc}"
         _warn(f"fast BLAS not loaded: {_blas_message}; fix: set {ENV_BLAS_PATH} to a working libopenblas")
         return None
     _loaded_blas = path
     return path
+
+
+def _gemv_forward_path() -> Path | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / f"_gemv_forward{suffix}").exists():
+            return here / f"_gemv_forward{suffix}"
+    return None
+
+
+def _load_gemv_forward(blas: ctypes.CDLL) -> None:
+    global _gemv_forward, _gemv_forward_message
+    if os.environ.get(ENV_NO_GEMV_FORWARD, "") not in ("", "0"):
+        _gemv_forward_message = f"disabled by {ENV_NO_GEMV_FORWARD}"
+        return
+    path = _gemv_forward_path()
+    if path is None:
+        _gemv_forward_message = "not built (no C compiler at install time)"
+        return
+    if not (hasattr(blas, "cblas_sgemm") and hasattr(blas, "cblas_sgemv")):
+        _gemv_forward_message = "the BLAS has no cblas_sgemv"
+        return
+    try:
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        _gemv_forward_message = f"could not load {path.name}: {exc}"
+        return
+    lib.gemv_forward_init(ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p),
+                          ctypes.cast(blas.cblas_sgemv, ctypes.c_void_p))
+    lib.gemv_forward_enable.argtypes = [ctypes.c_int]
+    lib.gemv_forward_count.restype = ctypes.c_ulonglong
+    _gemv_forward = lib
+
+
+def gemv_forward_enable(on: bool) -> bool:
+    """Turn the one-row forward on or off (benchmarks time both in one process). Returns whether
+    the forward is loaded at all."""
+    if _gemv_forward is not None:
+        _gemv_forward.gemv_forward_enable(int(on))
+    return _gemv_forward is not None
+
+
+def gemv_forward_count() -> int | None:
+    """How many products went to sgemv so far, or None if the forward is not loaded."""
+    return None if _gemv_forward is None else int(_gemv_forward.gemv_forward_count())
 
 
 def _warn(line: str) -> None:
@@ -90,7 +147,8 @@ def _warn(line: str) -> None:
 def blas_status() -> str:
     """One phrase for `info`: which BLAS MLX's CPU matmuls use."""
     if _loaded_blas:
-        return f"OpenBLAS ({_loaded_blas})"
+        forward = "one-row products on sgemv" if _gemv_forward else f"no sgemv forward: {_gemv_forward_message}"
+        return f"OpenBLAS ({_loaded_blas}; {forward})"
     return f"bundled reference BLAS ({_blas_message})" if _blas_message else "unknown"
 
 

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
-stamp=".venv/.mlx-refusal-$(cat setup.cfg setup.py pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.mlx-refusal-$(cat setup.cfg setup.py pyproject.toml mlx_refusal/_gemv_forward.c | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing mlx-refusal and its dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2

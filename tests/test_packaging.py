@@ -28,7 +28,7 @@ def wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in BUILD_INPUTS:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns(*NOT_SHIPPED, "*.egg-info"))
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns(*NOT_SHIPPED, "*.egg-info", "*.so"))
         else:
             shutil.copy2(REPO / name, src / name)
     for built in ("node_modules/onnxruntime-web/dist/ort.wasm.min.mjs", "vendor/ort/ort.wasm.min.mjs"):
@@ -63,6 +63,9 @@ def test_the_wheel_carries_the_prompts_and_the_page_but_no_build_outputs(wheel):
     assert "cli.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "mlx-refusal = cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # the wheel compiled the sgemv forward itself (the copy it was built from has no .so)
+    assert bool([n for n in names if n.startswith("mlx_refusal/_gemv_forward.")
+                 and n.endswith(".so")]) == sys.platform.startswith("linux")
 
 
 def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
@@ -71,11 +74,11 @@ def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
                    check=True, capture_output=True, text=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     probe = ("import json, mlx_refusal; from mlx_refusal.prompts import BUNDLED_DIR, bundled, capability_texts; "
-             "from mlx_refusal.serve import PAGE_DIR, is_installed_copy; "
+             "from mlx_refusal.serve import PAGE_DIR, is_installed_copy; from mlx_refusal import backend; "
              "print(json.dumps({'package': mlx_refusal.__file__, 'prompts': str(BUNDLED_DIR), 'page': str(PAGE_DIR), "
              "'harmful': len(bundled('harmful')), 'test': len(bundled('harmless', 'test')), "
              "'paragraphs': len(capability_texts()), 'index': (PAGE_DIR / 'index.html').is_file(), "
-             "'installed': is_installed_copy(PAGE_DIR)}))")
+             "'installed': is_installed_copy(PAGE_DIR), 'blas': backend.blas_status()}))")
     out = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, check=True,
                                     capture_output=True, text=True).stdout)
     from mlx_refusal.prompts import bundled, capability_texts
@@ -87,6 +90,8 @@ def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
     assert (out["harmful"], out["test"], out["paragraphs"]) == (
         len(bundled("harmful")), len(bundled("harmless", "test")), len(capability_texts()))
     assert out["index"]
+    if sys.platform.startswith("linux"):
+        assert "one-row products on sgemv" in out["blas"], out["blas"]
     assert out["installed"]  # `serve` installs the page's runtime into a cached copy, not into the package
     script = subprocess.run([str(target / "bin" / "mlx-refusal"), "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)

@@ -1,0 +1,117 @@
+"""The sgemv forward (`mlx_refusal/_gemv_forward.c`): every product of 1-3 rows or of one column
+that it takes over from sgemm gives sgemm's answer, through MLX and through the C entry point's
+every layout."""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mlx_refusal  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+from mlx_refusal import backend
+
+pytestmark = pytest.mark.skipif(backend.gemv_forward_count() is None,
+                                reason=f"no sgemv forward here: {backend.blas_status()}")
+
+ROW_MAJOR, COL_MAJOR, NO_TRANS, TRANS = 101, 102, 111, 112
+FLOATS = ctypes.POINTER(ctypes.c_float)
+
+
+def _close(got, want, k):
+    # float32 products over k terms of unit-normal numbers
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.sqrt(k) * 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 300), k=st.integers(1, 300), rows=st.integers(1, 3), row=st.booleans(),
+       w_transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_mlx_few_row_and_one_column_products_take_sgemv_and_match_float64(n, k, rows, row, w_transposed, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k) if w_transposed else (k, n)).astype(np.float32)
+    x = rng.standard_normal((rows if row else 1, k)).astype(np.float32)
+    x_mx = mx.array(x)
+    w_mx = mx.array(w).T if w_transposed else mx.array(w)  # a transposed view: sgemm's trans flag
+    w64 = w.T.astype(np.float64) if w_transposed else w.astype(np.float64)
+    before = backend.gemv_forward_count()
+    if row:  # x[rows, k] @ W[k, n]
+        got, want = np.asarray(x_mx @ w_mx), x.astype(np.float64) @ w64
+    else:  # W^T[n, k] @ x^T[k, 1]
+        got, want = np.asarray(w_mx.T @ x_mx.T), w64.T @ x.astype(np.float64).T
+    assert backend.gemv_forward_count() > before
+    _close(got, want, k)
+
+
+def test_wider_products_stay_on_sgemm():
+    x, w = mx.random.normal((4, 64)), mx.random.normal((64, 5))
+    before = backend.gemv_forward_count()
+    got = np.asarray(x @ w)
+    assert backend.gemv_forward_count() == before
+    _close(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64), 64)
+
+
+def test_switched_off_it_gives_the_same_product_through_sgemm():
+    x, w = mx.random.normal((1, 896)), mx.random.normal((4864, 896))
+    forwarded = np.asarray(x @ w.T)
+    backend.gemv_forward_enable(False)
+    try:
+        before = backend.gemv_forward_count()
+        plain = np.asarray(x @ w.T)
+        assert backend.gemv_forward_count() == before
+    finally:
+        backend.gemv_forward_enable(True)
+    _close(forwarded, plain, 896)
+
+
+def _sgemm():
+    fn = backend._gemv_forward.cblas_sgemm
+    fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, FLOATS, ctypes.c_int, FLOATS, ctypes.c_int, ctypes.c_float,
+                                        FLOATS, ctypes.c_int]
+    return fn
+
+
+# every layout and branch as its own case, so none is left to the draw
+@pytest.mark.parametrize("order", [ROW_MAJOR, COL_MAJOR])
+@pytest.mark.parametrize("trans_a", [NO_TRANS, TRANS])
+@pytest.mark.parametrize("trans_b", [NO_TRANS, TRANS])
+@pytest.mark.parametrize("shape", ["row", "rows", "column", "both", "wide"])
+@settings(max_examples=12, deadline=None)
+@given(size=st.tuples(st.integers(2, 40), st.integers(1, 40)), pad=st.integers(0, 3),
+       alpha=st.sampled_from([1.0, -0.5]), beta=st.sampled_from([0.0, 1.0, 2.0]), seed=st.integers(0, 2**31 - 1))
+def test_the_c_entry_point_computes_alpha_ab_plus_beta_c_in_every_layout(order, trans_a, trans_b, shape, size, pad,
+                                                                          alpha, beta, seed):
+    other, k = size
+    m, n = {"row": (1, other), "rows": (2 + other % 2, other), "column": (other, 1), "both": (1, 1),
+            "wide": (other + 3, other + 1)}[shape]
+    rng = np.random.default_rng(seed)
+    op_a, op_b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    c0 = rng.standard_normal((m, n))
+    # Store each operand as BLAS sees it: op(X) or its transpose, row- or column-major, with a
+    # leading dimension `pad` wider than needed (strided rows, the inc_x != 1 cases).
+    def stored(op, trans):
+        logical = op.T if trans == TRANS else op  # the matrix whose layout the flag describes
+        rows, cols = logical.shape if order == ROW_MAJOR else logical.shape[::-1]
+        buf = np.full((rows, cols + pad), np.nan, np.float32)
+        buf[:, :cols] = logical if order == ROW_MAJOR else logical.T
+        return buf, cols + pad
+    a, lda = stored(op_a, trans_a)
+    b, ldb = stored(op_b, trans_b)
+    c, ldc = stored(c0, NO_TRANS)
+    if beta == 0.0:
+        c[:] = np.nan  # beta = 0 must ignore C's old contents, NaNs included
+    _sgemm()(order, trans_a, trans_b, m, n, k, alpha, a.ctypes.data_as(FLOATS), lda, b.ctypes.data_as(FLOATS), ldb,
+             beta, c.ctypes.data_as(FLOATS), ldc)
+    got = c[:, :ldc - pad] if order == ROW_MAJOR else c[:, :ldc - pad].T
+    want = alpha * op_a @ op_b + (beta * c0 if beta else 0)
+    _close(got, want, k)
+    if pad:  # nothing written past each row
+        assert np.isnan(c[:, ldc - pad:]).all()
+
+
+def test_blas_status_names_the_forward():
+    assert sys.platform.startswith("linux")
+    assert "one-row products on sgemv" in backend.blas_status()
