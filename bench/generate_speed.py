@@ -9,7 +9,7 @@ It also measures, in the same run, the sgemm peak (1024^3 float32) and the copy 
 (numpy copy of 256 MB), and prints each batch's decode rate against its roofline: achieved
 GFLOP/s (2 x matmul weights per token) vs the sgemm peak, and at batch 1 the weight bytes read
 per second vs the copy bandwidth (a batch-1 step reads every weight once). Batch 1 runs twice on
-Linux: with the sgemv forward for one-row products (backend.py) and with it switched off.
+Linux: with the sgemv forward for products of 1-3 rows (backend.py) and with it switched off.
 
 Usage: python bench/generate_speed.py [--prompts 16] [--max-tokens 32] [--batch 1 16] [--model SPEC]
 """
@@ -162,7 +162,7 @@ def main():
                 plain, line = time_decode(model, subset, b, args.max_tokens, macs, wbytes, peak, bandwidth)
             finally:
                 mlx_refusal.backend.gemv_forward_enable(True)
-            print(f"{line}  <- sgemm for one-row products; the sgemv forward is {rates[b] / plain:.2f}x faster")
+            print(f"{line}  <- sgemm for every product; the sgemv forward is {rates[b] / plain:.2f}x faster")
     # What the shared-prefix pass saves: first-token log-probs (prefill only) with and without it.
     b = max(args.batch)
     t = time.perf_counter()

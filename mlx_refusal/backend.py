@@ -7,7 +7,7 @@ This module must therefore stay importable without importing `mlx.core` first.
 
 Batch-1 decoding is all one-row products, where OpenBLAS 0.3.21's sgemm reads the weights at about
 a third of the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a
-`cblas_sgemm` that hands those products to sgemv; it is loaded globally ahead of OpenBLAS, so it
+`cblas_sgemm` that hands products of 1-3 rows or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it
 wins the lookup, and gets OpenBLAS's own sgemm and sgemv to call.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ENV_BLAS_PATH = "MLX_REFUSAL_BLAS"  # path to a BLAS shared library to load instead of searching
 ENV_NO_BLAS = "MLX_REFUSAL_NO_BLAS"  # set to 1 to keep MLX's bundled BLAS
-ENV_NO_GEMV_FORWARD = "MLX_REFUSAL_NO_GEMV_FORWARD"  # set to 1 to leave one-row products on sgemm
+ENV_NO_GEMV_FORWARD = "MLX_REFUSAL_NO_GEMV_FORWARD"  # set to 1 to leave every product on sgemm
 
 # Usual places for a multithreaded OpenBLAS on Debian/Ubuntu, Fedora/RHEL and Arch.
 _BLAS_CANDIDATES = [
@@ -147,7 +147,7 @@ def _warn(line: str) -> None:
 def blas_status() -> str:
     """One phrase for `info`: which BLAS MLX's CPU matmuls use."""
     if _loaded_blas:
-        forward = "one-row products on sgemv" if _gemv_forward else f"no sgemv forward: {_gemv_forward_message}"
+        forward = "products of 1-3 rows on sgemv" if _gemv_forward else f"no sgemv forward: {_gemv_forward_message}"
         return f"OpenBLAS ({_loaded_blas}; {forward})"
     return f"bundled reference BLAS ({_blas_message})" if _blas_message else "unknown"
 

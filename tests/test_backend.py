@@ -4,6 +4,8 @@ every layout."""
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -114,4 +116,14 @@ def test_the_c_entry_point_computes_alpha_ab_plus_beta_c_in_every_layout(order, 
 
 def test_blas_status_names_the_forward():
     assert sys.platform.startswith("linux")
-    assert "one-row products on sgemv" in backend.blas_status()
+    assert "products of 1-3 rows on sgemv" in backend.blas_status()
+
+
+def test_switched_off_by_the_environment_it_is_not_loaded_and_matmuls_still_use_openblas():
+    probe = ("import mlx_refusal, mlx.core as mx; from mlx_refusal import backend; "
+             "x = mx.ones((1, 8)) @ mx.ones((8, 3)); "
+             "print(backend.blas_status(), backend.gemv_forward_count(), x.tolist())")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, backend.ENV_NO_GEMV_FORWARD: "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert f"OpenBLAS ({backend._loaded_blas}; no sgemv forward: disabled by {backend.ENV_NO_GEMV_FORWARD})" in out
+    assert out.rstrip().endswith("None [[8.0, 8.0, 8.0]]")

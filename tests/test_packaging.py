@@ -91,7 +91,7 @@ def test_an_installed_wheel_reads_its_own_prompts_and_page(wheel, tmp_path):
         len(bundled("harmful")), len(bundled("harmless", "test")), len(capability_texts()))
     assert out["index"]
     if sys.platform.startswith("linux"):
-        assert "one-row products on sgemv" in out["blas"], out["blas"]
+        assert "products of 1-3 rows on sgemv" in out["blas"], out["blas"]
     assert out["installed"]  # `serve` installs the page's runtime into a cached copy, not into the package
     script = subprocess.run([str(target / "bin" / "mlx-refusal"), "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
