@@ -5,9 +5,15 @@
    0.3.21 runs sgemm with M = 1 at about a third of the memory bandwidth that its own sgemv
    reaches on the same matrix. backend.py loads this library with RTLD_GLOBAL ahead of OpenBLAS,
    so MLX's `cblas_sgemm` lookup lands here, and hands it OpenBLAS's own sgemm and sgemv.
+   Preloaded ahead of OpenBLAS instead (LD_PRELOAD="this.so libopenblas.so.0", what
+   `backend.stock_preload()` prints), it finds them itself, so stock mlx_lm gets it too.
    Everything else goes to OpenBLAS's sgemm unchanged. Built by setup.py as an optional
    extension; no Python API, loaded with ctypes. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102, NO_TRANS = 111, TRANS = 112 };
 
@@ -31,6 +37,14 @@ void gemv_forward_init(sgemm_fn sgemm, sgemv_fn sgemv) {
   blas_sgemv = sgemv;
 }
 
+/* Under LD_PRELOAD every preloaded library is in place before constructors run, so the next
+   definitions are OpenBLAS's. Loaded by backend.py, OpenBLAS is not global yet: nothing is
+   found here, and gemv_forward_init follows at once. */
+__attribute__((constructor)) static void find_the_next_blas(void) {
+  blas_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+  blas_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+}
+
 /* On by default; off lets a benchmark time plain sgemm in the same process. */
 void gemv_forward_enable(int on) { forwarding = on; }
 
@@ -46,6 +60,10 @@ static void clear_if_overwritten(float beta, float *y, int n, int inc) {
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+  if (!blas_sgemm || !blas_sgemv) {
+    fprintf(stderr, "mlx-refusal: _gemv_forward has no BLAS to call; preload an OpenBLAS after it\n");
+    abort();
+  }
   if (order == COL_MAJOR) { /* a column-major C = A B is the row-major C^T = B^T A^T */
     cblas_sgemm(ROW_MAJOR, trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     return;

@@ -152,6 +152,14 @@ def blas_status() -> str:
     return f"bundled reference BLAS ({_blas_message})" if _blas_message else "unknown"
 
 
+def stock_preload() -> str | None:
+    """The LD_PRELOAD value that gives another process (stock `mlx_lm.generate`) the BLAS this one
+    has: the sgemv forward ahead of OpenBLAS, so it wins the lookup and finds OpenBLAS after it."""
+    if not _loaded_blas:
+        return None
+    return f"{_gemv_forward_path()} {_loaded_blas}" if _gemv_forward else _loaded_blas
+
+
 def fast_blas_active() -> bool:
     return _loaded_blas is not None or sys.platform == "darwin"
 

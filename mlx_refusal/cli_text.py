@@ -26,6 +26,10 @@ def model_info(info, seconds: float) -> str:
                           + (f", from {info.template_override.file})" if info.template_override else ")")),
         ("loaded in", f"{seconds:.1f} s"),
     ]
+    from .backend import stock_preload
+
+    if stock_preload():  # Linux: stock mlx_lm loads MLX's reference BLAS unless given this one
+        rows.append(("stock mlx_lm", f'LD_PRELOAD="{stock_preload()}" mlx_lm.generate --model {info.path}'))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 

@@ -66,16 +66,16 @@ def run_cli(*args: str, timeout: int = 3000) -> str:
 
 def stock_generate(model_dir, prompt: str, max_tokens: int = 40) -> str:
     """Answer with *stock* `python -m mlx_lm generate --model DIR` (no mlx_refusal code involved;
-    OpenBLAS preloaded only so the CPU run is fast)."""
+    the BLAS preloaded only so the CPU run is fast, as `info` tells users to)."""
     import os
     import subprocess
 
     from mlx_refusal import backend
 
     env = dict(os.environ)
-    blas = backend._loaded_blas
-    if blas:
-        env["LD_PRELOAD"] = blas
+    preload = backend.stock_preload()
+    if preload:
+        env["LD_PRELOAD"] = preload
     proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model_dir), "--prompt", prompt,
                            "--max-tokens", str(max_tokens), "--temp", "0"],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -127,3 +127,23 @@ def test_switched_off_by_the_environment_it_is_not_loaded_and_matmuls_still_use_
                          capture_output=True, text=True, check=True).stdout
     assert f"OpenBLAS ({backend._loaded_blas}; no sgemv forward: disabled by {backend.ENV_NO_GEMV_FORWARD})" in out
     assert out.rstrip().endswith("None [[8.0, 8.0, 8.0]]")
+
+
+def test_preloaded_for_stock_mlx_it_finds_openblas_itself_and_takes_the_one_row_products():
+    # what `info` tells users to put in front of stock mlx_lm.generate: no mlx_refusal imported
+    probe = ("import ctypes, os, mlx.core as mx; "
+             "lib = ctypes.CDLL(os.environ['LD_PRELOAD'].split()[0]); lib.gemv_forward_count.restype = ctypes.c_ulonglong; "
+             "before = lib.gemv_forward_count(); x = mx.arange(8.0)[None] @ mx.ones((8, 3)); "
+             "wide = mx.ones((6, 8)) @ mx.ones((8, 3)); mx.eval(x, wide); "
+             "print(lib.gemv_forward_count() - before, x.tolist(), wide.sum().item())")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LD_PRELOAD": backend.stock_preload()},
+                         capture_output=True, text=True, check=True).stdout.split(None, 1)
+    assert out[0] == "1" and out[1].strip() == "[[28.0, 28.0, 28.0]] 144.0"
+
+
+def test_preloaded_without_a_blas_after_it_says_so_instead_of_crashing_silently():
+    probe = "import mlx.core as mx; print((mx.ones((1, 8)) @ mx.ones((8, 3))).tolist())"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "LD_PRELOAD": backend.stock_preload().split()[0]})
+    assert proc.returncode != 0
+    assert "_gemv_forward has no BLAS to call; preload an OpenBLAS after it" in proc.stderr
