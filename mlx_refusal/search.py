@@ -261,24 +261,18 @@ def choose(front: Sequence[TrialResult], max_kl: float) -> tuple[TrialResult, st
 
 def plot_front(result: SearchResult, path: Path, max_kl: float) -> Path:
     """Refusal against KL for every trial; the front joined, the chosen trial starred."""
-    import matplotlib
+    from .plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    ax.scatter([t.kl for t in result.trials], [100 * t.refusal for t in result.trials], s=18, color="0.6",
-               label="trial")
-    front = sorted(result.front, key=lambda t: t.kl)
-    ax.plot([t.kl for t in front], [100 * t.refusal for t in front], "o-", color="tab:blue", label="Pareto front")
-    ax.scatter([result.chosen.kl], [100 * result.chosen.refusal], marker="*", s=220, color="tab:red", zorder=3,
-               label=f"chosen (trial {result.chosen.number})")
-    ax.axvline(max_kl, color="grey", lw=0.8, ls=":", label=f"--max-kl {max_kl:g}")
-    ax.set_xlabel("first-token KL on harmless validation prompts (nats)")
-    ax.set_ylabel("harmful validation prompts not answered (%)")
-    ax.set_title("ablate --search: refusals against KL")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 6, 4.5) as ax:
+        ax.scatter([t.kl for t in result.trials], [100 * t.refusal for t in result.trials], s=18, color="0.6",
+                   label="trial")
+        front = sorted(result.front, key=lambda t: t.kl)
+        ax.plot([t.kl for t in front], [100 * t.refusal for t in front], "o-", color="tab:blue", label="Pareto front")
+        ax.scatter([result.chosen.kl], [100 * result.chosen.refusal], marker="*", s=220, color="tab:red", zorder=3,
+                   label=f"chosen (trial {result.chosen.number})")
+        ax.axvline(max_kl, color="grey", lw=0.8, ls=":", label=f"--max-kl {max_kl:g}")
+        ax.set_xlabel("first-token KL on harmless validation prompts (nats)")
+        ax.set_ylabel("harmful validation prompts not answered (%)")
+        ax.set_title("ablate --search: refusals against KL")
+        ax.legend(fontsize=7)
     return path

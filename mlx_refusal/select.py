@@ -54,24 +54,18 @@ def write_ranking(scores: list[LayerScore], ranked: list[LayerScore], out_dir: P
 
 
 def plot_ranking(scores: list[LayerScore], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plot import figure
 
     layers = [s.layer for s in scores]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    ax.plot(layers, [s.heuristic for s in scores], "o-", color="tab:red", label="heuristic |mean(d)|")
-    ax.set_xlabel("layer (last = final residual)")
-    ax.set_ylabel("heuristic score", color="tab:red")
-    ax2 = ax.twinx()
-    ax2.plot(layers, [s.relative_diff for s in scores], "s--", color="tab:blue",
-             label="|mean diff| / mean residual norm")
-    ax2.set_ylabel("|harmful - harmless| / residual norm", color="tab:blue")
-    ax.set_title("Refusal direction candidates per layer")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 8, 4) as ax:
+        ax.plot(layers, [s.heuristic for s in scores], "o-", color="tab:red", label="heuristic |mean(d)|")
+        ax.set_xlabel("layer (last = final residual)")
+        ax.set_ylabel("heuristic score", color="tab:red")
+        ax2 = ax.twinx()
+        ax2.plot(layers, [s.relative_diff for s in scores], "s--", color="tab:blue",
+                 label="|mean diff| / mean residual norm")
+        ax2.set_ylabel("|harmful - harmless| / residual norm", color="tab:blue")
+        ax.set_title("Refusal direction candidates per layer")
     return path
 
 
@@ -353,25 +347,19 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
 
 
 def plot_sweep(trials: list[AlphaTrial], path: Path, target: float = 0.95) -> Path:
-    import matplotlib
+    from .plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    for layer in sorted({t.layer for t in trials}):
-        ts = sorted((t for t in trials if t.layer == layer), key=lambda t: t.multiple)
-        xs = [t.multiple for t in ts]
-        line, = ax.plot(xs, [t.refusal_rate for t in ts], "o-", label=f"layer {layer}: refused")
-        ax.plot(xs, [t.coherence_rate for t in ts], "s--", color=line.get_color(), alpha=0.6,
-                label=f"layer {layer}: coherent")
-    ax.axhline(target, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("alpha / mean residual norm at the layer")
-    ax.set_ylabel("fraction of harmless validation prompts")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Steering strength sweep")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 8, 4) as ax:
+        for layer in sorted({t.layer for t in trials}):
+            ts = sorted((t for t in trials if t.layer == layer), key=lambda t: t.multiple)
+            xs = [t.multiple for t in ts]
+            line, = ax.plot(xs, [t.refusal_rate for t in ts], "o-", label=f"layer {layer}: refused")
+            ax.plot(xs, [t.coherence_rate for t in ts], "s--", color=line.get_color(), alpha=0.6,
+                    label=f"layer {layer}: coherent")
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("alpha / mean residual norm at the layer")
+        ax.set_ylabel("fraction of harmless validation prompts")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("Steering strength sweep")
+        ax.legend(fontsize=7, ncol=2)
     return path
