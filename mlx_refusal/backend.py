@@ -7,8 +7,8 @@ This module must therefore stay importable without importing `mlx.core` first.
 
 Batch-1 decoding is all one-row products, where OpenBLAS 0.3.21's sgemm reads the weights at about
 a third of the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a
-`cblas_sgemm` that hands products of 1-3 rows or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it
-wins the lookup, and gets OpenBLAS's own sgemm and sgemv to call.
+`cblas_sgemm` that hands products of 1-3 rows or one column to sgemv; it is loaded globally
+ahead of OpenBLAS, so it wins the lookup, and gets OpenBLAS's own sgemm and sgemv to call.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def _load_gemv_forward(blas: ctypes.CDLL) -> None:
 
 
 def gemv_forward_enable(on: bool) -> bool:
-    """Turn the one-row forward on or off (benchmarks time both in one process). Returns whether
+    """Turn the sgemv forward on or off (benchmarks time both in one process). Returns whether
     the forward is loaded at all."""
     if _gemv_forward is not None:
         _gemv_forward.gemv_forward_enable(int(on))
@@ -157,7 +157,7 @@ def stock_preload() -> str | None:
     has: the sgemv forward ahead of OpenBLAS, so it wins the lookup and finds OpenBLAS after it."""
     if not _loaded_blas:
         return None
-    return f"{_gemv_forward_path()} {_loaded_blas}" if _gemv_forward else _loaded_blas
+    return f"{_gemv_forward._name} {_loaded_blas}" if _gemv_forward else _loaded_blas
 
 
 def fast_blas_active() -> bool:

@@ -28,8 +28,9 @@ def model_info(info, seconds: float) -> str:
     ]
     from .backend import stock_preload
 
-    if stock_preload():  # Linux: stock mlx_lm loads MLX's reference BLAS unless given this one
-        rows.append(("stock mlx_lm", f'LD_PRELOAD="{stock_preload()}" mlx_lm.generate --model {info.path}'))
+    preload = stock_preload()
+    if preload:  # Linux: stock mlx_lm loads MLX's reference BLAS unless given this one
+        rows.append(("stock mlx_lm", f'LD_PRELOAD="{preload}" mlx_lm.generate --model {info.path}'))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
