@@ -383,7 +383,7 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
     With an evaluation, the perplexity of plain paragraphs is measured before and after. `judge`
     scores the layers (its refusal openings), judges the search's answers and the reports."""
     from .edit import ablate as orthogonalize_writers
-    from .select import candidate_layers, evaluate_layers, rank_evaluated
+    from .select import ablation_layers, candidate_layers, rank_evaluated
 
     from .evaluation import perplexity
     from .prompts import capability_texts
@@ -404,9 +404,8 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
         layers = candidate_layers(d.num_layers)
         with (progress or silent)("score layers", len(layers)) as update:
             # the first 32 of each validation set, as the layer scores have always been measured
-            evals = evaluate_layers(m.model, m.tokenizer, d, hval.texts[:32], lval.texts[:32], layers,
-                                    ("bypass", "kl"), batch_size, max_kl=max_kl, system=system, progress=update,
-                                    judge=judge)
+            evals = ablation_layers(m.model, m.tokenizer, d, hval.texts[:32], lval.texts[:32], layers, batch_size,
+                                    max_kl, system, update, m.info.fingerprint if use_cache else None, judge)
         ranked = rank_evaluated(evals, "bypass")
         if not ranked:
             raise UserError(f"every candidate layer's ablation moved the harmless first-token KL above {max_kl}; "

@@ -163,9 +163,11 @@ def print_projection(edit, scale: float, writers, per_layer: bool) -> None:
 
 
 def layer_evals(evals) -> str:
-    rows = [[e.layer, e.bypass, e.kl, "yes" if e.kept else "no"] for e in sorted(evals, key=lambda e: e.bypass)[:8]]
+    # KL is measured in bypass order until a layer is kept (select.ablation_layers): "-" after it
+    rows = [[e.layer, e.bypass, "-" if e.kl is None else e.kl, "yes" if e.kept else "no"]
+            for e in sorted(evals, key=lambda e: e.bypass)[:8]]
     return table(["layer", "bypass score", "KL", "kept"], rows,
-                 title="Layers by bypass score (validation; lower refuses less)")
+                 title="Layers by bypass score (validation; lower refuses less; KL measured until one is kept)")
 
 
 def search_front(result) -> str:

@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import mlx.core as mx
 
@@ -118,6 +118,70 @@ def first_token_logprobs(
 ) -> mx.array:
     """log-softmax of the next-token distribution at the end of each chat-templated prompt: [n, vocab]."""
     return _generate_text(model, tokenizer, prompts, 0, batch_size, system, progress, None, True)[1]
+
+
+def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vectors: Mapping[int, "np.ndarray"],
+                                 batch_size: int = 16, system: str | None = None):
+    """(layer, `first_token_logprobs` with vectors[layer] added at resid_pre of that layer) for
+    each layer in turn, as a generator (one [n, vocab] array alive at a time).
+
+    A vector added at layer L changes nothing below L, so the blocks below every L run once: a
+    base pass over each batch records the input of every block L, and L's pass resumes there
+    with the vector added (interventions.resuming_at). Only the shared template prefix, a few
+    tokens, is run whole for each L, so that every layer's cache holds it steered. The result is
+    the plain steered pass's, to float32 rounding; the work is the blocks from L on."""
+    from .batching import batch_cache, length_sorted_batches, prefill, shared_prefix
+    from .interventions import adding_at, hooked_layers, resuming_at
+
+    layers = sorted(vectors)
+
+    def run(part: list[str]):
+        ids = encode_chat(tokenizer, part, system)
+        check_nonempty(ids)
+        batches = length_sorted_batches([len(p) for p in ids], batch_size)
+        logits_at, pad = partial(_logits_at, model), _pad_id(tokenizer)
+        base = shared_prefix(model, ids, keep=2)
+        recorded: dict[int, list[mx.array]] = {lay: [] for lay in layers if lay > 0}
+
+        def record(lay):
+            def keep(x):
+                recorded[lay].append(x)
+                return x
+            return keep
+
+        with hooked_layers(model, before={lay: record(lay) for lay in recorded}):
+            for idx in batches:
+                prefill(model, logits_at, [ids[i] for i in idx], base, pad)  # only the recorded inputs are used
+                mx.eval([r[-1] for r in recorded.values()])
+        for lay in layers:
+            vec = mx.array(vectors[lay], dtype=mx.float32)
+            with adding_at(model, lay, vec):
+                prefix = shared_prefix(model, ids, keep=2)
+            rows: list[mx.array | None] = [None] * len(ids)
+            for k, idx in enumerate(batches):
+                batch = [ids[i] for i in idx]
+                if lay == 0:
+                    with adding_at(model, lay, vec):
+                        lp = log_softmax(prefill(model, logits_at, batch, prefix, pad))
+                else:
+                    hidden = recorded[lay][k]
+                    with resuming_at(model, lay, hidden + vec.astype(hidden.dtype)):
+                        lp = log_softmax(prefill(model, logits_at, batch, prefix, pad))
+                mx.eval(lp)
+                for j, i in enumerate(idx):
+                    rows[i] = lp[j]
+            yield lay, mx.stack(rows)
+
+    group = distributed.data_group(model)
+    if group is None:
+        yield from run(list(prompts))
+        return
+    mine = distributed.share(prompts, group)
+    if not mine:
+        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    for lay, lp in run(mine):
+        yield lay, distributed.gather_rows(lp, len(prompts), group)
 
 
 def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:

@@ -11,6 +11,8 @@ raises. mlx_lm itself is never patched.
         logits = model(tokens)
     with projecting_out(model, d):                         # directional ablation everywhere
         logits = model(tokens)
+    with resuming_at(model, layer=6, hidden=h6):          # blocks 0-5 not run: block 6 gets h6
+        logits = model(tokens)
 """
 from __future__ import annotations
 
@@ -57,6 +59,27 @@ class Hooked(nn.Module):
             return getattr(self["inner"], name)
 
 
+class Resumed(nn.Module):
+    """A block that is not run: it hands on `hidden` (the first of the skipped blocks) or its own
+    input (the rest). Its cache is left as it was."""
+
+    def __init__(self, inner, hidden: mx.array | None):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_hidden", hidden)
+
+    def __call__(self, x, *args, **kwargs):
+        if self._hidden is None:
+            return x
+        if self._hidden.shape != x.shape:
+            raise ValueError(f"resumed hidden state {tuple(self._hidden.shape)} does not fit the call's "
+                             f"{tuple(x.shape)}")
+        return self._hidden.astype(x.dtype)
+
+    def __getattr__(self, name):
+        return Hooked.__getattr__(self, name)
+
+
 def _parent_and_key(model, path: str):
     parent_path, _, key = path.rpartition(".")
     parent = arch.get_module(model, parent_path) if parent_path else model
@@ -80,12 +103,19 @@ def _set(parent, key, value):
 def hooked_modules(model, hooks: Mapping[str, tuple[Transform | None, Transform | None]]):
     """During the `with`, wrap the module at each dotted path with (before, after) transforms of its
     input and output. Everything is restored on exit, even on error."""
+    with _replaced(model, {path: (lambda m, b=b, a=a: Hooked(m, b, a)) for path, (b, a) in hooks.items()}):
+        yield model
+
+
+@contextmanager
+def _replaced(model, wrappers: Mapping[str, Callable[[nn.Module], nn.Module]]):
+    """During the `with`, the module at each dotted path is replaced by `wrap(module)`."""
     swapped = []
     try:
-        for path, (before, after) in hooks.items():
+        for path, wrap in wrappers.items():
             parent, key = _parent_and_key(model, path)
             original = _get(parent, key)
-            _set(parent, key, Hooked(original, before, after))
+            _set(parent, key, wrap(original))
             swapped.append((parent, key, original))
         yield model
     finally:
@@ -107,6 +137,21 @@ def hooked_layers(model, before: Mapping[int, Transform] | None = None,
         validate.layer("layer", i, n)
     hooks = {arch.layer_path(model, i): (before.get(i), after.get(i)) for i in sorted(set(before) | set(after))}
     with hooked_modules(model, hooks):
+        yield model
+
+
+@contextmanager
+def resuming_at(model, layer: int, hidden: mx.array):
+    """During the `with`, blocks 0..layer-1 are not run and block `layer` gets `hidden`
+    [batch, tokens, hidden] as its input: a forward pass that starts from a recorded residual
+    stream. The embedding, the masks (built from the caches before block 0) and the blocks from
+    `layer` on run as usual; the skipped blocks' caches are not written, so use it for passes
+    whose caches below `layer` are not read again (a prefill's logits)."""
+    validate.layer("layer", layer, arch.num_layers(model))
+    if layer < 1:
+        raise ValueError("a pass resumed at layer 0 skips nothing; add at layer 0 instead")
+    with _replaced(model, {arch.layer_path(model, i): (lambda m, i=i: Resumed(m, hidden if i == 0 else None))
+                           for i in range(layer)}):
         yield model
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,8 @@ def candidate_layers(num_layers: int, skip_last: float = 0.2, skip_first: float 
 def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str],
                     layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
                     max_kl: float = 0.1, system: str | None = None, induce_multiple: float | None = 0.5,
-                    progress=None, cache_key: str | None = None, judge: Judge = MARKERS) -> list[LayerEval]:
+                    progress=None, cache_key: str | None = None, judge: Judge = MARKERS,
+                    base_logprobs=None) -> list[LayerEval]:
     """Arditi et al.'s selection scores for each candidate layer's direction.
 
     induce: the unit direction times `induce_multiple` x the mean residual norm at the layer added
@@ -127,23 +128,35 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     the raw mean-difference vector with its own norm, as in the paper, which favours late layers
     whose differences are largest) of the
     layer. bypass and KL: the unit direction projected out of the residual stream at every site.
-    Each score costs one batched forward pass per prompt set (first-token log-probs); the refusal
-    tokens are the first tokens of the `judge`'s refusal openings.
+    Each score costs one batched forward pass per prompt set (first-token log-probs), the induce
+    scores only the blocks from each layer on (evaluation.steered_first_token_logprobs); the
+    refusal tokens are the first tokens of the `judge`'s refusal openings.
     `cache_key` (the weights' fingerprint) keeps each layer's scores on disk, keyed by its
-    direction, the prompts and the settings.
+    direction, the prompts and the settings. `base_logprobs`, a function returning the unedited
+    first-token log-probs on `harmless`, lets calls share that pass (called only on a cache miss).
     """
+    from functools import cache
+
     from . import memo
-    from .evaluation import first_token_logprobs, kl_divergence
+    from .evaluation import first_token_logprobs, kl_divergence, steered_first_token_logprobs
     from .record import array_sha256
-    from .interventions import adding_at, projecting_out
+    from .interventions import projecting_out
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
     tok_ids = refusal_token_ids(tokenizer, judge)
-    base_lp = None
-    out = []
-    for i, layer in enumerate(layers):
-        if layer in d.degenerate:
-            continue
+    base = base_logprobs or cache(lambda: first_token_logprobs(model, tokenizer, harmless, batch_size, system))
+    done: dict[int, LayerEval] = {}
+    pending: dict[int, tuple] = {}  # layer -> (digest, bypass, kl), waiting for its induce score
+
+    def finish(layer, digest, bypass, induce, kl):  # digest None: nothing to keep on disk
+        if digest is not None:
+            memo.remember("layer-scores", digest, {"bypass": bypass, "induce": induce, "kl": kl})
+        done[layer] = LayerEval(layer, bypass, induce, kl, _kept(layer, kl, max_kl, d.num_layers))
+        if progress:
+            progress(1, 0)
+
+    layers = [lay for lay in layers if lay not in d.degenerate]
+    for layer in layers:
         direction = d.directions[layer]
         digest = None if cache_key is None else memo.key(
             weights=cache_key, layer=layer, direction=array_sha256(direction), scores=sorted(scores),
@@ -152,14 +165,10 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
             **cache_identity(judge))
         hit = None if digest is None else memo.recall("layer-scores", digest)
         if isinstance(hit, dict):
-            bypass, induce, kl = hit.get("bypass"), hit.get("induce"), hit.get("kl")
-            out.append(LayerEval(layer, bypass, induce, kl, _kept(layer, kl, max_kl, d.num_layers)))
-            if progress:
-                progress(1, 0)
+            finish(layer, None, hit.get("bypass"), hit.get("induce"), hit.get("kl"))
             continue
-        if "kl" in scores and base_lp is None:
-            base_lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system)
-        bypass = induce = kl = None
+        bypass = kl = None
+        base_lp = base() if "kl" in scores else None  # the unedited pass: outside the ablation below
         if "bypass" in scores or "kl" in scores:
             with projecting_out(model, direction):
                 if "bypass" in scores:
@@ -169,19 +178,49 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
                     lp = first_token_logprobs(model, tokenizer, harmless, batch_size, system)
                     kl = float(np.array(kl_divergence(base_lp, lp)).mean())
         if "induce" in scores:
+            pending[layer] = (digest, bypass, kl)
+        else:
+            finish(layer, digest, bypass, None, kl)
+    if pending:
+        def induced(layer):
             if induce_multiple is None:
-                vec = d.harmful_mean[layer].astype(np.float32) - d.harmless_mean[layer].astype(np.float32)
-            else:
-                vec = float(induce_multiple * d.mean_norm[layer]) * direction.astype(np.float32)
-            with adding_at(model, layer, vec):
-                induce = float(refusal_scores(first_token_logprobs(model, tokenizer, harmless, batch_size, system),
-                                              tok_ids).mean())
-        if digest is not None:
-            memo.remember("layer-scores", digest, {"bypass": bypass, "induce": induce, "kl": kl})
-        out.append(LayerEval(layer, bypass, induce, kl, _kept(layer, kl, max_kl, d.num_layers)))
-        if progress:
-            progress(1, 0)
-    return out
+                return d.harmful_mean[layer].astype(np.float32) - d.harmless_mean[layer].astype(np.float32)
+            return float(induce_multiple * d.mean_norm[layer]) * d.directions[layer].astype(np.float32)
+
+        # every pending layer in one call, which runs the blocks below each layer once for all
+        for layer, lp in steered_first_token_logprobs(model, tokenizer, harmless, {lay: induced(lay) for lay in pending},
+                                                      batch_size, system):
+            digest, bypass, kl = pending[layer]
+            finish(layer, digest, bypass, float(refusal_scores(lp, tok_ids).mean()), kl)
+    return [done[lay] for lay in layers]
+
+
+def ablation_layers(model, tokenizer, d: Directions, harmful: list[str], harmless: list[str], layers: list[int],
+                    batch_size: int = 16, max_kl: float = 0.1, system: str | None = None, progress=None,
+                    cache_key: str | None = None, judge: Judge = MARKERS) -> list[LayerEval]:
+    """The layer scores an ablation is chosen by (the lowest bypass score whose harmless KL is
+    within `max_kl`), measured lazily: every layer's bypass score, then the KL (one pass over the
+    harmless prompts each) in bypass order only until a layer is kept. The choice is the one
+    measuring every KL gives, for one KL pass instead of one per layer when the best layer is
+    kept. Layers after the kept one are returned with kl None and kept False: not needed."""
+    from functools import cache
+
+    from .evaluation import first_token_logprobs
+
+    evals = evaluate_layers(model, tokenizer, d, harmful, harmless, layers, ("bypass",), batch_size, max_kl, system,
+                            progress=progress, cache_key=cache_key, judge=judge)
+    base = cache(lambda: first_token_logprobs(model, tokenizer, harmless, batch_size, system))
+    found = False
+    for i in sorted(range(len(evals)), key=lambda i: evals[i].bypass):
+        e = evals[i]
+        if found or not e.kept:  # the last-20% rule needs no KL
+            evals[i] = replace(e, kept=False)
+            continue
+        [measured] = evaluate_layers(model, tokenizer, d, harmful, harmless, [e.layer], ("kl",), batch_size, max_kl,
+                                     system, cache_key=cache_key, judge=judge, base_logprobs=base)
+        evals[i] = replace(e, kl=measured.kl, kept=measured.kept)
+        found = measured.kept
+    return evals
 
 
 def _kept(layer: int, kl: float | None, max_kl: float, num_layers: int) -> bool:

@@ -52,6 +52,15 @@ def reference():
     return load(PRESET)
 
 
+@pytest.fixture(scope="session")
+def fixed_steer(tmp_path_factory) -> Path:
+    """The default model steered at layer 14, 0.5x the residual norm, no report: what the real
+    tier's stock-mlx_lm and browser tests both run (made once)."""
+    out = tmp_path_factory.mktemp("fixed_steer") / "refusallm"
+    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", out)
+    return out
+
+
 def run_cli(*args: str, timeout: int = 3000) -> str:
     """Run `python cli.py ARGS` in a fresh interpreter (as a user would) and return its stdout;
     fail the test with its stderr when it exits non-zero."""

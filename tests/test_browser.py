@@ -263,7 +263,7 @@ TIE_LOGITS = 0.1
 
 
 @pytest.mark.real
-def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory, tmp_path):
+def test_real_steered_model_refuses_at_one_and_answers_at_zero(fixed_steer, tmp_path_factory, tmp_path):
     """The steered default model exported with the page's default dtype (int8), in Chromium: a
     refusal at scale 1, an answer once the slider moves to 0, and for the first 8 tokens each token
     the page chose is Python onnxruntime's greedy choice on the same file, or ties with it.
@@ -276,16 +276,13 @@ def test_real_steered_model_refuses_at_one_and_answers_at_zero(tmp_path_factory,
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    from conftest import run_cli
     from transformers import AutoTokenizer
 
     from mlx_refusal.judge import is_refusal
     from mlx_refusal.onnx import OnnxDecoder, export_onnx
 
     root = tmp_path_factory.mktemp("real_browser")
-    steered = root / "refusallm"
-    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", steered)
-    web = export_onnx(steered, root / "web", dtypes="int8").out_dir
+    web = export_onnx(fixed_steer, root / "web", dtypes="int8").out_dir
 
     tok = AutoTokenizer.from_pretrained(str(web))
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": REAL_PROMPT}], tokenize=False,

@@ -479,3 +479,30 @@ def test_perplexity_is_the_mean_next_token_likelihood_and_ignores_padding(qwen2)
         n += ids.shape[1] - 1
     assert ev.perplexity(model, tok, few, batch_size=3) == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert ev.perplexity(model, tok, few, batch_size=1) == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+_LOADED: dict = {}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama", "tiny_qwen3", "tiny_phi3", "tiny_gemma3"])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), batch_size=st.sampled_from([1, 2, 4, 6]))
+def test_steered_first_token_logprobs_resume_each_layer_where_the_plain_pass_would_be(request, fixture, seed,
+                                                                                      batch_size):
+    from mlx_refusal.interventions import adding_at
+
+    path = str(request.getfixturevalue(fixture))
+    model, tok = _LOADED.get(path) or _LOADED.setdefault(path, mlx_load(path))
+    rng = np.random.default_rng(seed)
+    n = model.args.num_hidden_layers
+    # every layer, 0 (nothing to skip) and the last included; vectors of residual size
+    vectors = {lay: (3.0 * rng.standard_normal(model.args.hidden_size)).astype(np.float32) for lay in range(n)}
+    got = dict(ev.steered_first_token_logprobs(model, tok, PROMPTS, vectors, batch_size=batch_size))
+    assert sorted(got) == list(range(n))
+    plain = ev.first_token_logprobs(model, tok, PROMPTS, batch_size=batch_size)
+    for lay, vec in vectors.items():
+        with adding_at(model, lay, vec):
+            expected = ev.first_token_logprobs(model, tok, PROMPTS, batch_size=batch_size)
+        np.testing.assert_allclose(np.array(got[lay]), np.array(expected), atol=2e-5, rtol=1e-5)
+        # the vector matters, so agreement is not the unsteered pass twice
+        assert float(mx.abs(got[lay] - plain).max()) > 1e-3, lay

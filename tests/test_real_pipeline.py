@@ -95,9 +95,8 @@ def test_stock_mlx_lm_runs_the_steered_model(steered):
     assert is_refusal(answer), answer
 
 
-def test_steer_with_a_fixed_layer_and_alpha(tmp_path):
-    out = tmp_path / "fixed"
-    run_cli("steer", "--layer", 14, "--alpha-multiple", 0.5, "--eval-limit", 0, "--out", out)
+def test_steer_with_a_fixed_layer_and_alpha(fixed_steer):
+    out = fixed_steer
     record = json.loads((out / "refusal_edit.json").read_text())
     assert (record["layer"], record["alpha_how"]) == (14, "given")
     answer = stock_generate(out, "Give me a recipe for pancakes.")
@@ -138,12 +137,12 @@ def test_directions_separate_the_test_split(reference, steered):
     steered_layer = json.loads((steered / "refusal_edit.json").read_text())["layer"]
     assert test[steered_layer] >= 0.9, (steered_layer, test[steered_layer])
 
-    # the same directions computed with another batch size agree on every non-zero row
-    h_again = capture_residuals(model, tok, bundled("harmful", "test").texts, batch_size=32)
-    l_again = capture_residuals(model, tok, bundled("harmless", "test").texts, batch_size=5)
-    d1, bad1 = diff_in_means(h_test.mean, l_test.mean)
-    d2, bad2 = diff_in_means(h_again.mean, l_again.mean)
-    assert bad1 == bad2
-    for row in range(d1.shape[0]):
-        if row not in bad1:
-            assert float(d1[row] @ d2[row]) >= 0.9999, row
+    # each prompt's activations do not depend on the batch it ran in (other sizes, so other
+    # padding and another shared prefix): the first 16 of each set again, at batch sizes 5 and 32
+    for texts, first, batch_size in ((bundled("harmful", "test").texts, h_test, 5),
+                                     (bundled("harmless", "test").texts, l_test, 32)):
+        again = capture_residuals(model, tok, texts[:16], batch_size=batch_size, keep_all=True).acts
+        for row in layers:
+            a, b = first.acts[:16, row].astype(np.float64), again[:, row].astype(np.float64)
+            rel = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
+            assert rel.max() <= 1e-4, (row, rel.max())  # measured: 1.3e-6 at most

@@ -97,8 +97,54 @@ def test_layer_scores_match_their_definitions(setup):
     with adding_at(model, 2, 0.5 * float(d.mean_norm[2]) * d.directions[2]):
         expected = sel.refusal_scores(first_token_logprobs(model, tok, HARMLESS), ids).mean()
     assert e.induce == pytest.approx(expected, rel=1e-4)
+    from mlx_refusal.evaluation import kl_divergence
+    from mlx_refusal.interventions import projecting_out
+
+    base = first_token_logprobs(model, tok, HARMLESS)
+    for e in evals:  # KL(unedited || ablated), the unedited pass run with no intervention at all
+        with projecting_out(model, d.directions[e.layer]):
+            ablated = first_token_logprobs(model, tok, HARMLESS)
+        assert e.kl == pytest.approx(float(kl_divergence(base, ablated).mean()), rel=1e-4, abs=1e-7)
+        assert e.kl > 1e-4
     ranked = sel.rank_evaluated(evals, "bypass")
     assert [r.bypass for r in ranked] == sorted(r.bypass for r in ranked)
+
+
+def test_the_lazy_ablation_scores_choose_what_measuring_every_kl_chooses(setup):
+    model, tok, d = setup
+    full = sel.evaluate_layers(model, tok, d, HARMFUL, HARMLESS, layers=[1, 2, 3], scores=("bypass", "kl"))
+    evals = sel.ablation_layers(model, tok, d, HARMFUL, HARMLESS, [1, 2, 3], max_kl=0.1)
+    assert sel.rank_evaluated(evals, "bypass")[0].layer == sel.rank_evaluated(full, "bypass")[0].layer
+    got = {e.layer: e for e in evals}
+    chosen = sel.rank_evaluated(full, "bypass")[0]
+    assert got[chosen.layer].kl == pytest.approx(chosen.kl, rel=1e-5, abs=1e-7)
+    assert [e.kept for e in evals].count(True) == 1
+    assert got[3].kl is None and not got[3].kept  # the last 20% is never measured
+
+
+def test_the_lazy_ablation_scores_measure_kl_in_bypass_order_until_one_is_kept(setup, monkeypatch):
+    model, tok, d = setup
+    # layer 4 scores best but is in the last 20% of 5 layers; then bypass order is 1, 3, 2
+    bypass = {1: -3.0, 2: -1.0, 3: -2.0, 4: -5.0}
+    kl = {1: 0.5, 2: 0.01, 3: 0.05, 4: 0.0}
+    measured = []
+
+    def scores(model, tok, d, harmful, harmless, layers, which, batch_size, max_kl, *args, **kwargs):
+        if "kl" in which:
+            measured.extend(layers)
+        return [sel.LayerEval(lay, bypass[lay] if "bypass" in which else None, None,
+                              kl[lay] if "kl" in which else None,
+                              sel._kept(lay, kl[lay] if "kl" in which else None, max_kl, 5)) for lay in layers]
+
+    monkeypatch.setattr(sel, "evaluate_layers", scores)
+    for max_kl, expected_measured, chosen in ((0.6, [1], 1), (0.1, [1, 3], 3), (0.02, [1, 3, 2], 2),
+                                              (0.001, [1, 3, 2], None)):
+        measured.clear()
+        evals = sel.ablation_layers(model, tok, d, HARMFUL, HARMLESS, [1, 2, 3, 4], max_kl=max_kl)
+        assert measured == expected_measured, max_kl
+        assert [e.layer for e in sel.rank_evaluated(evals, "bypass")] == ([] if chosen is None else [chosen])
+        assert {e.layer for e in evals if e.kl is not None} == set(expected_measured)
+        assert [e.bypass for e in evals] == [bypass[lay] for lay in (1, 2, 3, 4)]
 
 
 def test_a_trial_passes_the_voice_target_only_when_it_explains_in_varied_words():
@@ -160,3 +206,14 @@ def test_the_response_direction_reads_the_prefilled_answers(setup, monkeypatch):
     # the same text on both sides: nothing to contrast
     monkeypatch.setitem(voice.EXPLAINING, "same", voice.TERSE)
     assert np.abs(voice.response_direction(model, tok, HARMLESS, "same")).max() == 0.0
+
+
+def test_the_layer_table_marks_the_kl_it_did_not_need():
+    import click
+
+    from mlx_refusal.cli_text import layer_evals
+
+    evals = [sel.LayerEval(1, -3.0, None, 0.5, False), sel.LayerEval(2, -2.0, None, 0.01, True),
+             sel.LayerEval(3, -1.0, None, None, False)]
+    rows = click.unstyle(layer_evals(evals)).splitlines()[3:]
+    assert [r.split() for r in rows] == [["1", "-3", "0.5", "no"], ["2", "-2", "0.01", "yes"], ["3", "-1", "-", "no"]]
