@@ -170,10 +170,7 @@ def capture_shared(model, encoded: list[Encoded], batch_size: int = 16, keep_all
     if group is None:
         return capture_encoded(model, encoded, batch_size, keep_all, progress, head)
     # Data parallel: this rank's share, then every rank's sums and counts added together.
-    mine = distributed.share(encoded, group)
-    if not mine:
-        raise UserError(f"{len(encoded)} prompts cannot be split across {group.size()} ranks; "
-                        "use fewer ranks or more prompts")
+    mine = distributed.share_of_rows(encoded, group)
     done = [0]
 
     def scaled(n: int, tokens: int) -> None:

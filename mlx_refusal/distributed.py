@@ -97,6 +97,15 @@ def share(items: Sequence[T], group) -> list[T]:
     return list(items[group.rank()::group.size()])
 
 
+def share_of_rows(items: Sequence[T], group) -> list[T]:
+    """`share`, for a computation whose per-prompt rows are gathered: every rank needs at least one."""
+    mine = share(items, group)
+    if not mine:
+        raise UserError(f"{len(items)} prompts cannot be split across {group.size()} ranks; "
+                        "use fewer ranks or more prompts")
+    return mine
+
+
 def all_sum(x: np.ndarray, group) -> np.ndarray:
     """Sum of `x` over the ranks, in x's dtype (float64 stays float64)."""
     x = np.ascontiguousarray(x)
@@ -158,13 +167,10 @@ def map_prompts(model, fn: Callable[[list], T], prompts: Sequence, gather: str) 
     group = data_group(model)
     if group is None:
         return fn(list(prompts))
-    mine = share(prompts, group)
     if gather == "json":
+        mine = share(prompts, group)
         return gather_json(fn(mine) if mine else [], len(prompts), group)
-    if not mine:
-        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
-                        "use fewer ranks or more prompts")
-    return gather_rows(fn(mine), len(prompts), group)
+    return gather_rows(fn(share_of_rows(prompts, group)), len(prompts), group)
 
 
 def combined_capture(cap, n: int, group):

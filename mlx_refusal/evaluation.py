@@ -78,10 +78,7 @@ def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, pr
     group = distributed.data_group(model)
     if group is None:
         return run(list(prompts))
-    mine = distributed.share(prompts, group)
-    if first_logprobs and not mine:
-        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
-                        "use fewer ranks or more prompts")
+    mine = (distributed.share_of_rows if first_logprobs else distributed.share)(prompts, group)
     texts, firsts = run(mine) if mine else ([], None)
     texts = distributed.gather_json(texts, len(prompts), group)
     return texts, distributed.gather_rows(firsts, len(prompts), group) if first_logprobs else None
@@ -130,7 +127,7 @@ def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vecto
     with the vector added (interventions.resuming_at). Only the shared template prefix, a few
     tokens, is run whole for each L, so that every layer's cache holds it steered. The result is
     the plain steered pass's, to float32 rounding; the work is the blocks from L on."""
-    from .batching import batch_cache, length_sorted_batches, prefill, shared_prefix
+    from .batching import length_sorted_batches, prefill, shared_prefix
     from .interventions import adding_at, hooked_layers, resuming_at
 
     layers = sorted(vectors)
@@ -176,11 +173,7 @@ def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vecto
     if group is None:
         yield from run(list(prompts))
         return
-    mine = distributed.share(prompts, group)
-    if not mine:
-        raise UserError(f"{len(prompts)} prompts cannot be split across {group.size()} ranks; "
-                        "use fewer ranks or more prompts")
-    for lay, lp in run(mine):
+    for lay, lp in run(distributed.share_of_rows(prompts, group)):
         yield lay, distributed.gather_rows(lp, len(prompts), group)
 
 

@@ -59,13 +59,12 @@ class Hooked(nn.Module):
             return getattr(self["inner"], name)
 
 
-class Resumed(nn.Module):
+class Resumed(Hooked):
     """A block that is not run: it hands on `hidden` (the first of the skipped blocks) or its own
     input (the rest). Its cache is left as it was."""
 
     def __init__(self, inner, hidden: mx.array | None):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         object.__setattr__(self, "_hidden", hidden)
 
     def __call__(self, x, *args, **kwargs):
@@ -75,9 +74,6 @@ class Resumed(nn.Module):
             raise ValueError(f"resumed hidden state {tuple(self._hidden.shape)} does not fit the call's "
                              f"{tuple(x.shape)}")
         return self._hidden.astype(x.dtype)
-
-    def __getattr__(self, name):
-        return Hooked.__getattr__(self, name)
 
 
 def _parent_and_key(model, path: str):

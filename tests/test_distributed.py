@@ -166,3 +166,22 @@ def test_cli_tensor_parallel_ablate_saves_the_unsharded_edit(tiny_qwen2, tmp_pat
     run_cli(*common, "--eval-limit", "0", "--out", tmp_path / "one")
     assert json.loads((tmp_path / "two" / "refusal_edit.json").read_text())["distributed"]["mode"] == "tensor"
     assert_bit_identical(tmp_path / "two", tmp_path / "one")
+
+
+def test_a_rank_without_prompts_gets_a_one_line_error_where_rows_are_gathered():
+    from mlx_refusal.errors import UserError
+
+    class Group:
+        def __init__(self, rank, size):
+            self._rank, self._size = rank, size
+
+        def rank(self):
+            return self._rank
+
+        def size(self):
+            return self._size
+
+    assert distributed.share_of_rows(["a", "b", "c"], Group(1, 2)) == ["b"]
+    with pytest.raises(UserError, match="^2 prompts cannot be split across 3 ranks; use fewer ranks or more prompts$"):
+        distributed.share_of_rows(["a", "b"], Group(2, 3))
+    assert distributed.share(["a", "b"], Group(2, 3)) == []  # plain `share` leaves that rank idle
