@@ -7,7 +7,10 @@
 Each configuration is a list of terms [direction, layer, multiple of the mean residual norm].
 Directions: "refusal" (harmful minus harmless means), "explain" / "explain_named" (an explaining
 refusal minus the terse one, over the response tokens), "explain-vs-comply" (the explaining refusal
-minus a compliant opening: a refusal direction in the explaining voice), "persona", "eos".
+minus a compliant opening: a refusal direction in the explaining voice), "lecture" (the model's own
+explaining refusals: the harmful train prompts whose unedited answer is judged a named, reasoned
+refusal, minus the harmless train mean, at the last prompt token), "persona", "eos".
+"refusal@12-15" spreads one term over layers 12..15, each at the given multiple.
 Prints one JSON line per configuration: refused / explained / coherent / variety / named / reason.
 """
 from __future__ import annotations
@@ -59,6 +62,34 @@ def eos_direction(model, tok):
     return np.tile(v, (arch.num_layers(model) + 1, 1)).astype(np.float32)
 
 
+def lecture_direction(model, tok, info, harmful, harmless):
+    """mean(last-token residual | the unedited answer lectures) - mean(harmless): [sites, hidden]
+    unit rows, and how many of `harmful` lectured. A lecture: refused, names the request, gives a
+    safety reason, in the first 40 tokens (coherence and length are not asked for there)."""
+    from mlx_refusal.capture import capture_residuals
+    from mlx_refusal.evaluation import generate_cached
+
+    answers, _ = generate_cached(model, tok, harmful, 40, 64, None, None, {"weights": info.fingerprint})
+    def lectures(prompt, answer):
+        v = voice(prompt, answer, is_refusal(answer), True)
+        return is_refusal(answer) and v.names_request and bool(v.safety_reason)
+
+    picked = [p for p, a in zip(harmful, answers) if lectures(p, a)]
+    if not picked:
+        raise SystemExit("no harmful train prompt got a lecturing answer")
+    diff = capture_residuals(model, tok, picked).mean - capture_residuals(model, tok, harmless).mean
+    return (diff / np.linalg.norm(diff, axis=-1, keepdims=True).clip(1e-12)).astype(np.float32), len(picked)
+
+
+def spread(name: str) -> tuple[str, list[int] | None]:
+    """"refusal@12-15" -> ("refusal", [12, 13, 14, 15]); a plain name -> (name, None)."""
+    if "@" not in name:
+        return name, None
+    base, span = name.split("@")
+    lo, hi = (int(x) for x in span.split("-"))
+    return base, list(range(lo, hi + 1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("configs")
@@ -79,19 +110,24 @@ def main():
     for cfg in json.loads(args.configs):
         t0 = time.perf_counter()
         with ExitStack() as stack:
-            for name, layer, mult in cfg:
+            for term, layer, mult in cfg:
+                name, layers = spread(term)
                 if name not in dirs:
                     if name == "eos":
                         dirs[name] = eos_direction(model, tok)
                     elif name == "persona":
                         dirs[name] = persona_direction(model, tok, lset.texts[:48])
+                    elif name == "lecture":
+                        dirs[name], n = lecture_direction(model, tok, info, hset.texts, lset.texts)
+                        print(json.dumps({"lecture_prompts": n, "of": len(hset.texts)}), flush=True)
                     elif name == "explain-vs-comply":
                         dirs[name] = response_direction(model, tok, lset.texts[:48], "explain",
                                                         against=COMPLIANCE_PREFILL)
                     else:
                         dirs[name] = response_direction(model, tok, lset.texts[:48], name)
-                vec = float(mult * norms[layer]) * np.asarray(dirs[name][layer], np.float32)
-                stack.enter_context(adding_at(model, layer, vec))
+                for lay in layers or [layer]:
+                    vec = float(mult * norms[lay]) * np.asarray(dirs[name][lay], np.float32)
+                    stack.enter_context(adding_at(model, lay, vec))
             answers = generate(model, tok, prompts + harmful, max_tokens=args.tokens, batch_size=64,
                                system=PERSONA if args.system == "persona" else args.system)
         out = score(prompts, answers[: len(prompts)])

@@ -177,3 +177,16 @@ def test_other_dtypes_keep_the_folders_two_matrices(gguf_like, tmp_path):
     model = onnx.load(str(res.out_dir / "onnx/model.onnx"))
     assert sorted(t.name for t in model.graph.initializer if VOCAB in t.dims) == ["lm_head.weight_T", EMBEDDING_SITE]
     assert "int8" not in json.loads((res.out_dir / "export.json").read_text())["quantization"]
+
+
+def test_the_help_states_the_bounds_the_code_uses():
+    # The help is plain text (a fast --help imports no onnx), so it is checked against the bounds.
+    from click.testing import CliRunner
+
+    import cli
+    from mlx_refusal.onnx.share import COPY_BOUNDS
+
+    text = " ".join(CliRunner().invoke(cli.main, ["export-onnx", "--help"], terminal_width=400).output.split())
+    assert f"relative RMS difference <= {COPY_BOUNDS.max_rel_rms:g}" in text
+    assert f"every row's cosine >= {COPY_BOUNDS.min_row_cosine:g}" in text
+    assert f"over {COPY_BOUNDS.max_top_direction:.0%} of the difference" in text
