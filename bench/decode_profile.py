@@ -26,11 +26,10 @@ import time
 
 import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from generate_speed import prompt_ids, random_model, sgemm_peak  # a sibling script in bench/
-from mlx_refusal import arch, evaluation
+from generate_speed import matmul_matrices, prompt_ids, random_model, sgemm_peak  # a sibling script in bench/
+from mlx_refusal import evaluation
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -45,10 +44,8 @@ def best_ms(fn, repeats: int = 5) -> float:
 
 
 def profile(model, ids, b: int, max_tokens: int, peak: float) -> str:
-    weights = [w for n, w in tree_flatten([layer.parameters() for layer in arch.layers(model)])
-               if n.endswith("weight") and w.ndim == 2]
-    head = getattr(model, "lm_head", None)
-    head_w = head.weight if head is not None else arch.embedding(model).weight
+    weights, head_w = matmul_matrices(model)
+    flops = 2 * (sum(w.size for w in weights) + head_w.size) * b  # per step
     hidden = head_w.shape[1]
     inputs = {k: mx.random.normal((b, k)) for k in {w.shape[1] for w in weights}}
     mx.eval(list(inputs.values()))
@@ -83,11 +80,11 @@ def profile(model, ids, b: int, max_tokens: int, peak: float) -> str:
 
     parts = [("products", products), ("head", head_ms), ("rest of model", step_ms - products - head_ms),
              ("normalise", normalise), ("generator", measured - step_ms - normalise)]
-    gflops = 2 * sum(w.size for w in weights + [head_w]) * b / (products + head_ms) / 1e6
+    gflops = flops / (products + head_ms) / 1e6
     cells = "  ".join(f"{name} {ms:6.1f} ms {100 * ms / measured:3.0f}%" for name, ms in parts)
     return (f"batch {b:>3}: step {measured:6.1f} ms = {cells}  | products+head {gflops:5.1f} GFLOP/s "
             f"= {100 * gflops / peak:3.0f}% of the sgemm peak; the whole step "
-            f"{2 * sum(w.size for w in weights + [head_w]) * b / measured / 1e6:5.1f} GFLOP/s")
+            f"{flops / measured / 1e6:5.1f} GFLOP/s")
 
 
 def main():

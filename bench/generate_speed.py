@@ -70,21 +70,23 @@ def copy_bandwidth(nbytes: int = 256 << 20) -> float:
     return 2 * nbytes * 3 / (time.perf_counter() - t) / 1e9
 
 
-def matmul_weights(model) -> tuple[int, int]:
-    """(multiply-adds per decoded token, bytes of the weights they read): every Linear of the
-    blocks plus the output projection."""
+def matmul_matrices(model) -> tuple[list[mx.array], mx.array]:
+    """(the weight of every Linear of the blocks, the output projection's weight)."""
     from mlx.utils import tree_flatten
 
     from mlx_refusal import arch
 
-    macs = nbytes = 0
-    for name, w in tree_flatten([layer.parameters() for layer in arch.layers(model)]):
-        if name.endswith("weight") and w.ndim == 2:
-            macs += w.size
-            nbytes += w.nbytes
+    blocks = [w for name, w in tree_flatten([layer.parameters() for layer in arch.layers(model)])
+              if name.endswith("weight") and w.ndim == 2]
     head = getattr(model, "lm_head", None)
-    w = head.weight if head is not None else arch.embedding(model).weight
-    return macs + w.size, nbytes + w.nbytes
+    return blocks, head.weight if head is not None else arch.embedding(model).weight
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(multiply-adds per decoded token, bytes of the weights they read): every Linear of the
+    blocks plus the output projection."""
+    blocks, head = matmul_matrices(model)
+    return sum(w.size for w in blocks) + head.size, sum(w.nbytes for w in blocks) + head.nbytes
 
 
 def time_decode(model, subset, b, max_tokens, macs, wbytes, peak, bandwidth) -> tuple[float, str]:

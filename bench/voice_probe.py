@@ -67,18 +67,21 @@ def lecture_direction(model, tok, info, harmful, harmless):
     unit rows, and how many of `harmful` lectured. A lecture: refused, names the request, gives a
     safety reason, in the first 40 tokens (coherence and length are not asked for there)."""
     from mlx_refusal.capture import capture_residuals
+    from mlx_refusal.directions import diff_in_means
     from mlx_refusal.evaluation import generate_cached
 
-    answers, _ = generate_cached(model, tok, harmful, 40, 64, None, None, {"weights": info.fingerprint})
+    answers, _ = generate_cached(model, tok, harmful, max_tokens=40, batch_size=64, system=None, progress=None,
+                                 cache_key={"weights": info.fingerprint})
     def lectures(prompt, answer):
-        v = voice(prompt, answer, is_refusal(answer), True)
-        return is_refusal(answer) and v.names_request and bool(v.safety_reason)
+        refused = is_refusal(answer)
+        v = voice(prompt, answer, refused, True)
+        return refused and v.names_request and bool(v.safety_reason)
 
     picked = [p for p, a in zip(harmful, answers) if lectures(p, a)]
     if not picked:
         raise SystemExit("no harmful train prompt got a lecturing answer")
-    diff = capture_residuals(model, tok, picked).mean - capture_residuals(model, tok, harmless).mean
-    return (diff / np.linalg.norm(diff, axis=-1, keepdims=True).clip(1e-12)).astype(np.float32), len(picked)
+    rows, _ = diff_in_means(capture_residuals(model, tok, picked).mean, capture_residuals(model, tok, harmless).mean)
+    return rows.astype(np.float32), len(picked)
 
 
 def spread(name: str) -> tuple[str, list[int] | None]:
