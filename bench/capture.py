@@ -26,6 +26,7 @@ from mlx_refusal.capture import capture_residuals
 from mlx_refusal.loading import load
 from mlx_refusal.prompts import bundled
 from mlx_refusal.template import encode_text, render
+from torch_baseline import torch_loop
 
 
 def sgemm_peak(n: int = 2048) -> float:
@@ -73,26 +74,6 @@ def mlx_loop(model, tok, prompts, batch_size):
     return out
 
 
-def torch_loop(path, prompts, batch_size):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tok = AutoTokenizer.from_pretrained(str(path))
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
-    model.eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    t = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            enc = tok(texts[s: s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            res = model(**enc, output_hidden_states=True)
-            _ = torch.stack([h[:, -1] for h in res.hidden_states], 1)
-    return time.perf_counter() - t
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=256, help="per set (harmful and harmless)")
@@ -127,7 +108,7 @@ def main():
     torch_dt = None
     if not args.no_torch:
         try:
-            torch_dt = torch_loop(info.path, prompts, args.batch_size)
+            torch_dt = torch_loop(info.path, prompts, args.batch_size)[0]
             rows.append(("torch loop (HF)", n / torch_dt, cap.stats["tokens"] / torch_dt, None))
         except ImportError:
             print("torch not installed: torch baseline skipped (pip install torch==2.13.0 to include it)")

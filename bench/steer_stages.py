@@ -55,31 +55,35 @@ def cold_cache(into: Path) -> Path:
 
 
 def run_steer(cache: Path, out: Path, extra: list[str]) -> tuple[dict[str, float], float, str]:
+    return run_staged(["steer", "--out", str(out), "--force", *extra], cache, STAGES)
+
+
+def run_staged(args: list[str], cache: Path, stages) -> tuple[dict[str, float], float, str]:
+    """Run `cli.py ARGS` on `cache`: (seconds in each of `stages`, as in STAGES, total, output)."""
     env = dict(os.environ, MLX_REFUSAL_CACHE=str(cache), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(ROOT / "cli.py"), "steer", "--out", str(out), "--force", *extra]
+    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    starts = {"load": 0.0}
-    log, line = [], b""
+    starts = {stages[0][0]: 0.0}
+    log, pending = [], b""
     while True:
-        ch = proc.stdout.read(1)
-        if not ch:
+        # whole chunks: a reader that takes a byte per call falls seconds behind on a busy machine
+        chunk = os.read(proc.stdout.fileno(), 1 << 16)
+        if not chunk:
             break
-        if ch not in b"\r\n":
-            line += ch
-            continue
-        text = line.decode(errors="replace")
-        line = b""
-        log.append(text)
+        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
         now = time.perf_counter() - t0
-        for name, pat in STAGES:
-            if pat is not None and name not in starts and pat.search(text):
-                starts[name] = now
+        log.extend(raw.decode(errors="replace") for raw in lines)
+        # the unfinished line too: tqdm ends a bar's line with the next update's "\r", seconds later
+        for text in log[len(log) - len(lines):] + [pending.decode(errors="replace")]:
+            for name, pat in stages:
+                if pat is not None and name not in starts and pat.search(text):
+                    starts[name] = now
     rc = proc.wait()
     total = time.perf_counter() - t0
     if rc != 0:
-        sys.exit("steer failed:\n" + "\n".join(log[-30:]))
-    order = [n for n, _ in STAGES if n in starts]
+        sys.exit(f"{args[0]} failed:\n" + "\n".join(log[-30:]))
+    order = [n for n, _ in stages if n in starts]
     times = {n: (starts[order[i + 1]] if i + 1 < len(order) else total) - starts[n] for i, n in enumerate(order)}
     return times, total, "\n".join(log)
 

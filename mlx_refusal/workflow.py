@@ -52,19 +52,26 @@ def refusal_log_odds(model, tokenizer, texts: list[str], system: str | None = No
     The odds are read in a capture's forward pass: with `fingerprint`, the prompts' residuals at
     `positions` are kept in the activation cache on the way, so the means capture that follows
     costs no second pass over the same prompts."""
+    return _odds_capture(model, tokenizer, texts, system, batch_size, judge, fingerprint, positions, use_cache,
+                         progress)[0]
+
+
+def _odds_capture(model, tokenizer, texts, system, batch_size, judge, fingerprint, positions, use_cache, progress):
+    """(refusal log-odds, the capture of the same pass)."""
     from .select import log_odds
 
     cap, _ = cached_capture(model, tokenizer, texts, fingerprint or "", positions, system, batch_size,
                             use_cache=use_cache and fingerprint is not None, progress=progress,
                             head=refusal_odds_head(model, tokenizer, judge))
-    return log_odds(cap.head_out)
+    return log_odds(cap.head_out), cap
 
 
 def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: str | None = None,
                             batch_size: int = 16, use_cache: bool = True, judge: Judge = MARKERS,
-                            positions: str = "last", progress=None) -> tuple[np.ndarray, bool]:
+                            positions: str = "last", progress=None):
     """`refusal_log_odds` behind the activation cache (same key parts: weights, template,
-    prompts). Returns (odds, whether they came from the cache)."""
+    prompts). Returns (odds, the capture of the pass that computed them, or None when the odds came
+    from the cache)."""
     import os
 
     from .capture import capture_key
@@ -83,16 +90,16 @@ def cached_refusal_log_odds(model, tokenizer, info, texts: list[str], system: st
             odds = None  # a damaged entry is recomputed
     # every rank must take the same branch: computing the odds runs collectives
     if distributed.everyone(odds is not None, distributed.world()):
-        return odds, True
-    odds = refusal_log_odds(model, tokenizer, texts, system, batch_size, judge, fingerprint=info.fingerprint,
-                            positions=positions, use_cache=use_cache, progress=progress)
+        return odds, None
+    odds, cap = _odds_capture(model, tokenizer, texts, system, batch_size, judge, info.fingerprint, positions,
+                              use_cache, progress)
     if use_cache and distributed.is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, odds)
         os.replace(tmp, path)
-    return odds, False
+    return odds, cap
 
 
 def compute_directions(model, tokenizer, info, harmful, harmless, positions: str = "last",
@@ -113,18 +120,24 @@ def compute_directions(model, tokenizer, info, harmful, harmless, positions: str
         raise UserError(f"unknown direction method '{method}'; choose one of {', '.join(DIRECTION_METHODS)}")
     progress = progress or silent
     run: dict = {"cache_hits": {}, "stats": {}}
-    odds = {}
+    odds, passes = {}, {}  # passes: the captures the odds were just read in, by set
     for name, ps in (("harmful", harmful), ("harmless", harmless)):
         with progress(f"capture {name} + base refusal", len(ps)) as update:
-            odds[name], hit = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size,
+            odds[name], cap = cached_refusal_log_odds(model, tokenizer, info, ps.texts, system, batch_size,
                                                       use_cache, judge, positions, update)
-            if hit:
+            if cap is None:
                 update(len(ps), 0)
+            else:
+                passes[name] = (list(ps.texts), cap)
     refused = {name: float(np.mean(o > 0)) for name, o in odds.items()}
     chosen = method if method != "auto" else ("means" if refused["harmful"] >= WEAK_REFUSAL else "contrast")
     run["base_refusal_rate"] = refused
 
     def capture(name: str, texts: list[str], prefill: str | None = None):
+        read, cap = passes.get(name, (None, None))
+        if prefill is None and read == list(texts):  # the odds pass read these residuals: no second pass
+            run["cache_hits"][name], run["stats"][name] = False, cap.stats
+            return cap
         with progress(f"capture {name}", len(texts)) as update:
             cap, hit = cached_capture(model, tokenizer, texts, info.fingerprint, positions, system, batch_size,
                                       use_cache=use_cache, progress=update, prefill=prefill)

@@ -71,7 +71,7 @@ def test_contrast_is_refusing_minus_complying_answers(tiny, tmp_path, monkeypatc
     def boom(*a, **k):
         raise AssertionError("should have come from the cache")
 
-    monkeypatch.setattr(workflow, "refusal_log_odds", boom)
+    monkeypatch.setattr(workflow, "_odds_capture", boom)
     monkeypatch.setattr("mlx_refusal.capture.capture_encoded", boom)
     again, run2 = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="contrast")
     assert all(run2["cache_hits"].values())
@@ -87,8 +87,8 @@ def test_auto_uses_contrast_when_the_model_seldom_refuses(tiny, tmp_path, monkey
     assert d.metadata["method"] == {"asked": "auto", "used": "contrast", "base_refusal_rate": run["base_refusal_rate"],
                                     "prefills": run["prefills"]}
     # a model that refuses most harmful prompts keeps the means method
-    monkeypatch.setattr(workflow, "refusal_log_odds",
-                        lambda m, t, texts, *a, **k: np.where(np.isin(texts, HARMFUL.texts), 2.0, -2.0))
+    monkeypatch.setattr(workflow, "_odds_capture",
+                        lambda m, t, texts, *a, **k: (np.where(np.isin(texts, HARMFUL.texts), 2.0, -2.0), None))
     d2, _ = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, use_cache=False)
     assert d2.metadata["method"]["used"] == "means" and d2.metadata["method"]["base_refusal_rate"]["harmful"] == 1.0
 
@@ -97,8 +97,8 @@ def test_filtered_keeps_refused_harmful_and_answered_harmless(tiny, tmp_path, mo
     monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path))
     model, tok, info = tiny
     refused = set(HARMFUL.texts[:4]) | {HARMLESS.texts[0]}  # 4 of 6 harmful refused, 1 harmless wrongly
-    monkeypatch.setattr(workflow, "refusal_log_odds",
-                        lambda m, t, texts, *a, **k: np.array([3.0 if x in refused else -3.0 for x in texts]))
+    monkeypatch.setattr(workflow, "_odds_capture",
+                        lambda m, t, texts, *a, **k: (np.array([3.0 if x in refused else -3.0 for x in texts]), None))
     monkeypatch.setattr(workflow, "MIN_FILTERED", 4)
     d, run = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="filtered", use_cache=False)
     assert run["kept"] == {"harmful": 4, "harmless": 5}
@@ -139,7 +139,7 @@ def test_cli_directions_reports_method_refusal_and_separation(tiny_qwen2, tmp_pa
         raise AssertionError("should have come from the cache")
 
     monkeypatch.setattr("mlx_refusal.capture.capture_encoded", boom)
-    monkeypatch.setattr(workflow, "refusal_log_odds", boom)
+    monkeypatch.setattr(workflow, "_odds_capture", boom)
     again = CliRunner().invoke(cli.main, ["directions", "--model", str(tiny_qwen2), "--split", "train",
                                           "--harmful", str(harmful),
                                           "--harmless", str(harmless), "--direction-method", "contrast",
@@ -169,6 +169,16 @@ def test_base_refusal_odds_come_from_the_means_capture_pass(tiny, tmp_path, monk
     real = capture.capture_encoded
     monkeypatch.setattr(capture, "capture_encoded", lambda *a, **k: runs.append(len(a[1])) or real(*a, **k))
     d, run = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="means")
-    assert runs == [len(HARMFUL), len(HARMLESS)] and all(run["cache_hits"].values())
+    assert runs == [len(HARMFUL), len(HARMLESS)] and not any(run["cache_hits"].values())
     expected, _ = diff_in_means(plain.mean, capture.capture_residuals(model, tok, HARMLESS.texts).mean)
     np.testing.assert_allclose(d.directions, expected, atol=1e-5)
+    # without the cache too (`directions --no-cache` once ran every set twice)
+    runs.clear()
+    uncached, run = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="means", use_cache=False)
+    assert runs == [len(HARMFUL), len(HARMLESS)] and not any(run["cache_hits"].values())
+    np.testing.assert_allclose(uncached.directions, d.directions, atol=1e-6)
+    # and a second cached run reads both sets from the cache: no pass at all
+    runs.clear()
+    again, run = workflow.compute_directions(model, tok, info, HARMFUL, HARMLESS, method="means")
+    assert runs == [] and all(run["cache_hits"].values())
+    np.testing.assert_allclose(again.directions, d.directions, atol=1e-6)
