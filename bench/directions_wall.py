@@ -5,8 +5,9 @@
 Both sides start a fresh process and capture the last-token residual of every layer for the same
 64 harmful + 64 harmless prompts, then write the difference of means. Wall times include
 everything a user waits for: imports, model load, capture, writing. Ours runs with `--no-cache`
-(a cold run), on a cache folder that holds only the converted model; its stages are read off its
-own output, as bench/steer_stages.py does:
+(a cold run) and `--direction-method means` (the torch loop's method; auto may pick contrast on
+these prompts, which captures twice as much), on a cache folder that holds only the converted
+model; its stages are read off its own output, as bench/steer_stages.py does:
 
     start-up    process start -> first capture line (imports, tokenizer, weights, checks)
     capture     -> the ranking table      write   -> the process ends (ranking, plot, provenance)
@@ -60,8 +61,9 @@ def main():
             files.append(tmp / f"{name}.txt")
             files[-1].write_text("\n".join(bundled(name).texts[: args.prompts]) + "\n")
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-        times, ours, log = run_staged(["directions", "--harmful", str(files[0]), "--harmless", str(files[1]),
-                                       "--direction-method", "means", "--no-cache", "--out", str(tmp / "out")], cold_cache(tmp / "cache"), STAGES)
+        args_ours = ["directions", "--harmful", str(files[0]), "--harmless", str(files[1]),
+                     "--direction-method", "means", "--no-cache", "--out", str(tmp / "out")]
+        times, ours, log = run_staged(args_ours, cold_cache(tmp / "cache"), STAGES)
         t = time.perf_counter()
         res = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_baseline.py"), str(folder), *map(str, files)],
                              env=env, capture_output=True, text=True)
