@@ -25,7 +25,7 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 _END_OF_TURN_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
                        "<end_of_turn>")
 
-_QWEN2_REGEX = (
+QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -79,7 +79,7 @@ def _split(*regexes: str) -> tuple:
 
 _GPT2 = PreTokenizer((("byte_level", True),))
 _DIGITS_THEN_GPT2 = PreTokenizer((("digits", True), ("byte_level", True)))
-_QWEN2 = PreTokenizer(_split(_QWEN2_REGEX), nfc=True)
+_QWEN2 = PreTokenizer(_split(QWEN2_REGEX), nfc=True)
 _LLAMA3 = PreTokenizer(_split(_LLAMA3_REGEX), ignore_merges=True)
 
 # tokenizer.ggml.pre -> the original model's pre-tokenizer (llama.cpp's names, aliases included)
@@ -88,7 +88,7 @@ PRE_TOKENIZERS = {
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
                     _DIGITS_THEN_GPT2),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2),
-    "stablelm2": PreTokenizer(_split(_QWEN2_REGEX)),
+    "stablelm2": PreTokenizer(_split(QWEN2_REGEX)),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "dbrx", "smaug-bpe"), _LLAMA3),
     "deepseek-llm": PreTokenizer(_split(*_DEEPSEEK_LLM_SPLITS)),
     "deepseek-coder": PreTokenizer(_split(*_DEEPSEEK_CODER_SPLITS)),

@@ -433,22 +433,17 @@ _last_tokenizer: list = []
 
 
 def chat_tokenizer(path, template: ChatTemplate | None = None):
-    """mlx_lm's TokenizerWrapper for the folder `path`, with the stop tokens stock mlx_lm.generate
+    """The tokenizer.ChatTokenizer of the folder `path`, with the stop tokens stock mlx_lm.generate
     uses and `template` in place of the model's own, checked to be a chat model's
     (template.check_chat_model): bad input fails here, before any weights are read."""
-    from mlx_lm.utils import load_config, load_tokenizer
-
     from .template import check_chat_model, use_template
+    from .tokenizer import load_tokenizer
 
     path = Path(path).resolve()
     stamp = [str(path), template, _stat_key(sorted(p for p in path.iterdir() if p.suffix in (".json", ".jinja", ".model")))]
     if _last_tokenizer and _last_tokenizer[0] == stamp:
         return _last_tokenizer[1]
-    try:
-        tokenizer = load_tokenizer(path, {"trust_remote_code": False},
-                                   eos_token_ids=load_config(path).get("eos_token_id"))
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"could not load the tokenizer of {path}: {str(exc).splitlines()[0][:200]}") from None
+    tokenizer = load_tokenizer(path, _eos_token_ids(path))
     if template is not None:
         use_template(tokenizer, template)
     check_chat_model(tokenizer, f"--chat-template {template.file}" if template else "")
@@ -456,10 +451,21 @@ def chat_tokenizer(path, template: ChatTemplate | None = None):
     return tokenizer
 
 
+def _eos_token_ids(path: Path) -> list[int]:
+    # mlx_lm's rule: generation_config.json's eos_token_id, if any, else config.json's
+    generation = path / "generation_config.json"
+    try:
+        eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    except ValueError:
+        eos = None
+    eos = eos or _read_config(path).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos or ()]
+
+
 def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_parallel: bool = False,
          chat_template: ChatTemplate | None = None):
     """Load `spec` -> (model, tokenizer, ModelInfo). The model computes in float32 on the CPU
-    (quantized layers stay quantized); the tokenizer is mlx_lm's TokenizerWrapper, rendering
+    (quantized layers stay quantized); the tokenizer is a tokenizer.ChatTokenizer, rendering
     with `chat_template` if given (else the model's own), and a chat model's (chat_tokenizer).
 
     tensor_parallel: under `mlx.launch`, load only this rank's slice of every block with
@@ -486,7 +492,7 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
             model, _ = sharded_load(path)  # the tokenizer kept is the one checked above
         else:
             model, _ = load_model(path)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # RuntimeError: MLX's, a damaged file
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)
     cast_for_compute(model, dtype)

@@ -127,9 +127,6 @@ def read_chat_template(path) -> ChatTemplate:
 def use_template(tokenizer, template: ChatTemplate) -> None:
     """Render with `template` from now on, in place of whatever the model folder brought."""
     tokenizer.chat_template = template.text
-    if hasattr(tokenizer, "_chat_template"):
-        # mlx_lm's TokenizerWrapper prefers its own Python renderer (chat_template_type) when set
-        tokenizer._chat_template = None
 
 
 def render(tokenizer, instruction: str, system: str | None = None) -> str:

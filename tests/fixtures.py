@@ -31,10 +31,17 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with Qwen2's normalizer and pre-tokenizer. transformers 5 rebuilds a qwen2
+    folder's tokenizer from its vocabulary with exactly these steps, whatever tokenizer.json
+    says; with them the folder's tokenizer.json and stock mlx_lm agree, as on a real Qwen2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from mlx_refusal.gguf_tokenizer import QWEN2_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

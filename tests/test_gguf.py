@@ -87,7 +87,7 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
-def write_gguf(folder, out, *, arch=None, pre="gpt-2", tokenizer_model="gpt2", qtypes=None, f16=(),
+def write_gguf(folder, out, *, arch=None, pre="qwen2", tokenizer_model="gpt2", qtypes=None, f16=(),
                extra_tensors=None, skip_tensors=(), meta=None, tokenizer=None):
     """Write the mlx_lm `folder` as a GGUF the way llama.cpp would. `qtypes` maps GGUF tensor-name
     fragments to a quantization type; `f16` lists fragments stored as F16; `tokenizer(writer)`,
@@ -219,7 +219,7 @@ def test_round_trip_chat_template_and_special_tokens(tiny_qwen2, tmp_path):
     # each ChatML marker is one special token, skipped when decoding with skip_special_tokens
     ids = tok.encode("<|im_start|>user<|im_end|>")
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    assert tok._tokenizer.decode(ids, skip_special_tokens=True) == "user"
+    assert tok.decode(ids, skip_special_tokens=True) == "user"
     assert tok.eos_token == "<|im_end|>"
     assert set(tok.eos_token_ids) == set(ref_tok.eos_token_ids) == {2, 0}
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())

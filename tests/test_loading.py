@@ -23,6 +23,7 @@ from test_gguf import write_gguf
 from mlx_refusal import gguf as conv
 from mlx_refusal import loading
 from mlx_refusal.errors import UserError
+from mlx_lm.utils import load_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +50,7 @@ def test_load_folder(tiny_qwen2):
     assert info.fingerprint == hashlib.sha256((tiny_qwen2 / "model.safetensors").read_bytes()).hexdigest()
     assert info.chat_template == CHATML_TEMPLATE
     assert info.device == "CPU" and info.blas
-    assert tok.encode("Hello") == tok._tokenizer.encode("Hello")
+    assert tok.encode("Hello") == load_tokenizer(tiny_qwen2).encode("Hello")  # stock mlx_lm's ids
 
 
 def test_half_precision_folder_is_cast_to_float32(tiny_llama, tmp_path):
@@ -76,6 +77,15 @@ def test_quantized_folder_keeps_quantized_layers(tiny_qwen2, tmp_path):
     ref_model, ref_tok, _ = loading.load(str(tiny_qwen2))
     got, ref = _logits(model, tok), _logits(ref_model, ref_tok)
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit: close, not equal
+
+
+def test_a_damaged_weights_file_is_one_error_line(tiny_qwen2, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen2, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="could not load .*safetensors") as err:
+        loading.load(str(broken))
+    assert "\n" not in str(err.value)
 
 
 def test_load_gguf_converts_once_into_the_cache(tiny_qwen2, tmp_path, cache, monkeypatch):

@@ -111,13 +111,20 @@ def reference_bpe():
 def test_tokenizer_matches_reference_bpe(qwen, reference_bpe):
     from tokenizers import Tokenizer
 
+    from mlx_lm.utils import load_tokenizer
+
     _, tok, info = qwen
     raw = Tokenizer.from_file(str(info.path / "tokenizer.json"))  # the tokenizer.json we built
+    stock = load_tokenizer(info.path)  # what stock mlx_lm.generate runs the saved models with
     for text in TOKENIZER_SAMPLES:
         expected = reference_bpe.encode(text)
-        assert tok.encode(text) == expected, text  # what the whole toolkit uses (via mlx_lm)
+        assert tok.encode(text) == expected, text  # what the whole toolkit uses (tokenizer.py)
         assert raw.encode(text).ids == expected, text
-        assert tok.decode(expected) == unicodedata.normalize("NFC", text)
+        assert stock.encode(text) == expected, text
+        assert tok.decode(expected) == unicodedata.normalize("NFC", text) == stock.decode(expected)
+    chat = [{"role": "user", "content": TOKENIZER_SAMPLES[0]}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == \
+        stock.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     # spot checks that do not depend on either implementation
     assert tok.encode("<|im_end|>") == [151645]
     assert tok.encode(" 2024") == [220, 17, 15, 17, 19]  # Qwen2 splits digits one by one

@@ -42,7 +42,7 @@ def test_a_template_reaching_for_python_internals_fails_in_one_line(probe, tiny_
 
 
 def chat_tokenizer_unchecked(folder):
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_refusal.tokenizer import load_tokenizer
 
     return load_tokenizer(folder)
 
