@@ -458,17 +458,27 @@ def search_shape(m: Model, d: Directions, harmful: str, harmless: str, n_trials:
                  progress: ProgressFactory | None = None, judge: Judge = MARKERS):
     """ablate --search: the optuna study (search.py) on `n_prompts` validation prompts per set,
     resumed from the cache when one with the same weights, directions, prompts and settings
-    exists; returns the search.SearchResult (trials, Pareto front, the choice and why)."""
+    exists, its best candidates then judged again on the rest of the validation split
+    (search.confirm); returns the search.SearchResult (trials, Pareto front, the choice and why)."""
     from .judge import cache_identity
-    from .search import search, study_path
+    from .search import confirm, confirm_candidates, search, study_path
 
     hval, lval = prompt_sets(harmful, harmless, "val", n_prompts)
+    hall, lall = prompt_sets(harmful, harmless, "val")
     storage, name = study_path({"weights": m.info.fingerprint, "directions": d.sha256(), "harmful": list(hval.texts),
                                 "harmless": list(lval.texts), "max_tokens": max_tokens, "system": system,
                                 "seed": 0, **cache_identity(judge)})
     with (progress or silent)("search", n_trials) as update:
-        return search(m.model, m.tokenizer, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
-                      batch_size, system, 0, update, judge)
+        found = search(m.model, m.tokenizer, d, hval.texts, lval.texts, n_trials, storage, name, max_kl, max_tokens,
+                       batch_size, system, 0, update, judge)
+    seen = set(hval.texts) | set(lval.texts)
+    held = [t for t in hall.texts if t not in seen], [t for t in lall.texts if t not in seen]
+    candidates = confirm_candidates(found, max_kl)
+    if len(candidates) < 2 or not all(held):
+        return found
+    with (progress or silent)("confirm on held-out val", len(candidates)) as update:
+        return confirm(m.model, m.tokenizer, d, found, name, *held, (len(hval), len(lval)), max_kl, max_tokens,
+                       batch_size, system, update, judge)
 
 
 def ablate(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "harmless", **options) -> Edit:

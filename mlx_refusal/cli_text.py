@@ -181,4 +181,10 @@ def search_front(result) -> str:
                    "attn peak@pos±width", "mlp peak@pos±width", "chosen"], rows,
                   title=f"Pareto front of {len(result.trials)} trials ({result.new_trials} new in "
                         f"{result.seconds:.0f} s; study {result.storage})")
+    if result.confirmed:
+        rows = [[c.number, pct(next(t.refusal for t in result.front if t.number == c.number)), pct(c.held_out_refusal),
+                 pct(c.refusal), f"{c.kl:.4f}", "*" if c.number == result.chosen.number else ""]
+                for c in result.confirmed]
+        front += "\n" + table(["trial", "refused (search)", "refused (held out)", "refused (all)", "KL (all)", "chosen"],
+                              rows, title="The best of the front, judged again on held-out validation prompts")
     return front + "\n" + click.style(f"chosen: {result.reason}", bold=True)

@@ -21,11 +21,17 @@ continues where it stopped: `N` is the total number of finished trials wanted.
 The chosen trial (`choose`): among the Pareto front (trials no other trial beats on both
 objectives, ties on both kept), the lowest refusal rate among those with KL <= `max_kl`, ties
 broken by lower KL; when none is within `max_kl`, the front's lowest-KL trial, flagged.
+
+The front is chosen on the very prompts it was found on, so its best refusal rate is an
+optimistic draw: one refusal more or less on 32 prompts reorders it. `confirm` re-judges the
+CONFIRM best candidates within `max_kl` on the validation prompts the trials never saw and
+chooses again on all of them pooled (the re-judged figures are kept in the study, so a second
+run measures nothing).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +48,7 @@ from .paths import cache_dir
 
 PROJECTIONS = ("none", "projected", "biprojected")
 SEARCH_VERSION = 1  # part of the study key: change it when the space or the objectives change
+CONFIRM = 3  # front trials `confirm` judges again on held-out prompts
 
 
 @dataclass(frozen=True)
@@ -159,11 +166,25 @@ class SearchResult:
     storage: Path
     new_trials: int  # trials run by this call (the rest were loaded from the study)
     seconds: float  # time this call spent on trials
+    confirmed: list[Confirmation] = field(default_factory=list)  # `confirm`'s re-judged candidates
 
     def as_record(self) -> dict:
         return {"trials": [t.as_record() for t in self.trials], "pareto": [t.number for t in self.front],
                 "chosen": self.chosen.as_record(), "reason": self.reason, "storage": str(self.storage),
-                "new_trials": self.new_trials, "seconds": self.seconds}
+                "new_trials": self.new_trials, "seconds": self.seconds,
+                "confirmed": [asdict(c) for c in self.confirmed]}
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """One front trial judged again on held-out validation prompts, and pooled with its own."""
+    number: int
+    held_out_refusal: float
+    held_out_kl: float
+    refusal: float  # over the trial's prompts and the held-out ones together
+    kl: float
+    harmful: int  # prompts pooled
+    harmless: int
 
 
 def search(model, tokenizer, d, harmful: Sequence[str], harmless: Sequence[str], n_trials: int,
@@ -257,6 +278,56 @@ def choose(front: Sequence[TrialResult], max_kl: float) -> tuple[TrialResult, st
     best = min(front, key=lambda t: (t.kl, t.refusal, t.number))
     return best, (f"trial {best.number}: no Pareto trial has KL <= {max_kl:g}; this is the one with the lowest "
                   f"KL ({best.kl:.4f}, refusal {100 * best.refusal:.1f}%). Run more trials or raise --max-kl")
+
+
+def confirm_candidates(result: SearchResult, max_kl: float) -> list[TrialResult]:
+    """The CONFIRM best front trials within `max_kl`, by refusal then KL."""
+    within = sorted((t for t in result.front if t.kl <= max_kl), key=lambda t: (t.refusal, t.kl, t.number))
+    return within[:CONFIRM]
+
+
+def confirm(model, tokenizer, d, result: SearchResult, study_name: str, harmful: Sequence[str],
+            harmless: Sequence[str], n_seen: tuple[int, int], max_kl: float, max_tokens: int = 128,
+            batch_size: int = 32, system: str | None = None, progress: Update | None = None,
+            judge: Judge = MARKERS) -> SearchResult:
+    """`result` with its choice made again (see the module doc) on held-out validation prompts
+    `harmful` / `harmless`, the trials having seen n_seen = (harmful, harmless) prompts each.
+    Only when two or more front trials are within `max_kl`: with one, there is nothing to choose."""
+    import dataclasses
+
+    import optuna
+
+    from .evaluation import first_token_logprobs
+
+    candidates = confirm_candidates(result, max_kl)
+    if len(candidates) < 2 or not harmful or not harmless:
+        return result
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(result.storage).resolve()}")
+    held_key = memo.key(harmful=list(harmful), harmless=list(harmless), max_tokens=max_tokens, system=system)[:16]
+    base_lp = None
+    confirmed = []
+    for t in candidates:
+        name = f"confirm-{held_key}-{t.number}"
+        if name not in study.user_attrs:
+            if base_lp is None:
+                base_lp = first_token_logprobs(model, tokenizer, list(harmless), batch_size, system)
+            study.set_user_attr(name, list(measure(model, tokenizer, d, t.shape, harmful, harmless, base_lp,
+                                                   max_tokens, batch_size, system, judge)[:2]))
+        held_refusal, held_kl = study.user_attrs[name]
+        (nh, nl), mh, ml = n_seen, len(harmful), len(harmless)
+        confirmed.append(Confirmation(t.number, held_refusal, held_kl, (t.refusal * nh + held_refusal * mh) / (nh + mh),
+                                      (t.kl * nl + held_kl * ml) / (nl + ml), nh + mh, nl + ml))
+        if progress:
+            progress(1)
+    within = [c for c in confirmed if c.kl <= max_kl] or confirmed
+    best = min(within, key=lambda c: (c.refusal, c.kl, c.number))
+    chosen = next(t for t in candidates if t.number == best.number)
+    others = ", ".join(str(c.number) for c in confirmed if c is not best)
+    reason = (f"trial {best.number}: of the {len(confirmed)} best Pareto trials with KL <= {max_kl:g} (with {others}), "
+              f"judged again on {len(harmful)} + {len(harmless)} held-out validation prompts, the lowest harmful "
+              f"refusal over all {best.harmful} ({100 * best.refusal:.1f}%; KL {best.kl:.4f} over {best.harmless})"
+              + ("" if best.kl <= max_kl else f"; none stays within KL {max_kl:g} pooled"))
+    return dataclasses.replace(result, chosen=chosen, reason=reason, confirmed=confirmed)
 
 
 def plot_front(result: SearchResult, path: Path, max_kl: float) -> Path:
