@@ -84,7 +84,7 @@ def _fmt(v) -> str:
 
 
 # what the library's steps count, by their progress description; any other step counts prompts
-STEP_UNITS = {"score layers": "layer", "search": "trial", "rewrite tensors": "tensor"}
+STEP_UNITS = {"score layers": "layer", "search": "trial", "confirm on held-out val": "trial", "rewrite tensors": "tensor"}
 
 
 @contextmanager
