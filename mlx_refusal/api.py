@@ -474,7 +474,7 @@ def search_shape(m: Model, d: Directions, harmful: str, harmless: str, n_trials:
     seen = set(hval.texts) | set(lval.texts)
     held = [t for t in hall.texts if t not in seen], [t for t in lall.texts if t not in seen]
     candidates = confirm_candidates(found, max_kl)
-    if len(candidates) < 2 or not all(held):
+    if not candidates or not all(held):
         return found
     with (progress or silent)("confirm on held-out val", len(candidates)) as update:
         return confirm(m.model, m.tokenizer, d, found, name, *held, (len(hval), len(lval)), max_kl, max_tokens,

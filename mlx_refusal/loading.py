@@ -456,7 +456,7 @@ def _eos_token_ids(path: Path) -> list[int]:
     generation = path / "generation_config.json"
     try:
         eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
-    except ValueError:
+    except (OSError, ValueError):  # mlx_lm, too, reads past a broken generation_config
         eos = None
     eos = eos or _read_config(path).get("eos_token_id")
     return [eos] if isinstance(eos, int) else [int(i) for i in eos or ()]

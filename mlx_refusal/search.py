@@ -281,9 +281,10 @@ def choose(front: Sequence[TrialResult], max_kl: float) -> tuple[TrialResult, st
 
 
 def confirm_candidates(result: SearchResult, max_kl: float) -> list[TrialResult]:
-    """The CONFIRM best front trials within `max_kl`, by refusal then KL."""
+    """The CONFIRM best front trials within `max_kl`, by refusal then KL; none when fewer than two
+    are within it (with one, there is nothing to choose between)."""
     within = sorted((t for t in result.front if t.kl <= max_kl), key=lambda t: (t.refusal, t.kl, t.number))
-    return within[:CONFIRM]
+    return within[:CONFIRM] if len(within) >= 2 else []
 
 
 def confirm(model, tokenizer, d, result: SearchResult, study_name: str, harmful: Sequence[str],
@@ -292,7 +293,7 @@ def confirm(model, tokenizer, d, result: SearchResult, study_name: str, harmful:
             judge: Judge = MARKERS) -> SearchResult:
     """`result` with its choice made again (see the module doc) on held-out validation prompts
     `harmful` / `harmless`, the trials having seen n_seen = (harmful, harmless) prompts each.
-    Only when two or more front trials are within `max_kl`: with one, there is nothing to choose."""
+    Only for `confirm_candidates`: with none, `result` is returned as it is."""
     import dataclasses
 
     import optuna
@@ -300,10 +301,11 @@ def confirm(model, tokenizer, d, result: SearchResult, study_name: str, harmful:
     from .evaluation import first_token_logprobs
 
     candidates = confirm_candidates(result, max_kl)
-    if len(candidates) < 2 or not harmful or not harmless:
+    if not candidates or not harmful or not harmless:
         return result
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{Path(result.storage).resolve()}")
     held_key = memo.key(harmful=list(harmful), harmless=list(harmless), max_tokens=max_tokens, system=system)[:16]
+    (nh, nl), mh, ml = n_seen, len(harmful), len(harmless)
     base_lp = None
     confirmed = []
     for t in candidates:
@@ -314,7 +316,6 @@ def confirm(model, tokenizer, d, result: SearchResult, study_name: str, harmful:
             study.set_user_attr(name, list(measure(model, tokenizer, d, t.shape, harmful, harmless, base_lp,
                                                    max_tokens, batch_size, system, judge)[:2]))
         held_refusal, held_kl = study.user_attrs[name]
-        (nh, nl), mh, ml = n_seen, len(harmful), len(harmless)
         confirmed.append(Confirmation(t.number, held_refusal, held_kl, (t.refusal * nh + held_refusal * mh) / (nh + mh),
                                       (t.kl * nl + held_kl * ml) / (nl + ml), nh + mh, nl + ml))
         if progress:

@@ -131,6 +131,15 @@ def test_a_folder_without_a_readable_tokenizer_json_fails_in_one_line(tiny_qwen2
     shutil.copyfile(tiny_qwen2 / "tokenizer.json", folder / "tokenizer.json")
     with pytest.raises(UserError, match="not valid JSON"):
         load_tokenizer(folder)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").mkdir()  # unreadable as a file
+    with pytest.raises(UserError, match="cannot be read") as err:
+        load_tokenizer(folder)
+    assert "\n" not in str(err.value)
+    (folder / "tokenizer_config.json").rmdir()
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_tokenizer(folder)
 
 
 def _copy(src, dst):
