@@ -7,15 +7,17 @@ For each batch size B it times, in one run, with a KV cache of about the length 
     head           the output projection at B rows
     rest of model  a plain model step (mlx_lm KVCache, argmax of the last logits) minus the two above:
                    attention, norms, RoPE, cache writes, activations
-    normalise      logits - logsumexp(logits) over the whole vocabulary, which mlx_lm's
-                   BatchGenerator computes every step for its sampler and its log-probs
     generator      the rest of a step of our generation (BatchGenerator: the padded BatchKVCache
                    and its masks, the Python loop, the token read): a measured step minus the above,
                    so a residual; the parts are each the best of five calls and the step a mean of
                    --max-tokens, so near zero it can come out a few ms negative
 
-and prints each part's share of the measured step, the products' GFLOP/s and the sgemm peak
-(1024^3) measured in the same run. Every sequence runs the full --max-tokens (no eos).
+and prints each part's share of the measured step, and apart from the step what normalising the
+logits over the whole vocabulary would cost (logits - logsumexp(logits), which mlx_lm's
+BatchGenerator computes every step for its sampler; batching.GreedyHead spares greedy decoding
+it), the products' GFLOP/s and the sgemm peak (1024^3) measured in the same run. The model has
+the CPU's multiply-add activations (activations.py), as a loaded one does. Every sequence runs
+the full --max-tokens (no eos).
 
 Usage: python bench/decode_profile.py [--batch 1 16 32 64] [--max-tokens 32] [--model SPEC]
 """
@@ -79,12 +81,12 @@ def profile(model, ids, b: int, max_tokens: int, peak: float) -> str:
     measured = 1e3 * (time.perf_counter() - t - first) / (max_tokens - 1)
 
     parts = [("products", products), ("head", head_ms), ("rest of model", step_ms - products - head_ms),
-             ("normalise", normalise), ("generator", measured - step_ms - normalise)]
+             ("generator", measured - step_ms)]
     gflops = flops / (products + head_ms) / 1e6
     cells = "  ".join(f"{name} {ms:6.1f} ms {100 * ms / measured:3.0f}%" for name, ms in parts)
     return (f"batch {b:>3}: step {measured:6.1f} ms = {cells}  | products+head {gflops:5.1f} GFLOP/s "
             f"= {100 * gflops / peak:3.0f}% of the sgemm peak; the whole step "
-            f"{flops / measured / 1e6:5.1f} GFLOP/s")
+            f"{flops / measured / 1e6:5.1f} GFLOP/s; normalising would add {normalise:.1f} ms")
 
 
 def main():

@@ -9,7 +9,9 @@ It also measures, in the same run, the sgemm peak (1024^3 float32) and the copy 
 (numpy copy of 256 MB), and prints each batch's decode rate against its roofline: achieved
 GFLOP/s (2 x matmul weights per token) vs the sgemm peak, and at batch 1 the weight bytes read
 per second vs the copy bandwidth (a batch-1 step reads every weight once). Batch 1 runs twice on
-Linux: with the sgemv forward for products of 1-3 rows (backend.py) and with it switched off.
+Linux: with the sgemv forward for products of 1-3 rows (backend.py) and with it switched off; the
+largest batch runs twice on the CPU: with the multiply-add activations (activations.py) and with
+MLX's own.
 
 Usage: python bench/generate_speed.py [--prompts 16] [--max-tokens 32] [--batch 1 16] [--model SPEC]
 """
@@ -22,7 +24,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_refusal import batching, evaluation as evaluate
+from mlx_refusal import activations, batching, evaluation as evaluate
 from mlx_refusal.template import encode_chat
 
 QWEN05_SHAPE = dict(
@@ -41,6 +43,7 @@ def random_model(layers: int, hidden: int, vocab: int):
                    num_attention_heads=max(2, hidden // 64), num_key_value_heads=2)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
     mx.eval(model.parameters())
+    activations.install(model)  # as loading.load does on the CPU
     return model, cfg
 
 
@@ -165,6 +168,13 @@ def main():
             finally:
                 mlx_refusal.backend.gemv_forward_enable(True)
             print(f"{line}  <- sgemm for every product; the sgemv forward is {rates[b] / plain:.2f}x faster")
+        if b == max(args.batch) and activations.installed(model):
+            activations.uninstall(model)
+            try:
+                stock, line = time_decode(model, subset, b, args.max_tokens, macs, wbytes, peak, bandwidth)
+            finally:
+                activations.install(model)
+            print(f"{line}  <- MLX's own activations; the multiply-add ones are {rates[b] / stock:.2f}x faster")
     # What the shared-prefix pass saves: first-token log-probs (prefill only) with and without it.
     b = max(args.batch)
     t = time.perf_counter()

@@ -88,6 +88,23 @@ def test_eos_and_stop_end_rows_early(model):
     assert halted == [cut[0], cut[1], cut[2][: batching.STOP_CHECK_EVERY]]
 
 
+def test_generator_normalises_only_until_every_row_has_its_first_token(model, monkeypatch):
+    """GreedyHead: the generator's sampler sees one column per row once no first-token distribution
+    is wanted, and the tokens are the same either way."""
+    widths = []
+    real = batching.GreedyHead.sample
+    monkeypatch.setattr(batching.GreedyHead, "sample", lambda self, lp: (widths.append(lp.shape[-1]), real(self, lp))[1])
+    prompts = [[7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 3], [7, 8, 9, 10, 20, 21, 22]]
+    prefix = batching.shared_prefix(model, prompts, keep=2)
+    plain = batching.decode_greedy(model, prompts, prefix, 10, set())
+    assert widths and set(widths) == {1}
+    widths.clear()
+    tokens, firsts = batching.decode_greedy(model, prompts, prefix, 10, set(), first_logprobs=True)
+    assert tokens == plain
+    assert widths[0] == VOCAB and widths[-1] == 1  # full while a row still lacks its first token
+    assert [f.shape for f in firsts] == [(VOCAB,)] * len(prompts)
+
+
 @settings(max_examples=30, deadline=None)
 @given(prompts=prompt_sets, read=st.integers(1, 3))
 def test_right_padded_forward_reads_exact_residuals(model, prompts, read):
