@@ -19,7 +19,6 @@ and mlx_lm itself is never patched. `uninstall` puts the stock classes back.
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import mlx.core as mx
 
@@ -106,13 +105,15 @@ def install(model, device: str | None = None) -> bool:
     return True
 
 
+def _installed_mlps(model) -> list:
+    return [layer.mlp for layer in arch.layers(model) if hasattr(type(getattr(layer, "mlp", None)), "stock_class")]
+
+
 def installed(model) -> bool:
-    return any(hasattr(type(getattr(layer, "mlp", None)), "stock_class") for layer in arch.layers(model))
+    return bool(_installed_mlps(model))
 
 
 def uninstall(model) -> None:
     """Put MLX's own activations back (benchmarks compare both in one process)."""
-    for layer in arch.layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if hasattr(type(mlp), "stock_class"):
-            mlp.__class__ = type(mlp).stock_class
+    for mlp in _installed_mlps(model):
+        mlp.__class__ = type(mlp).stock_class
