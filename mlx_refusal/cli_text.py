@@ -26,11 +26,12 @@ def model_info(info, seconds: float) -> str:
                           + (f", from {info.template_override.file})" if info.template_override else ")")),
         ("loaded in", f"{seconds:.1f} s"),
     ]
-    from .backend import stock_preload
+    from .backend import stock_env
 
-    preload = stock_preload()
-    if preload:  # Linux: stock mlx_lm loads MLX's reference BLAS unless given this one
-        rows.append(("stock mlx_lm", f'LD_PRELOAD="{preload}" mlx_lm.generate --model {info.path}'))
+    env = stock_env()
+    if env:  # Linux: stock mlx_lm loads MLX's reference BLAS unless given this one
+        prefix = " ".join(f'{k}="{v}"' for k, v in env.items())
+        rows.append(("stock mlx_lm", f"{prefix} mlx_lm.generate --model {info.path}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 

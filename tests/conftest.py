@@ -81,10 +81,7 @@ def stock_generate(model_dir, prompt: str, max_tokens: int = 40) -> str:
 
     from mlx_refusal import backend
 
-    env = dict(os.environ)
-    preload = backend.stock_preload()
-    if preload:
-        env["LD_PRELOAD"] = preload
+    env = {**os.environ, **backend.stock_env()}
     proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(model_dir), "--prompt", prompt,
                            "--max-tokens", str(max_tokens), "--temp", "0"],
                           capture_output=True, text=True, timeout=600, env=env)
