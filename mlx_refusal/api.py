@@ -258,8 +258,9 @@ def _edited(kind: str, m: Model, record: dict, **parts) -> Edit:
 
 def _before(m: Model, hset, lset, max_tokens, gen_batch_size, system, progress, use_cache,
             judge: Judge = MARKERS):
-    """The unedited model's first-token log-probs on the harmless prompts (for the KL after: read
-    off the first step of its own generation) and its report."""
+    """The unedited model's first-token log-probs on the harmless prompts (a LazyLogprobs for the
+    KL after: read off the first step of its own generation, or never computed where the KL is
+    cached) and its report."""
     before = _evaluate(m, hset, lset, max_tokens, gen_batch_size, system, progress, "eval before",
                        cache_key=m.info.fingerprint if use_cache else None, judge=judge, keep_logprobs=True)
     return before.first_logprobs, before

@@ -10,9 +10,10 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from . import arch, distributed
 from .batching import Stop, check_nonempty, generate_batched, log_softmax, right_padded
@@ -177,6 +178,42 @@ def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vecto
         yield lay, distributed.gather_rows(lp, len(prompts), group)
 
 
+class LazyLogprobs:
+    """First-token log-probs [n, vocab], computed on first call: a warm cache may never need them.
+    `key` names their content (the cached answers they go with) for caches of what is computed
+    from them; None where there is no name. Computing runs the model as it is at the call, so
+    one that outlives an edit of the model must hold its values already (`kept`)."""
+
+    def __init__(self, compute: Callable[[], mx.array], key: str | None = None):
+        self._compute, self.key, self._value = compute, key, None
+
+    @classmethod
+    def of(cls, value: mx.array, key: str | None = None) -> "LazyLogprobs":
+        lazy = cls(lambda: value, key)
+        lazy._value = value
+        return lazy
+
+    def __call__(self) -> mx.array:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def kept(self) -> "LazyLogprobs":
+        """These log-probs with their values in hand, so the model may change: read back from the
+        cache where a named run stored them, else computed now (and stored, when named)."""
+        from . import memo
+
+        if self._value is None and self.key is not None:
+            stored = memo.recall_array("first-logprobs", self.key)
+            # every rank must take the same branch: computing runs collectives
+            if distributed.everyone(stored is not None and stored.ndim == 2, distributed.world()):
+                return LazyLogprobs.of(mx.array(stored), self.key)
+        value = self()
+        if self.key is not None and distributed.is_writer():
+            memo.remember_array("first-logprobs", self.key, np.array(value))
+        return self
+
+
 def kl_divergence(base_logprobs: mx.array, logprobs: mx.array) -> mx.array:
     """KL(base || model) per row, in nats, from log-probabilities [n, vocab]."""
     if base_logprobs.shape != logprobs.shape:
@@ -275,8 +312,9 @@ class EvalReport:
     settings: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # what was evaluated: model, base, prompts
     criteria: str = ""  # the judge's account of its verdicts (Judge.criteria), for the Markdown report
-    # the evaluated model's own first-token log-probs on the harmless prompts [n, vocab], when
-    # asked for (keep_logprobs): the base distribution of a later KL, at no extra forward pass
+    # the evaluated model's own first-token log-probs on the harmless prompts (a LazyLogprobs),
+    # when asked for (keep_logprobs): the base distribution of a later KL, at no extra forward
+    # pass when the answers were generated, and none at all when that KL is cached too
     first_logprobs: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -337,13 +375,14 @@ def evaluate(
     keep_logprobs: bool = False,
 ) -> EvalReport:
     """Generate answers to both sets and judge them (`judge`: refusal, coherence, voice); with
-    `base` (a (model, tokenizer) pair, or
-    base log-probabilities [n_harmless, vocab] from `first_token_logprobs`), also the
-    first-token KL(base || model) on the harmless prompts.
+    `base` (a (model, tokenizer) pair, base log-probabilities [n_harmless, vocab] from
+    `first_token_logprobs`, or a LazyLogprobs such as another report's `first_logprobs`), also
+    the first-token KL(base || model) on the harmless prompts.
 
-    `cache_key` (the model's weight fingerprint) keeps the greedy answers on disk, so evaluating
-    the same unedited model on the same prompts again is instant; never pass it for a model
-    edited in memory (its fingerprint is the unedited one's).
+    `cache_key` (a name for the weights: the model's fingerprint, with any edit made in memory
+    described beside it) keeps the greedy answers on disk, so evaluating the same model on the
+    same prompts again is instant; with a named LazyLogprobs `base`, the KL is kept too. Never
+    pass the bare fingerprint for a model edited in memory (it is the unedited one's).
 
     `harmful` / `harmless` are PromptSets (or lists of strings). `progress` (a progress.Update)
     counts prompts: both sets are generated in one pass (the model's first-token log-probs come from its
@@ -353,7 +392,6 @@ def evaluate(
     h_name, h_texts, h_cats = _texts_and_categories(harmful)
     s_name, s_texts, s_cats = _texts_and_categories(harmless)
     want_kl = base is not None and bool(s_texts)
-    base_pass = want_kl and not isinstance(base, mx.array)
 
     # Both sets in one call, so they share batches; the harmless first-token distributions come
     # from the same prefill that starts generation.
@@ -364,17 +402,7 @@ def evaluate(
 
     kls: list[float | None] = [None] * len(s_texts)
     if want_kl:
-        if base_pass:
-            base_model, base_tok = base
-            base_lp = first_token_logprobs(base_model, base_tok, s_texts, batch_size, system, progress)
-        else:
-            base_lp = base
-        if base_lp.shape[0] != len(s_texts):
-            raise UserError(
-                f"base log-probabilities have {base_lp.shape[0]} rows for {len(s_texts)} harmless "
-                "prompts; compute them on the same prompts"
-            )
-        kls = [float(x) for x in kl_divergence(base_lp, lp).tolist()]
+        kls = _first_token_kl(model, tokenizer, s_texts, base, lp, batch_size, system, progress)
 
     records = []
     for name, texts, cats in (("harmful", h_texts, h_cats), ("harmless", s_texts, s_cats)):
@@ -403,16 +431,46 @@ def evaluate(
             "judge": judge.settings(),
         },
         criteria=judge.criteria(),
-        first_logprobs=lp if keep_logprobs else None,
+        first_logprobs=lp.kept() if keep_logprobs and lp is not None else None,
     )
+
+
+def _first_token_kl(model, tokenizer, texts, base, lp: LazyLogprobs, batch_size, system, progress) -> list[float]:
+    """KL(base || model) of each prompt's first token; kept on disk when both sides are named
+    (a LazyLogprobs with a key), so a warm run computes neither distribution."""
+    from . import memo
+
+    named = isinstance(base, LazyLogprobs) and base.key is not None and lp.key is not None
+    digest = memo.key(model=lp.key, base=base.key) if named else None
+    kls = memo.recall("first-token-kl", digest) if digest else None
+    # every rank must take the same branch: the log-probs below run collectives
+    if distributed.everyone(isinstance(kls, list) and len(kls) == len(texts), distributed.world()):
+        return kls
+    if isinstance(base, LazyLogprobs):
+        base_lp = base()
+    elif isinstance(base, mx.array):
+        base_lp = base
+    else:
+        base_model, base_tok = base
+        base_lp = first_token_logprobs(base_model, base_tok, texts, batch_size, system, progress)
+    if base_lp.shape[0] != len(texts):
+        raise UserError(
+            f"base log-probabilities have {base_lp.shape[0]} rows for {len(texts)} harmless "
+            "prompts; compute them on the same prompts"
+        )
+    kls = [float(x) for x in kl_divergence(base_lp, lp()).tolist()]
+    if digest and distributed.is_writer():
+        memo.remember("first-token-kl", digest, kls)
+    return kls
 
 
 def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
                     first_logprobs: bool = False, stop: Stop | None = None, logprobs_from: int = 0):
-    """(answers, first-token log-probs [n - logprobs_from, vocab] of texts[logprobs_from:], or
-    None). With `cache_key` (a JSON-able value naming the weights, any intervention, and `stop`
-    when given) the answers are kept on disk (memo); on a hit the log-probs, when asked for, cost
-    one prefill of those texts."""
+    """(answers, a LazyLogprobs of the first-token log-probs [n - logprobs_from, vocab] of
+    texts[logprobs_from:], or None). With `cache_key` (a JSON-able value naming the weights, any
+    intervention, and `stop` when given) the answers are kept on disk (memo) and the log-probs
+    are named by them; on a hit the log-probs cost one prefill of those texts, if they are ever
+    asked for."""
     from . import memo
 
     def run():
@@ -421,9 +479,11 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
         return answers, None if lp is None else lp[logprobs_from:]
 
     if cache_key is None:
-        return run()
+        answers, lp = run()
+        return answers, None if lp is None else LazyLogprobs.of(lp)
     digest = memo.key(model=cache_key, max_tokens=max_tokens, system=system,
                       template=getattr(tokenizer, "chat_template", None), texts=list(texts))
+    lp_key = memo.key(answers=digest, rows_from=logprobs_from) if first_logprobs else None
     answers = memo.recall("generations", digest)
     # every rank must take the same branch: generating runs collectives
     if distributed.everyone(isinstance(answers, list) and len(answers) == len(texts), distributed.world()):
@@ -431,12 +491,13 @@ def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, pro
             progress(len(texts))
         lp = None
         if first_logprobs:
-            lp = first_token_logprobs(model, tokenizer, texts[logprobs_from:], batch_size, system)
+            lp = LazyLogprobs(lambda: first_token_logprobs(model, tokenizer, texts[logprobs_from:], batch_size, system),
+                              lp_key)
         return answers, lp
     answers, lp = run()
     if distributed.is_writer():
         memo.remember("generations", digest, answers)
-    return answers, lp
+    return answers, None if lp is None else LazyLogprobs.of(lp, lp_key)
 
 
 def _jsonable(x: float | None):

@@ -13,6 +13,7 @@ from mlx_lm import load as mlx_load
 from mlx_refusal import batching
 from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
+from mlx_refusal.interventions import adding_at
 from mlx_refusal.template import encode_chat
 from mlx_refusal.judge import JUDGE_WINDOW, coherence, is_refusal, normalize, refusal_marker, verdict
 
@@ -376,13 +377,52 @@ def test_evaluate_keeps_its_own_first_token_logprobs_from_generation(qwen2, tmp_
     calls = []
     real = ev.first_token_logprobs
     monkeypatch.setattr(ev, "first_token_logprobs", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    for run in ("generated", "cached"):  # a second run reads the answers back and prefills the harmless only
+    # generated, then both answers and log-probs read back, then the answers only (the stored
+    # log-probs lost): the harmless set is prefilled once, on that last run
+    for run in ("generated", "cached", "answers cached"):
+        if run == "answers cached":
+            for f in (tmp_path / "first-logprobs").glob("*.npy"):
+                f.unlink()
         report = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4, cache_key="fp", keep_logprobs=True)
-        assert report.first_logprobs.shape == separate.shape
-        assert float(mx.abs(report.first_logprobs - separate).max()) < 1e-4
+        with adding_at(model, 1, np.full(model.args.hidden_size, 5.0, np.float32)):  # the values are in hand
+            assert report.first_logprobs().shape == separate.shape
+            assert float(mx.abs(report.first_logprobs() - separate).max()) < 1e-4
         assert "first_logprobs" not in json.dumps(ev.report_json(report))
-    assert calls == [len(HARMLESS.texts)]  # none while generating, the harmless set once on the cache hit
+    assert calls == [len(HARMLESS.texts)]
     assert ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4).first_logprobs is None
+
+
+def test_a_warm_before_and_after_computes_no_first_token_distribution(qwen2, tmp_path, monkeypatch):
+    """What `steer` does on a warm cache: the before report's log-probs are the after report's
+    base; with both sides' answers cached the KL is read back, and neither side is prefilled."""
+    monkeypatch.setenv("MLX_REFUSAL_CACHE", str(tmp_path))
+    model, tok = qwen2
+    calls = []
+    real = ev.first_token_logprobs
+    monkeypatch.setattr(ev, "first_token_logprobs", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    vector = np.full(model.args.hidden_size, 0.3, np.float32)
+    kls = []
+    for run in ("cold", "warm"):
+        before = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4, cache_key="fp",
+                             keep_logprobs=True)
+        with adding_at(model, 1, vector):
+            after = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4, base=before.first_logprobs,
+                                cache_key={"weights": "fp", "add": "0.3 at 1"})
+        kls.append([r.kl for r in after.records if r.set == "harmless"])
+        assert calls == [], run  # cold: both read off generation; warm: the KL is cached
+    assert kls[0] == kls[1] and after.kl_mean > 0
+    unedited = real(model, tok, HARMLESS.texts)
+    with adding_at(model, 1, vector):  # the same KL with no cache at all
+        plain = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4, base=unedited)
+    assert [r.kl for r in plain.records if r.set == "harmless"] == pytest.approx(kls[0], abs=1e-5)
+    # another base is another KL: computed, the edited side from one prefill (its answers are cached)
+    calls.clear()
+    with adding_at(model, 1, vector):
+        other = ev.evaluate(model, tok, HARMFUL.texts, HARMLESS.texts, max_tokens=4,
+                            base=ev.LazyLogprobs.of(unedited, "another base"),
+                            cache_key={"weights": "fp", "add": "0.3 at 1"})
+    assert calls == [len(HARMLESS.texts)]
+    assert [r.kl for r in other.records if r.set == "harmless"] == pytest.approx(kls[0], abs=1e-5)
 
 
 def test_set_stats_rates_per_category():
