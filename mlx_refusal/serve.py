@@ -330,6 +330,21 @@ def _lacks_runtime(webdir: Path, page: Path) -> bool:
     return any(m.startswith("vendor/") for m in missing)
 
 
+def check_listenable(webdir: str | os.PathLike, host: str, port: int) -> None:
+    """The one-line errors of `make_server` that need no page: `webdir` not a folder, or the
+    address taken (bound and let go at once, with the server's own SO_REUSEADDR)."""
+    if not Path(webdir).is_dir():
+        raise UserError(f"{webdir} is not a folder; pass the folder written by `export-onnx --out`")
+    import socket
+
+    with socket.socket(ThreadingHTTPServer.address_family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
+
+
 def make_server(
     webdir: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -341,13 +356,12 @@ def make_server(
     """A bound (not yet running) server for `webdir`; port 0 picks a free port
     (read it back from `server.server_address`)."""
     webdir = Path(webdir)
-    if not webdir.is_dir():
-        raise UserError(f"{webdir} is not a folder; pass the folder written by `export-onnx --out`")
+    check_listenable(webdir, host, port)
     site = Site(webdir.resolve(), Path(page_dir), Path(node_modules))
     handler = type("Handler", (PageRequestHandler,), {"site": site, "log": staticmethod(log) if log else None})
     try:
         server = ThreadingHTTPServer((host, port), handler)
-    except OSError as exc:
+    except OSError as exc:  # taken since check_listenable
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
     missing = site.missing()
     if missing:
@@ -372,6 +386,7 @@ def serve(
     When neither the bundle nor the page has the page's runtime, it is installed first
     (`runtime_page`: into export/ in a checkout, else into a cached copy of the page; it reports
     to `progress`)."""
+    check_listenable(webdir, host, port)  # before the runtime's install, which takes minutes
     page = runtime_page(webdir, PAGE_DIR, progress=progress)
     server = make_server(webdir, host, port, log=log, page_dir=page, node_modules=page / "node_modules")
     try:

@@ -125,7 +125,7 @@ def test_switched_off_by_the_environment_it_is_not_loaded_and_matmuls_still_use_
              "print(backend.blas_status(), backend.gemv_forward_count(), x.tolist())")
     out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, backend.ENV_NO_GEMV_FORWARD: "1"},
                          capture_output=True, text=True, check=True).stdout
-    assert f"OpenBLAS ({backend._loaded_blas}; no sgemv forward: disabled by {backend.ENV_NO_GEMV_FORWARD})" in out
+    assert f"OpenBLAS ({backend._loaded_blas}; no sgemv forward: disabled by {backend.ENV_NO_GEMV_FORWARD}" in out
     assert out.rstrip().endswith("None [[8.0, 8.0, 8.0]]")
 
 
