@@ -270,7 +270,7 @@ def steer(m: Model, d: Directions, harmful: str = "harmful", harmless: str = "ha
           layer: int | None = None, alpha: float | None = None, alpha_multiple: float | None = None,
           select: str = "evaluate", candidates: int = 3, target: float = 0.95, margin: float = 0.1,
           calibration_prompts: int = 32, voice: str = "terse", voice_multiple: float = 0.2, system: str | None = None,
-          batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 64,
+          batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64, gen_batch_size: int = 256,
           use_cache: bool = True, progress: ProgressFactory | None = None,
           on_trial: Callable | None = None, judge: Judge = MARKERS) -> Edit:
     """A RefusaLLM: alpha x the refusal direction added as a bias at one layer's resid_pre, so
@@ -372,7 +372,7 @@ def project(m: Model, d: Directions, scale: float, harmful: str = "harmful", har
             layer: int | None = None, select: str = "evaluate", max_kl: float = 0.2,
             writer_layers: list[int] | None = None, per_layer: bool = False, norm_preserve: bool = False,
             system: str | None = None, batch_size: int = 32, eval_limit: int | None = None, max_tokens: int = 64,
-            gen_batch_size: int = 64, use_cache: bool = True, progress: ProgressFactory | None = None,
+            gen_batch_size: int = 256, use_cache: bool = True, progress: ProgressFactory | None = None,
             kind: str = "project", search_trials: int = 0, search_prompts: int = 32,
             judge: Judge = MARKERS) -> Edit:
     """W <- W - scale d d^T W for every matrix writing to the residual stream (the embedding,
