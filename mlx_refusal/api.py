@@ -130,7 +130,7 @@ def check_directions(d: Directions, info: ModelInfo, where: str = "the direction
 
 def evaluate(m: Model, harmful: str = "harmful", harmless: str = "harmless", *, split: str = "test",
              base: Model | None = None, limit: int | None = None, max_tokens: int = 64, system: str | None = None,
-             batch_size: int = 32, progress: ProgressFactory | None = None, judge: Judge = MARKERS) -> EvalReport:
+             batch_size: int = 256, progress: ProgressFactory | None = None, judge: Judge = MARKERS) -> EvalReport:
     """Greedy answers to both sets, judged by `judge` (refusal, coherence, voice), per set and category; with
     `base`, the first-token KL(base || m) on the harmless prompts; `provenance` says what was
     evaluated."""

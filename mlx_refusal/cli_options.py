@@ -62,6 +62,12 @@ positions = _all(_positions, _direction_method)
 system = click.option("--system", default=None, help="System prompt to render prompts with (default: the template's own).")
 batch = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 512),
                      help="Prompts per forward pass.")
+GEN_BATCH = 256
+GEN_BATCH_WHY = (" (the default takes the bundled test split, 138 prompts, in one batch: larger batches give more "
+                 "tokens/s, and the longest answers of each batch decode on alone, so fewer batches also mean fewer "
+                 "such tails).")
+gen_batch = click.option("--batch-size", default=GEN_BATCH, show_default=True, type=click.IntRange(1, 512),
+                         help="Prompts generated together" + GEN_BATCH_WHY)
 cache = click.option("--no-cache", is_flag=True, help="Recompute activations instead of reusing the on-disk cache.")
 directions_file = click.option(
     "--directions", "directions_file", type=click.Path(path_type=Path), default=None,
@@ -90,10 +96,8 @@ def _edit_outputs(max_tokens: int, why: str = ""):
                           "report)."),
         click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(1, 4096),
                      help="New tokens per answer in the before/after report" + why + "."),
-        click.option("--gen-batch-size", default=256, show_default=True, type=click.IntRange(1, 512),
-                     help="Prompts generated together in the before/after report (the default takes the bundled "
-                          "test split, 138 prompts, in one batch: larger batches give more tokens/s, and the "
-                          "longest answers of each batch run on alone, so fewer batches also mean fewer tails)."),
+        click.option("--gen-batch-size", default=GEN_BATCH, show_default=True, type=click.IntRange(1, 512),
+                     help="Prompts generated together in the before/after report" + GEN_BATCH_WHY),
         click.option("--save-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
                      show_default=True, help="Dtype of the saved weights (the edit itself is computed in float32 on "
                                              "the CPU); bfloat16 halves the folder against float32."),
@@ -198,7 +202,7 @@ eval_options = _all(
                  help="New tokens per answer (greedy)."),
     click.option("--limit", default=None, type=click.IntRange(1), help="At most N prompts per set (evenly spread)."),
     system,
-    batch,
+    gen_batch,
     click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report as JSON."),
     click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
                  help="Write the report (tables and every answer) as Markdown."),
