@@ -152,6 +152,20 @@ def _probe(path: str, coretype: str | None) -> dict:
         return {"right": False}
 
 
+def _read_verdict(memo: Path, sets: list[str]) -> dict | None:
+    """A cached verdict, or None where it is missing or damaged (then it is measured again)."""
+    import json
+
+    try:
+        found = json.loads(memo.read_text())
+        choice, own = found["choice"], found["own"]
+        if choice is None or (choice in sets and isinstance(found["tried"][choice]["gflops"], (int, float))):
+            return found if isinstance(own, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def _choose_kernels(path: str) -> None:
     """Set OPENBLAS_CORETYPE (in this process, so children inherit it) where OpenBLAS's own kernel
     pick is much slower than a set this CPU supports; see the module's docstring."""
@@ -175,9 +189,8 @@ def _choose_kernels(path: str) -> None:
     key = hashlib.sha256(json.dumps([os.path.realpath(path), st.st_size, st.st_mtime_ns, ident, sorted(flags), sets,
                                      KERNEL_GAIN]).encode()).hexdigest()[:24]
     memo = cache_dir("blas") / f"kernels-{key}.json"
-    try:
-        found = json.loads(memo.read_text())
-    except (OSError, ValueError):
+    found = _read_verdict(memo, sets)
+    if found is None:
         own = _probe(path, None)
         tried = {name: _probe(path, name) for name in sets}
         found = {"own": own, "tried": tried, "choice": kernel_verdict(own, tried)}

@@ -133,6 +133,20 @@ def test_a_generic_kernel_pick_is_replaced_and_the_verdict_cached(fake_cpu, tmp_
     assert len(fake_cpu) == 6
 
 
+@pytest.mark.parametrize("damage", ["not json", '{"choice": "SkylakeX"}', '{"choice": "rm -rf", "own": {}, "tried": {}}',
+                                    '{"choice": "Haswell", "own": {}, "tried": {"Haswell": {}}}', "[]"])
+def test_a_damaged_verdict_is_measured_again(fake_cpu, tmp_path, damage):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"x")
+    backend._choose_kernels(str(lib))
+    [memo] = (tmp_path / "cache" / "blas").glob("kernels-*.json")
+    memo.write_text(damage)
+    os.environ.pop(backend.ENV_CORETYPE)
+    backend._choose_kernels(str(lib))
+    assert len(fake_cpu) == 6 and os.environ[backend.ENV_CORETYPE] == "SkylakeX"
+    assert json.loads(memo.read_text())["choice"] == "SkylakeX"
+
+
 def test_the_users_kernel_set_and_the_switch_are_obeyed(fake_cpu, tmp_path, monkeypatch):
     lib = tmp_path / "libopenblas.so.0"
     lib.write_bytes(b"x")
