@@ -330,6 +330,10 @@ def _lacks_runtime(webdir: Path, page: Path) -> bool:
     return any(m.startswith("vendor/") for m in missing)
 
 
+def _cannot_listen(host: str, port: int, exc: OSError) -> UserError:
+    return UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port")
+
+
 def check_listenable(webdir: str | os.PathLike, host: str, port: int) -> None:
     """The one-line errors of `make_server` that need no page: `webdir` not a folder, or the
     address taken (bound and let go at once, with the server's own SO_REUSEADDR)."""
@@ -342,7 +346,7 @@ def check_listenable(webdir: str | os.PathLike, host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
+            raise _cannot_listen(host, port, exc) from None
 
 
 def make_server(
@@ -362,7 +366,7 @@ def make_server(
     try:
         server = ThreadingHTTPServer((host, port), handler)
     except OSError as exc:  # taken since check_listenable
-        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another port with --port") from None
+        raise _cannot_listen(host, port, exc) from None
     missing = site.missing()
     if missing:
         server.server_close()
