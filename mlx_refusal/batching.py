@@ -21,15 +21,23 @@ callback removes rows from it. Measured before the switch on Qwen2.5-Coder-0.5B 
 with the prefix caches 51.0 s (0.96x), on whole prompts 72.0 s (1.35x); the tokens of all 16 rows
 were identical.
 
+Steered runs. A vector added at block L changes nothing below L, so a `Steering` with a
+`BasePass` runs the unsteered model over its prompts once (`BasePass.rows`) and every steered
+run over them after that (a calibration sweep runs the same prompts at many strengths) takes the
+keys and values of the blocks below L, and the input of block L, from there: its prefill runs
+only the blocks from L on (`BasePass.resumed`).
+
 Greedy decoding is argmax, so batched and one-at-a-time runs give the same text unless two
 logits tie to within float32 rounding (different batch shapes round differently).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
@@ -130,6 +138,138 @@ def prefill(model, logits_at: LogitsAt, batch: Sequence[Sequence[int]], prefix: 
     return logits_at(tokens, batch_cache(model, prefix, padding), mx.array([len(r) - 1 for r in rest]))
 
 
+@dataclass
+class BaseRow:
+    """One prompt under the unsteered model: the input of each recorded block at every token
+    [tokens, hidden], and each block's keys and values of every token but the last (batch-1
+    caches, never written to; they hold the last token too, past their offset)."""
+
+    caches: list[KVCache]
+    inputs: dict[int, mx.array]
+
+
+class BasePass:
+    """The unsteered model's prefill of prompts, kept per prompt for steered passes over them that
+    add vectors from one of `layers` up (see `Steering`): generation (`resumed`) and first-token
+    distributions (`resumed_logits`)."""
+
+    def __init__(self, layers: Iterable[int]):
+        self.layers = sorted(set(layers))
+        self._rows: dict[tuple[int, ...], BaseRow] = {}
+
+    def rows(self, model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> list[BaseRow]:
+        """The base rows of `seqs`, running the model (unsteered: call it outside any hook) on the
+        ones not seen before."""
+        missing = [s for s in dict.fromkeys(tuple(s) for s in seqs) if s not in self._rows]
+        if missing:
+            self._run(model, missing, pad_id, batch_size)
+        return [self._rows[tuple(s)] for s in seqs]
+
+    def narrow(self, layers: Iterable[int]) -> None:
+        """Keep the inputs of `layers` only (the others' memory is freed)."""
+        self.layers = [lay for lay in self.layers if lay in set(layers)]
+        for row in self._rows.values():
+            row.inputs = {lay: row.inputs[lay] for lay in self.layers}
+
+    def _run(self, model, seqs: list[tuple[int, ...]], pad_id: int, batch_size: int) -> None:
+        from .interventions import hooked_layers
+
+        seen: dict[int, list[mx.array]] = {lay: [] for lay in self.layers}
+
+        def keep(lay):
+            def record(x):
+                seen[lay].append(x)
+                return x
+            return record
+
+        with hooked_layers(model, before={lay: keep(lay) for lay in self.layers}):
+            prefix = shared_prefix(model, seqs)
+            lead = {lay: seen[lay].pop()[0] for lay in self.layers} if prefix.length else {}
+            for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
+                rest = [seqs[i][prefix.length:] for i in idx]
+                tokens, padding = right_padded(rest, pad_id)
+                caches = batch_cache(model, prefix, padding)
+                arch.decoder(model)(tokens, cache=caches)
+                for c in caches:
+                    c.finalize()
+                got = {lay: seen[lay].pop() for lay in self.layers}
+                new = []
+                for j, i in enumerate(idx):
+                    inputs = {lay: x[j, : len(rest[j])] for lay, x in got.items()}
+                    if lead:
+                        inputs = {lay: mx.concatenate([lead[lay], x]) for lay, x in inputs.items()}
+                    row_caches = [c.extract(j) for c in caches]
+                    for c in row_caches:
+                        c.offset -= 1  # the last token is fed to the generator as its first step
+                    new.append(BaseRow(row_caches, inputs))
+                    self._rows[seqs[i]] = new[-1]
+                mx.eval([[(c.keys, c.values) for c in r.caches] + list(r.inputs.values()) for r in new])
+
+    def _inputs(self, layer: int, rows: Sequence[BaseRow], start: int, cut: int) -> mx.array:
+        """Block `layer`'s inputs of each row from token `start` to `cut` before its end,
+        right-padded with zeros into [rows, longest, hidden]."""
+        parts = [r.inputs[layer][start: r.inputs[layer].shape[0] - cut] for r in rows]
+        width = max(x.shape[0] for x in parts)
+        return mx.stack([mx.pad(x, [(0, width - x.shape[0]), (0, 0)]) for x in parts])
+
+    def resumed(self, model, layer: int, rows: Sequence[BaseRow], batch: Sequence[Sequence[int]],
+                prefix: SharedPrefix, pad_id: int) -> list[list]:
+        """Per-row caches (every token but the last) of `batch` under the model as it is now,
+        steered from block `layer` up: the blocks below it are the base's `rows`, and the rest run
+        from the base's input to `layer` behind `prefix` (computed steered)."""
+        from .interventions import resuming_at
+
+        tokens, padding = right_padded([list(ids[prefix.length:-1]) for ids in batch], pad_id)
+        caches = batch_cache(model, prefix, padding)
+        with resuming_at(model, layer, self._inputs(layer, rows, prefix.length, 1)):
+            arch.decoder(model)(tokens, cache=caches)
+        for c in caches[layer:]:
+            c.finalize()
+        return [[r.caches[k] if k < layer else caches[k].extract(j) for k in range(len(caches))]
+                for j, r in enumerate(rows)]
+
+    def resumed_logits(self, model, layer: int, rows: Sequence[BaseRow], batch: Sequence[Sequence[int]],
+                       prefix: SharedPrefix, logits_at: LogitsAt, pad_id: int) -> mx.array:
+        """`prefill` (last-token logits) of `batch` under the model as it is now, steered from block
+        `layer` up, running only the blocks from `layer` on."""
+        from .interventions import resuming_at
+
+        with resuming_at(model, layer, self._inputs(layer, rows, prefix.length, 0)):
+            return prefill(model, logits_at, batch, prefix, pad_id)
+
+
+@dataclass
+class Steering:
+    """Vectors added at the input of blocks (every token) while generating, as (block, vector)
+    pairs. With `base`, the blocks below the lowest of them are taken from the unsteered model's
+    pass over the prompts (`BasePass`) when it recorded that block."""
+
+    terms: list[tuple[int, np.ndarray]]
+    base: BasePass | None = None
+    layer: int = field(init=False)  # the lowest block a vector is added at
+
+    def __post_init__(self):
+        self.layer = min(lay for lay, _ in self.terms)
+
+    def resumes(self, model, prompt_ids: Sequence[Sequence[int]]) -> bool:
+        """Whether a run over `prompt_ids` takes its lower blocks from the base: a prompt of one
+        token has nothing before its last token to take."""
+        return (self.base is not None and self.layer in self.base.layers and 0 < self.layer < len(arch.layers(model))
+                and min(map(len, prompt_ids)) >= 2)
+
+    def added(self, model) -> ExitStack:
+        from .interventions import adding_at
+
+        stack = ExitStack()
+        try:
+            for lay, vector in self.terms:
+                stack.enter_context(adding_at(model, lay, vector))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+
 class GreedyHead:
     """The model as BatchGenerator sees it when decoding greedily.
 
@@ -158,10 +298,13 @@ class GreedyHead:
 
 
 def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, max_tokens: int, eos: set[int],
-                  stop: Stop | None = None, rows: Sequence[int] | None = None, first_logprobs: bool = False):
+                  stop: Stop | None = None, rows: Sequence[int] | None = None, first_logprobs: bool = False,
+                  caches: Sequence[list] | None = None):
     """Greedy continuations of one batch (eos excluded), by mlx_lm's BatchGenerator. `rows` names
     the batch's rows for `stop` (default 0..). With `first_logprobs`, returns (continuations, the
-    log-softmax of each row's first-token distribution) from the generator's own prefill step."""
+    log-softmax of each row's first-token distribution) from the generator's own prefill step.
+    `caches` (per row, per block: every token but the last, as `BasePass.resumed` gives) replace
+    the prefill: the generator starts from each row's last token."""
     rows = list(range(len(batch))) if rows is None else list(rows)
     # One prefill step for the whole batch, so every row starts decoding at the same step.
     head = GreedyHead(model, full=first_logprobs)
@@ -171,8 +314,11 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
     try:
         # Every row is handed the same prefix caches: the generator merges them into a new batch
         # cache (BatchKVCache.merge, as `batch_cache` does) and never writes to them.
-        uids = gen.insert([list(ids[prefix.length:]) for ids in batch],
-                          caches=None if prefix.caches is None else [prefix.caches] * len(batch))
+        if caches is not None:
+            uids = gen.insert([list(ids[-1:]) for ids in batch], caches=list(caches))
+        else:
+            uids = gen.insert([list(ids[prefix.length:]) for ids in batch],
+                              caches=None if prefix.caches is None else [prefix.caches] * len(batch))
         row_of = dict(zip(uids, rows))
         out: dict[int, list[int]] = {u: [] for u in uids}
         firsts: dict[int, mx.array] = {}
@@ -216,11 +362,13 @@ def check_nonempty(prompt_ids: Sequence[Sequence[int]]) -> None:
 def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[int]], max_tokens: int,
                      eos_ids: Iterable[int], batch_size: int, pad_id: int,
                      progress: Update | None = None, stop: Stop | None = None,
-                     first_logprobs: bool = False) -> tuple[list[list[int]], mx.array | None]:
+                     first_logprobs: bool = False, steer: Steering | None = None
+                     ) -> tuple[list[list[int]], mx.array | None]:
     """Greedy continuations of every prompt in input order (`max_tokens` 0: none), and with
     `first_logprobs` the log-softmax of each prompt's first-token distribution [n, vocab] (the
-    generator's first step when generating, else one right-padded prefill per batch). Prompts share one prefix cache and run in length-sorted batches;
-    `progress` (progress.Update) counts prompts."""
+    generator's first step when generating, else one right-padded prefill per batch). Prompts
+    share one prefix cache and run in length-sorted batches; `progress` (progress.Update) counts
+    prompts. `steer` adds its vectors for the whole call."""
     check_nonempty(prompt_ids)
     results: list[list[int]] = [[] for _ in prompt_ids]
     firsts: list[mx.array | None] = [None] * len(prompt_ids)
@@ -229,25 +377,31 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
         if progress:
             progress(len(prompt_ids))
         return results, None
-    # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
-    # tokens of every prompt past the prefix, every row has a prefill and all start in step.
-    prefix = shared_prefix(model, prompt_ids, keep=2)
-    for idx in batches:
-        batch = [list(prompt_ids[i]) for i in idx]
-        if max_tokens > 0:
-            outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx, first_logprobs)
-            outs, lps = outs if first_logprobs else (outs, None)
-            for j, (i, ids) in enumerate(zip(idx, outs)):
-                results[i] = ids
-                if lps is not None:
-                    firsts[i] = lps[j].astype(mx.float32)
-        elif first_logprobs:
-            lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
-            mx.eval(lp)
-            for j, i in enumerate(idx):
-                firsts[i] = lp[j]
-        if progress:
-            progress(len(idx))
+    resume = steer is not None and max_tokens > 0 and steer.resumes(model, prompt_ids)
+    base = steer.base.rows(model, prompt_ids, pad_id, batch_size) if resume else None  # before any hook
+    with steer.added(model) if steer is not None else ExitStack():
+        # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
+        # tokens of every prompt past the prefix, every row has a prefill and all start in step.
+        prefix = shared_prefix(model, prompt_ids, keep=2)
+        for idx in batches:
+            batch = [list(prompt_ids[i]) for i in idx]
+            if max_tokens > 0:
+                caches = None if base is None else steer.base.resumed(model, steer.layer, [base[i] for i in idx],
+                                                                      batch, prefix, pad_id)
+                outs = decode_greedy(model, batch, prefix, max_tokens, set(eos_ids), stop, idx, first_logprobs,
+                                     caches)
+                outs, lps = outs if first_logprobs else (outs, None)
+                for j, (i, ids) in enumerate(zip(idx, outs)):
+                    results[i] = ids
+                    if lps is not None:
+                        firsts[i] = lps[j].astype(mx.float32)
+            elif first_logprobs:
+                lp = log_softmax(prefill(model, logits_at, batch, prefix, pad_id))
+                mx.eval(lp)
+                for j, i in enumerate(idx):
+                    firsts[i] = lp[j]
+            if progress:
+                progress(len(idx))
     if not first_logprobs:
         return results, None
     return results, (mx.stack(firsts) if firsts else mx.zeros((0, 0)))

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import arch, distributed
-from .batching import Stop, check_nonempty, generate_batched, log_softmax, right_padded
+from .batching import BasePass, Steering, Stop, check_nonempty, generate_batched, log_softmax, right_padded
 from .errors import UserError
 from .judge import MARKERS, Judge
 from .progress import Update
@@ -67,13 +67,14 @@ def generate_tokens(
                             progress, stop)[0]
 
 
-def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs):
-    """(answers, first-token log-probs or None) in prompt order. Under `mlx.launch` each
-    data-parallel rank generates its share and every rank gets all of both."""
+def _generate_text(model, tokenizer, prompts, max_tokens, batch_size, system, progress, stop, first_logprobs,
+                   steer: Steering | None = None):
+    """(answers, first-token log-probs or None) in prompt order, with `steer`'s vectors added.
+    Under `mlx.launch` each data-parallel rank generates its share and every rank gets all of both."""
     def run(part):
         ids, firsts = generate_batched(model, partial(_logits_at, model), encode_chat(tokenizer, part, system),
                                        max_tokens, eos_token_ids(tokenizer), batch_size, _pad_id(tokenizer), progress,
-                                       stop, first_logprobs)
+                                       stop, first_logprobs, steer)
         return [tokenizer.decode(t) for t in ids], firsts
 
     group = distributed.data_group(model)
@@ -119,56 +120,44 @@ def first_token_logprobs(
 
 
 def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vectors: Mapping[int, "np.ndarray"],
-                                 batch_size: int = 16, system: str | None = None):
+                                 batch_size: int = 16, system: str | None = None, base: BasePass | None = None):
     """(layer, `first_token_logprobs` with vectors[layer] added at resid_pre of that layer) for
     each layer in turn, as a generator (one [n, vocab] array alive at a time).
 
-    A vector added at layer L changes nothing below L, so the blocks below every L run once: a
-    base pass over each batch records the input of every block L, and L's pass resumes there
-    with the vector added (interventions.resuming_at). Only the shared template prefix, a few
-    tokens, is run whole for each L, so that every layer's cache holds it steered. The result is
-    the plain steered pass's, to float32 rounding; the work is the blocks from L on."""
+    A vector added at layer L changes nothing below L, so the blocks below every L run once: the
+    prompts' unsteered pass (`base`, a batching.BasePass that recorded the layers, or one made
+    here) records the input of every block L, and L's pass resumes there with the vector added.
+    Only the shared template prefix, a few tokens, is run whole for each L, so that every
+    layer's cache holds it steered. The result is the plain steered pass's, to float32 rounding;
+    the work is the blocks from L on."""
     from .batching import length_sorted_batches, prefill, shared_prefix
-    from .interventions import adding_at, hooked_layers, resuming_at
 
     layers = sorted(vectors)
+    kept = base if base is not None else BasePass(lay for lay in layers if lay > 0)
 
     def run(part: list[str]):
         ids = encode_chat(tokenizer, part, system)
         check_nonempty(ids)
         batches = length_sorted_batches([len(p) for p in ids], batch_size)
         logits_at, pad = partial(_logits_at, model), _pad_id(tokenizer)
-        base = shared_prefix(model, ids, keep=2)
-        recorded: dict[int, list[mx.array]] = {lay: [] for lay in layers if lay > 0}
-
-        def record(lay):
-            def keep(x):
-                recorded[lay].append(x)
-                return x
-            return keep
-
-        with hooked_layers(model, before={lay: record(lay) for lay in recorded}):
-            for idx in batches:
-                prefill(model, logits_at, [ids[i] for i in idx], base, pad)  # only the recorded inputs are used
-                mx.eval([r[-1] for r in recorded.values()])
+        rows = None
         for lay in layers:
-            vec = mx.array(vectors[lay], dtype=mx.float32)
-            with adding_at(model, lay, vec):
+            steer = Steering([(lay, vectors[lay])], kept)
+            resume = steer.resumes(model, ids)
+            if resume and rows is None:
+                rows = kept.rows(model, ids, pad, batch_size)  # before the vector is in place
+            out: list[mx.array | None] = [None] * len(ids)
+            with steer.added(model):
                 prefix = shared_prefix(model, ids, keep=2)
-            rows: list[mx.array | None] = [None] * len(ids)
-            for k, idx in enumerate(batches):
-                batch = [ids[i] for i in idx]
-                if lay == 0:
-                    with adding_at(model, lay, vec):
-                        lp = log_softmax(prefill(model, logits_at, batch, prefix, pad))
-                else:
-                    hidden = recorded[lay][k]
-                    with resuming_at(model, lay, hidden + vec.astype(hidden.dtype)):
-                        lp = log_softmax(prefill(model, logits_at, batch, prefix, pad))
-                mx.eval(lp)
-                for j, i in enumerate(idx):
-                    rows[i] = lp[j]
-            yield lay, mx.stack(rows)
+                for idx in batches:
+                    batch = [ids[i] for i in idx]
+                    logits = (kept.resumed_logits(model, lay, [rows[i] for i in idx], batch, prefix, logits_at, pad)
+                              if resume else prefill(model, logits_at, batch, prefix, pad))
+                    lp = log_softmax(logits)
+                    mx.eval(lp)
+                    for j, i in enumerate(idx):
+                        out[i] = lp[j]
+            yield lay, mx.stack(out)
 
     group = distributed.data_group(model)
     if group is None:
@@ -465,17 +454,21 @@ def _first_token_kl(model, tokenizer, texts, base, lp: LazyLogprobs, batch_size,
 
 
 def generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, progress, cache_key,
-                    first_logprobs: bool = False, stop: Stop | None = None, logprobs_from: int = 0):
+                    first_logprobs: bool = False, stop: Stop | None = None, logprobs_from: int = 0,
+                    steer: Steering | None = None):
     """(answers, a LazyLogprobs of the first-token log-probs [n - logprobs_from, vocab] of
-    texts[logprobs_from:], or None). With `cache_key` (a JSON-able value naming the weights, any
-    intervention, and `stop` when given) the answers are kept on disk (memo) and the log-probs
-    are named by them; on a hit the log-probs cost one prefill of those texts, if they are ever
-    asked for."""
+    texts[logprobs_from:], or None), with `steer`'s vectors added (batching.Steering). With
+    `cache_key` (a JSON-able value naming the weights, any intervention, and `stop` when given)
+    the answers are kept on disk (memo) and the log-probs are named by them; on a hit the
+    log-probs cost one prefill of those texts, if they are ever asked for."""
     from . import memo
+
+    if steer is not None and first_logprobs:  # a hit would compute them without the vectors
+        raise ValueError("first-token log-probs of a steered generation are not kept; add the vectors to the model")
 
     def run():
         answers, lp = _generate_text(model, tokenizer, texts, max_tokens, batch_size, system, progress, stop,
-                                     first_logprobs)
+                                     first_logprobs, steer)
         return answers, None if lp is None else lp[logprobs_from:]
 
     if cache_key is None:

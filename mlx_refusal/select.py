@@ -9,12 +9,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import write_text_atomic
 from .directions import Directions
 from .judge import MARKERS, Judge, cache_identity
+
+if TYPE_CHECKING:
+    from .batching import BasePass
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
                     layers: list[int] | None = None, scores=("bypass", "induce", "kl"), batch_size: int = 16,
                     max_kl: float = 0.1, system: str | None = None, induce_multiple: float | None = 0.5,
                     progress=None, cache_key: str | None = None, judge: Judge = MARKERS,
-                    base_logprobs=None) -> list[LayerEval]:
+                    base_logprobs=None, base: BasePass | None = None) -> list[LayerEval]:
     """Arditi et al.'s selection scores for each candidate layer's direction.
 
     induce: the unit direction times `induce_multiple` x the mean residual norm at the layer added
@@ -134,6 +138,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
     `cache_key` (the weights' fingerprint) keeps each layer's scores on disk, keyed by its
     direction, the prompts and the settings. `base_logprobs`, a function returning the unedited
     first-token log-probs on `harmless`, lets calls share that pass (called only on a cache miss).
+    `base` (a batching.BasePass) keeps the unsteered pass over `harmless` for later steered runs.
     """
     from functools import cache
 
@@ -144,7 +149,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
 
     layers = candidate_layers(d.num_layers) if layers is None else layers
     tok_ids = refusal_token_ids(tokenizer, judge)
-    base = base_logprobs or cache(lambda: first_token_logprobs(model, tokenizer, harmless, batch_size, system))
+    unedited = base_logprobs or cache(lambda: first_token_logprobs(model, tokenizer, harmless, batch_size, system))
     done: dict[int, LayerEval] = {}
     pending: dict[int, tuple] = {}  # layer -> (digest, bypass, kl), waiting for its induce score
 
@@ -168,7 +173,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
             finish(layer, None, hit.get("bypass"), hit.get("induce"), hit.get("kl"))
             continue
         bypass = kl = None
-        base_lp = base() if "kl" in scores else None  # the unedited pass: outside the ablation below
+        base_lp = unedited() if "kl" in scores else None  # the unedited pass: outside the ablation below
         if "bypass" in scores or "kl" in scores:
             with projecting_out(model, direction):
                 if "bypass" in scores:
@@ -189,7 +194,7 @@ def evaluate_layers(model, tokenizer, d: Directions, harmful: list[str], harmles
 
         # every pending layer in one call, which runs the blocks below each layer once for all
         for layer, lp in steered_first_token_logprobs(model, tokenizer, harmless, {lay: induced(lay) for lay in pending},
-                                                      batch_size, system):
+                                                      batch_size, system, base):
             digest, bypass, kl = pending[layer]
             finish(layer, digest, bypass, float(refusal_scores(lp, tok_ids).mean()), kl)
     return [done[lay] for lay in layers]
@@ -299,7 +304,8 @@ def _probe_gives_up(misses: int, n_harmless: int, target: float, slack: int = PR
 def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_norm: float, multiple: float,
                    prompts: list[str], max_tokens: int = 48, batch_size: int = 64,
                    system: str | None = None, harmful: list[str] = (), cache_key: str | None = None,
-                   probe_target: float | None = None, extra=(), judge: Judge = MARKERS) -> AlphaTrial:
+                   probe_target: float | None = None, extra=(), judge: Judge = MARKERS,
+                   base: BasePass | None = None) -> AlphaTrial:
     """Generate with alpha = multiple x mean_norm added at `layer` (and each `extra` term, a
     record.SteeringTerm, added alongside): the refusal and voice rates on the harmless `prompts`, and
     coherence over those and the optional `harmful` prompts (an over-steered model rambles on
@@ -308,11 +314,10 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
     `cache_key` (the weights' fingerprint) keeps the answers on disk, keyed by everything that
     determines them. `probe_target` ends the trial early once its harmless refusal rate cannot
     reach that target (see `refusal_probe`); None generates every answer in full. `judge` judges
-    the answers (and the probe's openings)."""
-    from contextlib import ExitStack
-
+    the answers (and the probe's openings). `base` (a batching.BasePass shared by the trials over
+    these prompts) spares each trial's prefill the blocks below `layer`."""
+    from .batching import Steering
     from .evaluation import generate_cached
-    from .interventions import adding_at
     from .record import array_sha256
 
     alpha = float(multiple * mean_norm)
@@ -324,11 +329,9 @@ def steering_trial(model, tokenizer, layer: int, direction: np.ndarray, mean_nor
         "extra": [{"layer": t.layer, "vector": array_sha256(np.asarray(t.vector, np.float32))} for t in extra],
         "probe": None if probe_target is None else [probe_target, PROBE_TOKENS, PROBE_SLACK, len(prompts)],
         **cache_identity(judge)}
-    with ExitStack() as stack:
-        stack.enter_context(adding_at(model, layer, vector))
-        for term in extra:
-            stack.enter_context(adding_at(model, term.layer, term.vector))
-        answers, _ = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, None, key, stop=stop)
+    steer = Steering([(layer, vector)] + [(t.layer, t.vector) for t in extra], base)
+    answers, _ = generate_cached(model, tokenizer, texts, max_tokens, batch_size, system, None, key, stop=stop,
+                                 steer=steer)
     mine, theirs = answers[: len(prompts)], answers[len(prompts):]
     coh = [judge.coherence(a) for a in answers]
     refused = [judge.verdict(a).refused for a in mine]
@@ -345,19 +348,20 @@ def calibrate_alpha(model, tokenizer, layer: int, direction: np.ndarray, mean_no
                     target: float = 0.95, multiples=(0.4, 0.5, 0.6, 0.8, 1.0), bisect_steps: int = 1,
                     max_tokens: int = 48, batch_size: int = 64, system: str | None = None,
                     on_trial=None, cache_key: str | None = None, early_stop: bool = True,
-                    extra=(), judge: Judge = MARKERS) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
+                    extra=(), judge: Judge = MARKERS, base: BasePass | None = None
+                    ) -> tuple[AlphaTrial | None, list[AlphaTrial]]:
     """Sweep alpha (as multiples of the mean residual norm) upwards until `target` of the harmless
     prompts are refused *and* coherent (with the `extra` terms added alongside), then bisect
     between the last failing and the first passing multiple. Returns (smallest passing trial or
     None, all trials in order).
 
-    `cache_key`, `early_stop` (the refusal probe) and `judge` go to `steering_trial`."""
+    `cache_key`, `early_stop` (the refusal probe), `judge` and `base` go to `steering_trial`."""
     trials: list[AlphaTrial] = []
 
     def run(m: float) -> AlphaTrial:
         t = steering_trial(model, tokenizer, layer, direction, mean_norm, m, prompts, max_tokens, batch_size, system,
                            cache_key=cache_key, probe_target=target if early_stop else None, extra=extra,
-                           judge=judge)
+                           judge=judge, base=base)
         trials.append(t)
         if on_trial:
             on_trial(t)

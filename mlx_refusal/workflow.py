@@ -239,9 +239,12 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     trials on disk. `judge` scores the layers (its refusal openings) and judges every trial.
     """
     from . import select as sel
+    from .batching import BasePass
     from .record import SteeringTerm
 
     evals: list = []
+    # the validation prompts under the unsteered model, run once for the layer scores and trials
+    base = BasePass(sel.candidate_layers(d.num_layers) if layer is None else [layer])
     if layer is not None:
         layers = [layer]
     elif select == "heuristic":
@@ -250,7 +253,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     elif select == "evaluate":
         evals = sel.evaluate_layers(model, tokenizer, d, val_harmful, val_harmless[:score_prompts], scores=("induce",),
                                     batch_size=batch_size, system=system, progress=on_layers, cache_key=cache_key,
-                                    judge=judge)
+                                    judge=judge, base=base)
         layers = [e.layer for e in sel.rank_evaluated(evals, "induce")][:candidates]
     else:
         raise UserError(f"unknown selection '{select}'; choose heuristic or evaluate")
@@ -278,12 +281,13 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
     # requests it refuses anyway), falling back to the threshold itself if that fails; the
     # candidates are compared on their confirmed trials.
     best, trials, spoken = None, [], None  # spoken: the best trial that also meets the voice target
+    base.narrow(layers)
     for lay in layers:
         extra = extra_at(lay)
         found, t = sel.calibrate_alpha(model, tokenizer, lay, d.directions[lay], norm_at(lay), prompts,
                                        target=target, max_tokens=max_tokens, batch_size=max(batch_size, len(prompts)),
                                        system=system, on_trial=on_trial, cache_key=cache_key, extra=extra,
-                                       judge=judge)
+                                       judge=judge, base=base)
         trials.extend(t)
         if found is None:
             continue
@@ -292,7 +296,7 @@ def choose_steering(model, tokenizer, d: Directions, val_harmful: list[str], val
             trial = sel.steering_trial(model, tokenizer, lay, d.directions[lay], norm_at(lay), m, prompts,
                                        confirm_tokens, max(batch_size, 2 * len(prompts)), system,
                                        harmful=val_harmful[: len(prompts)], cache_key=cache_key,
-                                       probe_target=target, extra=extra, judge=judge)
+                                       probe_target=target, extra=extra, judge=judge, base=base)
             trials.append(trial)
             if on_trial:
                 on_trial(trial)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mlx.utils import tree_map
 from mlx_lm.models import qwen2
 
-from mlx_refusal import arch, batching
+from mlx_refusal import arch, batching, interventions
 from mlx_refusal import evaluation as ev
 from mlx_refusal.errors import UserError
 
@@ -73,6 +73,63 @@ def test_batched_greedy_decoding_equals_each_prompt_alone(model, prompts, n):
     for lp, ids in zip(firsts, prompts):
         ref = alone(model, ids)[-1]
         np.testing.assert_allclose(np.array(lp), ref - ref.max() - np.log(np.exp(ref - ref.max()).sum()), atol=1e-4)
+
+
+# prompts of 2..12 tokens after a shared head of 0..12: every one has a token before its last
+long_prompt_sets = st.tuples(
+    st.lists(st.integers(1, VOCAB - 1), max_size=12),
+    st.lists(st.lists(st.integers(1, VOCAB - 1), min_size=2, max_size=12), min_size=1, max_size=6),
+).map(lambda t: [t[0] + rest for rest in t[1]])
+
+
+def greedy_steered_alone(model, ids, n, terms):
+    with batching.Steering(terms).added(model):
+        return greedy_alone(model, ids, n)
+
+
+@settings(max_examples=20, deadline=None)
+@given(prompts=long_prompt_sets, n=st.integers(1, 6), scale=st.floats(0.5, 4.0), seed=st.integers(0, 2**31 - 1),
+       batch_size=st.integers(1, 6))
+def test_steered_generation_from_the_base_pass_equals_each_prompt_steered_alone(model, prompts, n, scale, seed,
+                                                                                batch_size):
+    """Blocks below the steered one come from the unsteered pass; the tokens are those of each
+    prompt run whole with the vector added, and the model is left as it was."""
+    vector = (np.random.default_rng(seed).standard_normal(32) * scale).astype(np.float32)
+    base = batching.BasePass([1])
+    steer = batching.Steering([(1, vector)], base)
+    assert steer.resumes(model, prompts)
+    got, _ = batching.generate_batched(model, partial(ev._logits_at, model), prompts, n, set(), batch_size, 0,
+                                       steer=steer)
+    assert got == [greedy_steered_alone(model, ids, n, [(1, vector)]) for ids in prompts]
+    assert not isinstance(arch.layers(model)[1], interventions.Hooked)
+
+
+def test_the_base_pass_runs_each_prompt_once_and_serves_every_strength(model, monkeypatch):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 3], [5, 6, 7, 8, 9, 12, 13, 14]]
+    base = batching.BasePass([1])
+    runs = []
+    real = batching.BasePass._run
+    monkeypatch.setattr(batching.BasePass, "_run", lambda self, m, seqs, *a: (runs.append(len(seqs)), real(self, m, seqs, *a)))
+    rng = np.random.default_rng(0)
+    for scale, rows in [(1.0, prompts[:2]), (2.0, prompts), (3.0, prompts[1:])]:
+        terms = [(1, (scale * rng.standard_normal(32)).astype(np.float32))]
+        got, _ = batching.generate_batched(model, partial(ev._logits_at, model), rows, 5, set(), 4, 0,
+                                           steer=batching.Steering(terms, base))
+        assert got == [greedy_steered_alone(model, ids, 5, terms) for ids in rows]
+    assert runs == [2, 1]  # the third prompt joined on the second call; nothing ran on the third
+
+
+def test_steering_elsewhere_than_the_base_recorded_runs_whole(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 3], [4]]
+    vector = np.linspace(-2, 2, 32).astype(np.float32)
+    base = batching.BasePass([1])
+    for terms, rows in [([(0, vector)], prompts[:2]), ([(1, vector)], prompts), ([(2, vector)], prompts[:2])]:
+        steer = batching.Steering(terms, base)
+        assert not steer.resumes(model, rows)  # not recorded, a one-token prompt, the final residual
+        got, _ = batching.generate_batched(model, partial(ev._logits_at, model), rows, 4, set(), 4, 0, steer=steer)
+        with steer.added(model):
+            assert got == batching.decode_greedy(model, rows, batching.shared_prefix(model, rows, keep=2), 4, set())
+    assert not base._rows
 
 
 def test_eos_and_stop_end_rows_early(model):

@@ -63,6 +63,28 @@ def test_choose_steering_confirms_above_the_threshold_and_keeps_the_best_layer(s
     assert 0.55 in calls and len(choice.candidates) == 2
 
 
+def test_scores_and_trials_share_one_unsteered_pass_and_match_the_plain_trials(setup, monkeypatch):
+    """The layer scores record the harmless validation prompts' unsteered pass; the calibration
+    trials reuse it, and judge the same answers as trials that run every block."""
+    from mlx_refusal import batching
+
+    model, tok, d = setup
+    runs = []
+    real = batching.BasePass._run
+    monkeypatch.setattr(batching.BasePass, "_run",
+                        lambda self, m, seqs, *a: (runs.append((len(seqs), list(self.layers))), real(self, m, seqs, *a)))
+    seen = []
+    with pytest.raises(UserError, match="no alpha"):  # a random model refuses nothing: the whole sweep runs
+        choose_steering(model, tok, d, HARMFUL, HARMLESS, candidates=1, calibration_prompts=2, score_prompts=2,
+                        max_tokens=6, target=0.5, on_trial=seen.append)
+    assert runs == [(2, sel.candidate_layers(d.num_layers))]  # one pass, every scored layer recorded
+    assert len(seen) == 5
+    for t in seen:
+        whole = sel.steering_trial(model, tok, t.layer, d.directions[t.layer], float(d.mean_norm[t.layer]), t.multiple,
+                                   HARMLESS[:2], 6, probe_target=0.5)
+        assert (whole.refusal_rate, whole.coherence_rate, whole.example) == (t.refusal_rate, t.coherence_rate, t.example)
+
+
 def test_given_multiple_skips_calibration(setup):
     model, tok, d = setup
     choice = choose_steering(model, tok, d, HARMFUL, HARMLESS, layer=2, multiple=0.5)
