@@ -5,10 +5,13 @@ MLX resolves `cblas_sgemm` dynamically, so an OpenBLAS loaded with RTLD_GLOBAL *
 `mlx.core` is imported wins the symbol lookup and makes the same product ~50-100x faster.
 This module must therefore stay importable without importing `mlx.core` first.
 
-Batch-1 decoding is all one-row products, where OpenBLAS 0.3.21's sgemm reads the weights at about
-a third of the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a
-`cblas_sgemm` that hands products of 1-3 rows or one column to sgemv; it is loaded globally
-ahead of OpenBLAS, so it wins the lookup, and gets OpenBLAS's own sgemm and sgemv to call.
+Decoding is all products of a few rows (one per sequence) by the weights, where OpenBLAS 0.3.21's
+sgemm packs the weights before it multiplies them: at one row it reads them at about a third of
+the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a `cblas_sgemm` that
+takes products of 2-24 rows by transposed weights (x @ W.T, every Linear) on CPUs with AVX-512 to
+its own kernel, which reads the weights once where they lie, and hands other products of 1-3 rows
+or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it wins the lookup, and gets
+OpenBLAS's own sgemm and sgemv to call.
 
 OpenBLAS picks its kernels by the CPU model it recognises. One older than the CPU falls back to
 generic SSE3 kernels: Debian 12's 0.3.21 runs sgemm on an AVX-512 Emerald Rapids Xeon at
@@ -237,6 +240,8 @@ def _load_gemv_forward(blas: ctypes.CDLL) -> None:
                           ctypes.cast(blas.cblas_sgemv, ctypes.c_void_p))
     lib.gemv_forward_enable.argtypes = [ctypes.c_int]
     lib.gemv_forward_count.restype = ctypes.c_ulonglong
+    lib.skinny_set_rows.argtypes = [ctypes.c_int]
+    lib.skinny_count.restype = ctypes.c_ulonglong
     _gemv_forward = lib
 
 
@@ -246,6 +251,20 @@ def gemv_forward_enable(on: bool) -> bool:
     if _gemv_forward is not None:
         _gemv_forward.gemv_forward_enable(int(on))
     return _gemv_forward is not None
+
+
+def skinny_rows(rows: int | None = None) -> int:
+    """The most rows of a product by transposed weights that go to the forward's own kernel (0: it
+    is off, or not here: no library or no AVX-512). `rows` sets it first (0 turns it off;
+    benchmarks time both paths in one process)."""
+    if _gemv_forward is None:
+        return 0
+    return int(_gemv_forward.skinny_set_rows(-1 if rows is None else max(int(rows), 0)))
+
+
+def skinny_count() -> int | None:
+    """How many products went to the forward's own kernel so far, or None if it is not loaded."""
+    return None if _gemv_forward is None else int(_gemv_forward.skinny_count())
 
 
 def gemv_forward_count() -> int | None:
@@ -260,7 +279,11 @@ def _warn(line: str) -> None:
 def blas_status() -> str:
     """One phrase for `info`: which BLAS MLX's CPU matmuls use."""
     if _loaded_blas:
-        forward = "products of 1-3 rows on sgemv" if _gemv_forward else f"no sgemv forward: {_gemv_forward_message}"
+        forward = f"no sgemv forward: {_gemv_forward_message}"
+        if _gemv_forward:
+            rows = skinny_rows()
+            forward = ((f"products of 2-{rows} rows on its own kernel, " if rows >= 2 else "")
+                       + "products of 1-3 rows on sgemv")
         kernels = f"; {_kernel_message}" if _kernel_message else ""
         return f"OpenBLAS ({_loaded_blas}; {forward}{kernels})"
     return f"bundled reference BLAS ({_blas_message})" if _blas_message else "unknown"

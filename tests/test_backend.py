@@ -1,6 +1,7 @@
-"""The sgemv forward (`mlx_refusal/_gemv_forward.c`): every product of 1-3 rows or of one column
-that it takes over from sgemm gives sgemm's answer, through MLX and through the C entry point's
-every layout."""
+"""The sgemv forward (`mlx_refusal/_gemv_forward.c`): every product it takes over from sgemm (2-24
+rows by transposed weights on its own kernel, other products of 1-3 rows or of one column on sgemv)
+gives sgemm's answer, through MLX and through the C entry point's every layout, from several
+threads at once and in a forked child."""
 from __future__ import annotations
 
 import ctypes
@@ -29,23 +30,70 @@ def _close(got, want, k):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.sqrt(k) * 4)
 
 
+def _forwarded() -> int:
+    return backend.gemv_forward_count() + (backend.skinny_count() or 0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(2, 300), k=st.integers(1, 300), rows=st.integers(1, 3), row=st.booleans(),
        w_transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_mlx_few_row_and_one_column_products_take_sgemv_and_match_float64(n, k, rows, row, w_transposed, seed):
+def test_mlx_few_row_and_one_column_products_are_taken_over_and_match_float64(n, k, rows, row, w_transposed, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k) if w_transposed else (k, n)).astype(np.float32)
     x = rng.standard_normal((rows if row else 1, k)).astype(np.float32)
     x_mx = mx.array(x)
     w_mx = mx.array(w).T if w_transposed else mx.array(w)  # a transposed view: sgemm's trans flag
     w64 = w.T.astype(np.float64) if w_transposed else w.astype(np.float64)
-    before = backend.gemv_forward_count()
+    before = _forwarded()
     if row:  # x[rows, k] @ W[k, n]
         got, want = np.asarray(x_mx @ w_mx), x.astype(np.float64) @ w64
     else:  # W^T[n, k] @ x^T[k, 1]
         got, want = np.asarray(w_mx.T @ x_mx.T), w64.T @ x.astype(np.float64).T
-    assert backend.gemv_forward_count() > before
+    assert _forwarded() > before
     _close(got, want, k)
+
+
+needs_kernel = pytest.mark.skipif(backend.skinny_rows() < 2, reason="the own kernel needs AVX-512")
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(2, 24), n=st.integers(2, 300), k=st.integers(1, 2200), seed=st.integers(0, 2**31 - 1))
+def test_mlx_products_of_2_to_24_rows_by_transposed_weights_take_the_kernel_and_match_float64(m, n, k, seed):
+    # k past 1024 crosses a depth chunk; n and m off multiples of 4 take the narrow tiles (MLX
+    # computes one column by one depth without BLAS)
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    before, sgemv_before = backend.skinny_count(), backend.gemv_forward_count()
+    got = np.asarray(mx.array(x) @ mx.array(w).T)
+    assert backend.skinny_count() == before + 1 and backend.gemv_forward_count() == sgemv_before
+    _close(got, x.astype(np.float64) @ w.T.astype(np.float64), k)
+
+
+@needs_kernel
+def test_one_row_and_more_than_24_rows_stay_off_the_kernel():
+    w = mx.random.normal((64, 96))
+    before = backend.skinny_count()
+    for m in (1, 25, 40):
+        x = mx.random.normal((m, 96))
+        _close(np.asarray(x @ w.T), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T, 96)
+    assert backend.skinny_count() == before
+
+
+@needs_kernel
+def test_the_kernel_switched_off_gives_sgemms_product():
+    x, w = mx.random.normal((8, 896)), mx.random.normal((4864, 896))
+    ours = np.asarray(x @ w.T)
+    rows = backend.skinny_rows()
+    assert backend.skinny_rows(0) == 0
+    try:
+        before = backend.skinny_count()
+        plain = np.asarray(x @ w.T)
+        assert backend.skinny_count() == before
+    finally:
+        backend.skinny_rows(rows)
+    assert backend.skinny_rows() == rows
+    _close(ours, plain, 896)
 
 
 def test_wider_products_stay_on_sgemm():
@@ -117,6 +165,41 @@ def test_the_c_entry_point_computes_alpha_ab_plus_beta_c_in_every_layout(order, 
 def test_blas_status_names_the_forward():
     assert sys.platform.startswith("linux")
     assert "products of 1-3 rows on sgemv" in backend.blas_status()
+    rows = backend.skinny_rows()
+    assert (f"products of 2-{rows} rows on its own kernel" in backend.blas_status()) == (rows >= 2)
+
+
+def _product(m, n, k, seed):
+    """x[m, k] @ W[n, k].T through the C entry point, and float64's answer."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    c = np.full((m, n), np.nan, np.float32)
+    _sgemm()(ROW_MAJOR, NO_TRANS, TRANS, m, n, k, 1.0, x.ctypes.data_as(FLOATS), k, w.ctypes.data_as(FLOATS), k,
+             0.0, c.ctypes.data_as(FLOATS), n)
+    return c, x.astype(np.float64) @ w.T.astype(np.float64)
+
+
+@needs_kernel
+def test_the_kernel_gives_the_right_products_to_several_threads_at_once():
+    # ctypes lets go of the GIL: the calls overlap, and all but one run outside the thread pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(2 + i % 23, 64 + 37 * i, 96 + 53 * i, i) for i in range(24)]
+    with ThreadPoolExecutor(4) as pool:
+        for got, want in pool.map(lambda s: _product(*s), shapes):
+            _close(got, want, want.shape[1])
+
+
+@needs_kernel
+def test_the_kernel_works_in_a_forked_child():
+    # the child has none of the parent's pool threads; it must start its own, not wait on them
+    import multiprocessing
+
+    _product(16, 4864, 896, 0)  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got, want = pool.apply_async(_product, (16, 4864, 896, 1)).get(timeout=60)
+    _close(got, want, 896)
 
 
 def test_switched_off_by_the_environment_it_is_not_loaded_and_matmuls_still_use_openblas():
