@@ -50,10 +50,10 @@ def products(rows: list[int], default: int) -> None:
             x = mx.random.normal((m, k))
             mx.eval(x)
             times = {}
-            for setting in (0, max(m, 2)):
+            for setting in (0, max(m, 2), 0, max(m, 2)):  # interleaved, the best of each: the machine drifts
                 backend.skinny_rows(setting)
-                time.sleep(0.3)  # the other path's threads stop spinning, as they do in a run of one path
-                times[setting] = best_ms(lambda: mx.eval(x @ w.T), 3 if n > 100_000 else 15)
+                t = best_ms(lambda: mx.eval(x @ w.T), 3 if n > 100_000 else 15)
+                times[setting] = min(t, times.get(setting, t))
             ours = times[max(m, 2)]
             note = "" if 2 <= m <= default else "  (outside the default rows: runs on OpenBLAS)"
             print(f"  {name:18} M {m:3}: OpenBLAS {times[0]:8.2f} ms  kernel {ours:8.2f} ms "
