@@ -25,21 +25,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from generate_speed import random_model, sgemm_peak  # a sibling script in bench/
+from decode_profile import best_ms  # sibling scripts in bench/
+from generate_speed import random_model, sgemm_peak
 from mlx_refusal import backend
 
 SHAPES = {"q/o 896x896": (896, 896), "gate/up 4864x896": (4864, 896), "down 896x4864": (896, 4864),
           "head 151936x896": (151936, 896)}
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
 
 
 def products(rows: list[int], default: int) -> None:

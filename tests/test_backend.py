@@ -80,22 +80,6 @@ def test_one_row_and_more_than_24_rows_stay_off_the_kernel():
     assert backend.skinny_count() == before
 
 
-@needs_kernel
-def test_the_kernel_switched_off_gives_sgemms_product():
-    x, w = mx.random.normal((8, 896)), mx.random.normal((4864, 896))
-    ours = np.asarray(x @ w.T)
-    rows = backend.skinny_rows()
-    assert backend.skinny_rows(0) == 0
-    try:
-        before = backend.skinny_count()
-        plain = np.asarray(x @ w.T)
-        assert backend.skinny_count() == before
-    finally:
-        backend.skinny_rows(rows)
-    assert backend.skinny_rows() == rows
-    _close(ours, plain, 896)
-
-
 def test_wider_products_stay_on_sgemm():
     x, w = mx.random.normal((4, 64)), mx.random.normal((64, 5))
     before = backend.gemv_forward_count()
@@ -104,16 +88,29 @@ def test_wider_products_stay_on_sgemm():
     _close(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64), 64)
 
 
-def test_switched_off_it_gives_the_same_product_through_sgemm():
-    x, w = mx.random.normal((1, 896)), mx.random.normal((4864, 896))
+KERNEL_ROWS = backend.skinny_rows()  # the default
+
+
+def _kernel_switch(on: bool):
+    backend.skinny_rows(KERNEL_ROWS if on else 0)
+
+
+@pytest.mark.parametrize("rows, count, switch", [(1, backend.gemv_forward_count, backend.gemv_forward_enable),
+                                                 (8, backend.skinny_count, _kernel_switch)], ids=["sgemv", "kernel"])
+def test_switched_off_each_path_gives_the_same_product_through_sgemm(rows, count, switch):
+    if count is backend.skinny_count and KERNEL_ROWS < 2:
+        pytest.skip("the own kernel needs AVX-512")
+    x, w = mx.random.normal((rows, 896)), mx.random.normal((4864, 896))
     forwarded = np.asarray(x @ w.T)
-    backend.gemv_forward_enable(False)
+    switch(False)
     try:
-        before = backend.gemv_forward_count()
+        before = count()
         plain = np.asarray(x @ w.T)
-        assert backend.gemv_forward_count() == before
+        assert count() == before
     finally:
-        backend.gemv_forward_enable(True)
+        switch(True)
+    np.asarray(x @ w.T)
+    assert count() > before  # back on
     _close(forwarded, plain, 896)
 
 
