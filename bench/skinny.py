@@ -7,7 +7,8 @@ times, with the kernel off (0 rows: OpenBLAS's sgemm, and sgemv for 1-3 rows) an
                the output projection 151936x896) at M rows, best of several calls
     decode     one greedy decode step of a random Qwen2.5-0.5B-shaped model (KV cache of a
                ~40-token prompt) at B rows, the median of 8 steps; the kernel on at its default
-               row limit, as every command runs it
+               row limit, as every command runs it, at each vector width the CPU has (512-bit
+               AVX-512, 256-bit AVX2: what a CPU without AVX-512 gets)
 
 and prints each ratio (OpenBLAS time / kernel time: above 1, the kernel is faster) with the sgemm
 peak and the load average, since shared machines vary from run to run.
@@ -52,13 +53,15 @@ def products(rows: list[int], default: int) -> None:
     backend.skinny_rows(default)
 
 
-def decode_steps(model, batch: list[int], default: int) -> None:
+def decode_steps(model, batch: list[int], default: int, widths: list[int]) -> None:
     rng = np.random.default_rng(0)
+    paths = [("OpenBLAS", 0, widths[0])] + [(f"{w}-bit kernel", default, w) for w in widths]
     for b in batch:
         tokens = mx.array(rng.integers(100, 5000, (b, 40)), dtype=mx.int32)
-        step = {}
-        for setting in (0, default, 0, default):  # twice each, interleaved: the machine drifts
-            backend.skinny_rows(setting)
+        step: dict[str, float] = {}
+        for name, rows, width in paths * 2:  # twice each, interleaved: the machine drifts
+            backend.skinny_rows(rows)
+            backend.skinny_width(width)
             cache = make_prompt_cache(model)
             y = model(tokens, cache=cache)[:, -1].argmax(-1)
             mx.eval(y)
@@ -68,10 +71,12 @@ def decode_steps(model, batch: list[int], default: int) -> None:
                 y = model(y[:, None], cache=cache)[:, -1].argmax(-1)
                 mx.eval(y)
                 times.append(time.perf_counter() - t)
-            step.setdefault(setting, []).append(1e3 * float(np.median(times)))
-        off, on = min(step[0]), min(step[default])
-        print(f"  batch {b:3}: step with OpenBLAS {off:7.1f} ms, with the kernel {on:7.1f} ms  ratio {off / on:5.2f}")
+            step[name] = min(step.get(name, np.inf), 1e3 * float(np.median(times)))
+        off = step["OpenBLAS"]
+        print(f"  batch {b:3}: step with OpenBLAS {off:7.1f} ms" + "".join(
+            f", {name} {step[name]:7.1f} ms (ratio {off / step[name]:4.2f})" for name, _, _ in paths[1:]))
     backend.skinny_rows(default)
+    backend.skinny_width(widths[0])
 
 
 def main():
@@ -82,6 +87,9 @@ def main():
     default = backend.skinny_rows()
     if default < 2:
         raise SystemExit(f"the kernel is not in use here: {backend.blas_status()}")
+    widest = backend.skinny_width()
+    widths = [w for w in (512, 256) if w <= widest and backend.skinny_width(w) == w]  # the CPU's, widest first
+    backend.skinny_width(widest)
     peak = sgemm_peak()
     load = os.getloadavg()[0]
     print(f"BLAS: {backend.blas_status()}\nsgemm peak {peak:.0f} GFLOP/s; load average {load:.2f} on "
@@ -90,7 +98,7 @@ def main():
     products(args.rows, default)
     model, _ = random_model(24, 896, 151936)
     print("decode steps (random Qwen2.5-0.5B shape):")
-    decode_steps(model, args.batch, default)
+    decode_steps(model, args.batch, default, widths)
 
 
 if __name__ == "__main__":

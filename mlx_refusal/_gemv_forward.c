@@ -5,9 +5,10 @@
    stored [N, K]. Debian bookworm's OpenBLAS 0.3.21 packs W into a buffer on every such call, so
    at M = 1-32 it reads and writes the weights before it multiplies, and runs sgemm with M = 1 at
    about a third of the memory bandwidth that its own sgemv reaches on the same matrix. Here:
-     - x[2 <= M <= SKINNY_ROWS, K] @ W.T on a CPU with AVX-512 goes to `skinny`, which reads W once,
-       straight from where it lies, and takes dot products of 4 of its rows with 4 rows of x at a
-       time, the work split by rows of W over OpenBLAS's thread count;
+     - x[2 <= M <= SKINNY_ROWS, K] @ W.T on a CPU with AVX-512 (or AVX2 with FMA) goes to `skinny`,
+       which reads W once, straight from where it lies, and takes dot products of 4 of its rows
+       with 4 rows of x at a time (2 with AVX2), the work split by rows of W over OpenBLAS's
+       thread count;
      - other products of one to three rows, or of one column, go to sgemv (one call per row).
    backend.py loads this library with RTLD_GLOBAL ahead of OpenBLAS, so MLX's `cblas_sgemm`
    lookup lands here, and hands it OpenBLAS's own sgemm and sgemv. Preloaded ahead of OpenBLAS
@@ -16,6 +17,7 @@
    unchanged. Built by setup.py as an optional extension; no Python API, loaded with ctypes. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <immintrin.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -73,17 +75,34 @@ static void clear_if_overwritten(float beta, float *y, int n, int inc) {
    where OpenBLAS's packed kernels reuse each weight across more rows than 4 x 4 tiles do. One row
    stays on sgemv, which reads the weights as fast (the same at 1 row, 20% slower through here). */
 #define SKINNY_ROWS 24
+/* The 2 x 4 tiles of AVX2 reuse each load less. Timed on the same machine against OpenBLAS's
+   AVX-512 kernels (a CPU with only AVX2 runs OpenBLAS's slower Haswell ones): a step 1.4x faster
+   at 2 rows, 1.1-1.4x at 8, even at 16, 0.9x at 24. */
+#define SKINNY_ROWS_AVX2 12
 #define SKINNY_MAX_ROWS 64
 static int skinny_rows; /* products of up to this many rows go to skinny; 0 = off */
 static unsigned long long skinny_calls;
 
-typedef float v16 __attribute__((vector_size(64), aligned(4))); /* aligned(4): loads from any float */
-#define LANES 16
+/* The tiles come in two widths: 16 lanes (AVX-512, 32 registers: 4 x 4 tiles) and 8 lanes (AVX2
+   with FMA, 16 registers: 2 x 4 tiles). aligned(4): the loads take any float. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
 #define SHUF __builtin_shufflevector
+
+/* Unaligned loads: a memcpy for the 16-lane tiles, an intrinsic for the 8-lane ones (GCC 12 sent
+   their memcpy through the stack, 2-4x slower). */
+static inline __attribute__((always_inline, target("avx512f"))) v16 load16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline, target("avx2,fma"))) v8 load8(const float *p) {
+  return (v8)_mm256_loadu_ps(p);
+}
 
 /* 16 vectors -> one whose lane t is the sum of v[t]'s lanes: four rounds of pairwise shuffles and
    adds, where summing each vector alone would take 16 horizontal reductions. */
-static inline __attribute__((always_inline, target("avx512f"))) v16 sum_each(v16 *v) {
+static inline __attribute__((always_inline, target("avx512f"))) v16 sum_each16(v16 *v) {
   v16 w[8], x[4], y[2];
   for (int i = 0; i < 8; i++)
     w[i] = SHUF(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -98,22 +117,33 @@ static inline __attribute__((always_inline, target("avx512f"))) v16 sum_each(v16
          SHUF(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* 8 vectors -> one whose lane t is the sum of v[t]'s lanes, in three rounds. */
+static inline __attribute__((always_inline, target("avx2,fma"))) v8 sum_each8(v8 *v) {
+  v8 w[4], x[2];
+  for (int i = 0; i < 4; i++)
+    w[i] = SHUF(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; i++)
+    x[i] = SHUF(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) + SHUF(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return SHUF(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
 /* out[i * NR + j] = sum over p < k of a[i, p] b[j, p], for i < MR rows of a and j < NR rows of b:
-   MR x NR accumulators of 16 lanes each, summed lane-wise at the end (the k % 16 tail in scalar). */
-#define TILE(MR, NR)                                                                              \
-  static __attribute__((target("avx512f"), noinline)) void tile_##MR##x##NR(                      \
+   MR x NR accumulators of LANES lanes each, summed lane-wise at the end (the k % LANES tail in
+   scalar). */
+#define TILE(VEC, LANES, ISA, MR, NR)                                                             \
+  static __attribute__((target(ISA), noinline)) void tile##LANES##_##MR##x##NR(                   \
       int k, const float *a, int lda, const float *b, int ldb, float *out) {                      \
-    v16 acc[16];                                                                                  \
-    for (int i = 0; i < 16; i++) acc[i] = (v16){0};                                               \
+    VEC acc[LANES];                                                                               \
+    for (int i = 0; i < LANES; i++) acc[i] = (VEC){0};                                            \
     int p = 0;                                                                                    \
     for (; p + LANES <= k; p += LANES) {                                                          \
-      v16 av[MR], bv[NR];                                                                         \
-      for (int i = 0; i < MR; i++) memcpy(&av[i], a + (size_t)i * lda + p, sizeof(v16));          \
-      for (int j = 0; j < NR; j++) memcpy(&bv[j], b + (size_t)j * ldb + p, sizeof(v16));          \
+      VEC av[MR], bv[NR];                                                                         \
+      for (int i = 0; i < MR; i++) av[i] = load##LANES(a + (size_t)i * lda + p);                  \
+      for (int j = 0; j < NR; j++) bv[j] = load##LANES(b + (size_t)j * ldb + p);                  \
       for (int i = 0; i < MR; i++)                                                                \
         for (int j = 0; j < NR; j++) acc[i * NR + j] += av[i] * bv[j];                            \
     }                                                                                             \
-    v16 sums = sum_each(acc);                                                                     \
+    VEC sums = sum_each##LANES(acc);                                                              \
     for (int i = 0; i < MR; i++)                                                                  \
       for (int j = 0; j < NR; j++) {                                                              \
         float t = sums[i * NR + j];                                                               \
@@ -121,11 +151,23 @@ static inline __attribute__((always_inline, target("avx512f"))) v16 sum_each(v16
         out[i * NR + j] = t;                                                                      \
       }                                                                                           \
   }
-TILE(4, 4) TILE(3, 4) TILE(2, 4) TILE(1, 4) TILE(4, 1) TILE(3, 1) TILE(2, 1) TILE(1, 1)
+#define TILE16(MR, NR) TILE(v16, 16, "avx512f", MR, NR)
+#define TILE8(MR, NR) TILE(v8, 8, "avx2,fma", MR, NR)
+TILE16(4, 4) TILE16(3, 4) TILE16(2, 4) TILE16(1, 4) TILE16(4, 1) TILE16(3, 1) TILE16(2, 1) TILE16(1, 1)
+TILE8(2, 4) TILE8(1, 4) TILE8(2, 1) TILE8(1, 1)
 
 typedef void (*tile_fn)(int, const float *, int, const float *, int, float *);
-static const tile_fn by_four[5] = {0, tile_1x4, tile_2x4, tile_3x4, tile_4x4}; /* [rows of a] */
-static const tile_fn by_one[5] = {0, tile_1x1, tile_2x1, tile_3x1, tile_4x1};
+typedef struct {
+  int bits, rows;       /* vector width; rows of x a full tile takes */
+  int best_rows;        /* the default SKINNY rows: up to here it beats OpenBLAS */
+  tile_fn by_four[5];   /* [rows of x]: against 4 rows of W */
+  tile_fn by_one[5];    /* against 1 row of W */
+} kernel_set;
+static const kernel_set AVX512 = {512, 4, SKINNY_ROWS, {0, tile16_1x4, tile16_2x4, tile16_3x4, tile16_4x4},
+                                  {0, tile16_1x1, tile16_2x1, tile16_3x1, tile16_4x1}};
+static const kernel_set AVX2 = {256, 2, SKINNY_ROWS_AVX2, {0, tile8_1x4, tile8_2x4, 0, 0},
+                                {0, tile8_1x1, tile8_2x1, 0, 0}};
+static const kernel_set *kernels; /* the widest the CPU has; NULL: none, the kernel is off */
 
 /* Depth is taken in chunks of KC, so the 4 rows of W a tile reads (4 x KC floats) stay in the
    L1 cache while every row block of x passes over them. */
@@ -136,6 +178,7 @@ typedef struct {
   float alpha, beta;
   const float *a, *b;
   float *c;
+  const kernel_set *set;
 } product_t;
 
 /* Rows [n0, n1) of W: c[:, n0:n1] = alpha x W[n0:n1].T + beta c[:, n0:n1]. */
@@ -145,10 +188,10 @@ static void skinny_part(const product_t *q, int n0, int n1) {
     int nr = n1 - j >= 4 ? 4 : 1;
     for (int p = 0; p < q->k; p += KC) {
       int kc = q->k - p < KC ? q->k - p : KC;
-      for (int i = 0; i < q->m; i += 4) {
-        int mr = q->m - i < 4 ? q->m - i : 4;
-        (nr == 4 ? by_four : by_one)[mr](kc, q->a + (size_t)i * q->lda + p, q->lda, q->b + (size_t)j * q->ldb + p,
-                                         q->ldb, out);
+      for (int i = 0; i < q->m; i += q->set->rows) {
+        int mr = q->m - i < q->set->rows ? q->m - i : q->set->rows;
+        (nr == 4 ? q->set->by_four : q->set->by_one)[mr](kc, q->a + (size_t)i * q->lda + p, q->lda,
+                                                         q->b + (size_t)j * q->ldb + p, q->ldb, out);
         for (int r = 0; r < mr; r++)
           for (int s = 0; s < nr; s++) sum[(i + r) * 4 + s] = (p ? sum[(i + r) * 4 + s] : 0.0f) + out[r * nr + s];
       }
@@ -254,14 +297,23 @@ static void skinny(const product_t *in) {
 }
 
 /* Products of 2 to `rows` rows go to skinny (0 or 1: none; at most SKINNY_MAX_ROWS; < 0 changes
-   nothing). Returns the setting in force: 0 where the CPU has no AVX-512. Benchmarks time both
+   nothing). Returns the setting in force: 0 where the CPU has no kernel (see skinny_set_width). Benchmarks time both
    paths in one process. */
 int skinny_set_rows(int rows) {
   if (rows < 0) return skinny_rows;
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f")) rows = 0;
-  skinny_rows = rows < 0 ? 0 : rows > SKINNY_MAX_ROWS ? SKINNY_MAX_ROWS : rows;
+  skinny_rows = !kernels ? 0 : rows > SKINNY_MAX_ROWS ? SKINNY_MAX_ROWS : rows;
   return skinny_rows;
+}
+
+/* The tiles' vector width: 512 (AVX-512), 256 (AVX2 with FMA), or 0 (none: the kernel is off);
+   the widest the CPU has unless set. A width the CPU lacks, or < 0, changes nothing. Returns the
+   width in force. Tests run both widths where the CPU has both. */
+int skinny_set_width(int bits) {
+  __builtin_cpu_init();
+  if (bits == 512 && __builtin_cpu_supports("avx512f")) kernels = &AVX512;
+  if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernels = &AVX2;
+  if (bits == 0) kernels = NULL;
+  return kernels ? kernels->bits : 0;
 }
 
 /* The threads a product runs on (its caller and the pool's workers); 0 before the first one. */
@@ -271,7 +323,8 @@ int skinny_threads(void) { return threads ? 1 + workers : 0; }
 unsigned long long skinny_count(void) { return __atomic_load_n(&skinny_calls, __ATOMIC_RELAXED); }
 
 __attribute__((constructor)) static void skinny_setup(void) {
-  skinny_set_rows(SKINNY_ROWS);
+  if (skinny_set_width(512) != 512) skinny_set_width(256);
+  skinny_set_rows(kernels ? kernels->best_rows : 0);
   pthread_atfork(NULL, NULL, pool_forget);
 }
 
@@ -285,8 +338,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     cblas_sgemm(ROW_MAJOR, trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     return;
   }
-  if (forwarding && k > 0 && m >= 2 && m <= skinny_rows && n >= 1 && trans_a == NO_TRANS && trans_b == TRANS) {
-    product_t q = {m, n, k, lda, ldb, ldc, 1, alpha, beta, a, b, c};
+  const kernel_set *set = kernels;
+  if (forwarding && set && k > 0 && m >= 2 && m <= skinny_rows && n >= 1 && trans_a == NO_TRANS && trans_b == TRANS) {
+    product_t q = {m, n, k, lda, ldb, ldc, 1, alpha, beta, a, b, c, set};
     skinny(&q);
     return;
   }

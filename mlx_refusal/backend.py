@@ -8,10 +8,10 @@ This module must therefore stay importable without importing `mlx.core` first.
 Decoding is all products of a few rows (one per sequence) by the weights, where OpenBLAS 0.3.21's
 sgemm packs the weights before it multiplies them: at one row it reads them at about a third of
 the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a `cblas_sgemm` that
-takes products of 2-24 rows by transposed weights (x @ W.T, every Linear) on CPUs with AVX-512 to
-its own kernel, which reads the weights once where they lie, and hands other products of 1-3 rows
-or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it wins the lookup, and gets
-OpenBLAS's own sgemm and sgemv to call.
+takes products of 2-24 rows by transposed weights (x @ W.T, every Linear) on CPUs with AVX-512
+or AVX2 to its own kernel, which reads the weights once where they lie, and hands other products
+of 1-3 rows or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it wins the
+lookup, and gets OpenBLAS's own sgemm and sgemv to call.
 
 OpenBLAS picks its kernels by the CPU model it recognises. One older than the CPU falls back to
 generic SSE3 kernels: Debian 12's 0.3.21 runs sgemm on an AVX-512 Emerald Rapids Xeon at
@@ -241,6 +241,7 @@ def _load_gemv_forward(blas: ctypes.CDLL) -> None:
     lib.gemv_forward_enable.argtypes = [ctypes.c_int]
     lib.gemv_forward_count.restype = ctypes.c_ulonglong
     lib.skinny_set_rows.argtypes = [ctypes.c_int]
+    lib.skinny_set_width.argtypes = [ctypes.c_int]
     lib.skinny_count.restype = ctypes.c_ulonglong
     _gemv_forward = lib
 
@@ -255,11 +256,19 @@ def gemv_forward_enable(on: bool) -> bool:
 
 def skinny_rows(rows: int | None = None) -> int:
     """The most rows of a product by transposed weights that go to the forward's own kernel (0: it
-    is off, or not here: no library or no AVX-512). `rows` sets it first (0 turns it off;
+    is off, or not here: no library, or neither AVX-512 nor AVX2). `rows` sets it first (0 turns it off;
     benchmarks time both paths in one process)."""
     if _gemv_forward is None:
         return 0
     return int(_gemv_forward.skinny_set_rows(-1 if rows is None else max(int(rows), 0)))
+
+
+def skinny_width(bits: int | None = None) -> int:
+    """The vector width of the forward's own kernel: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (none
+    here). `bits` picks one the CPU has first (tests run both where it has both)."""
+    if _gemv_forward is None:
+        return 0
+    return int(_gemv_forward.skinny_set_width(-1 if bits is None else int(bits)))
 
 
 def skinny_count() -> int | None:
@@ -282,7 +291,8 @@ def blas_status() -> str:
         forward = f"no sgemv forward: {_gemv_forward_message}"
         if _gemv_forward:
             rows = skinny_rows()
-            forward = ((f"products of 2-{rows} rows on its own kernel, " if rows >= 2 else "")
+            isa = {512: "AVX-512", 256: "AVX2"}.get(skinny_width(), "")
+            forward = ((f"products of 2-{rows} rows on its own kernel ({isa}), " if rows >= 2 else "")
                        + "products of 1-3 rows on sgemv")
         kernels = f"; {_kernel_message}" if _kernel_message else ""
         return f"OpenBLAS ({_loaded_blas}; {forward}{kernels})"

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlx_refusal  # noqa: F401  (BLAS before mlx.core)
@@ -53,13 +53,28 @@ def test_mlx_few_row_and_one_column_products_are_taken_over_and_match_float64(n,
     _close(got, want, k)
 
 
-needs_kernel = pytest.mark.skipif(backend.skinny_rows() < 2, reason="the own kernel needs AVX-512")
+needs_kernel = pytest.mark.skipif(backend.skinny_rows() < 2, reason="the own kernel needs AVX-512 or AVX2")
+WIDEST = backend.skinny_width()
+WIDTHS = [w for w in (512, 256) if w <= WIDEST and backend.skinny_width(w) == w] or [0]
+backend.skinny_width(WIDEST)
 
 
-@needs_kernel
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(params=WIDTHS, ids=lambda w: f"{w}-bit")
+def width(request):
+    """Each vector width the CPU has, taking up to 24 rows."""
+    if request.param == 0:
+        pytest.skip("the own kernel needs AVX-512 or AVX2")
+    rows = backend.skinny_rows()
+    backend.skinny_width(request.param)
+    backend.skinny_rows(24)
+    yield request.param
+    backend.skinny_width(WIDEST)
+    backend.skinny_rows(rows)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # set per test
 @given(m=st.integers(2, 24), n=st.integers(2, 300), k=st.integers(1, 2200), seed=st.integers(0, 2**31 - 1))
-def test_mlx_products_of_2_to_24_rows_by_transposed_weights_take_the_kernel_and_match_float64(m, n, k, seed):
+def test_mlx_products_of_2_to_24_rows_by_transposed_weights_take_the_kernel_and_match_float64(width, m, n, k, seed):
     # k past 1024 crosses a depth chunk; n and m off multiples of 4 take the narrow tiles (MLX
     # computes one column by one depth without BLAS)
     rng = np.random.default_rng(seed)
@@ -176,8 +191,7 @@ def _product(m, n, k, seed):
     return c, x.astype(np.float64) @ w.T.astype(np.float64)
 
 
-@needs_kernel
-def test_the_kernel_gives_the_right_products_to_several_threads_at_once():
+def test_the_kernel_gives_the_right_products_to_several_threads_at_once(width):
     # ctypes lets go of the GIL: the calls overlap, and all but one run outside the thread pool
     from concurrent.futures import ThreadPoolExecutor
 
