@@ -17,7 +17,6 @@
    unchanged. Built by setup.py as an optional extension; no Python API, loaded with ctypes. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
-#include <immintrin.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -80,8 +79,18 @@ static void clear_if_overwritten(float beta, float *y, int n, int inc) {
    at 2 rows, 1.1-1.4x at 8, even at 16, 0.9x at 24. */
 #define SKINNY_ROWS_AVX2 12
 #define SKINNY_MAX_ROWS 64
-static int skinny_rows; /* products of up to this many rows go to skinny; 0 = off */
 static unsigned long long skinny_calls;
+
+/* How many products went to skinny: lets a test prove the path ran. */
+unsigned long long skinny_count(void) { return __atomic_load_n(&skinny_calls, __ATOMIC_RELAXED); }
+
+/* The kernel is x86-64 only (AVX-512 or AVX2); elsewhere the forward is sgemv's alone.
+   GEMV_FORWARD_NO_KERNEL builds that version here, for a test. */
+#if defined(__x86_64__) && !defined(GEMV_FORWARD_NO_KERNEL)
+#define SKINNY_KERNEL 1
+#include <immintrin.h>
+
+static int skinny_rows; /* products of up to this many rows go to skinny; 0 = off */
 
 /* The tiles come in two widths: 16 lanes (AVX-512, 32 registers: 4 x 4 tiles) and 8 lanes (AVX2
    with FMA, 16 registers: 2 x 4 tiles). aligned(4): the loads take any float. */
@@ -297,8 +306,8 @@ static void skinny(const product_t *in) {
 }
 
 /* Products of 2 to `rows` rows go to skinny (0 or 1: none; at most SKINNY_MAX_ROWS; < 0 changes
-   nothing). Returns the setting in force: 0 where the CPU has no kernel (see skinny_set_width). Benchmarks time both
-   paths in one process. */
+   nothing). Returns the setting in force: 0 where the CPU has no kernel (see skinny_set_width).
+   Benchmarks time both paths in one process. */
 int skinny_set_rows(int rows) {
   if (rows < 0) return skinny_rows;
   skinny_rows = !kernels ? 0 : rows > SKINNY_MAX_ROWS ? SKINNY_MAX_ROWS : rows;
@@ -319,14 +328,16 @@ int skinny_set_width(int bits) {
 /* The threads a product runs on (its caller and the pool's workers); 0 before the first one. */
 int skinny_threads(void) { return threads ? 1 + workers : 0; }
 
-/* How many products went to skinny: lets a test prove the path ran. */
-unsigned long long skinny_count(void) { return __atomic_load_n(&skinny_calls, __ATOMIC_RELAXED); }
-
 __attribute__((constructor)) static void skinny_setup(void) {
   if (skinny_set_width(512) != 512) skinny_set_width(256);
   skinny_set_rows(kernels ? kernels->best_rows : 0);
   pthread_atfork(NULL, NULL, pool_forget);
 }
+#else
+int skinny_set_rows(int rows) { (void)rows; return 0; }
+int skinny_set_width(int bits) { (void)bits; return 0; }
+int skinny_threads(void) { return 0; }
+#endif
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
@@ -338,12 +349,14 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     cblas_sgemm(ROW_MAJOR, trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     return;
   }
+#ifdef SKINNY_KERNEL
   const kernel_set *set = kernels;
   if (forwarding && set && k > 0 && m >= 2 && m <= skinny_rows && n >= 1 && trans_a == NO_TRANS && trans_b == TRANS) {
     product_t q = {m, n, k, lda, ldb, ldc, 1, alpha, beta, a, b, c, set};
     skinny(&q);
     return;
   }
+#endif
   if (forwarding && k > 0 && m <= MAX_ROWS && n > 1) { /* row r: c[r, :] = a[r, :] op(b) = op(b)^T x */
     int inc_x = trans_a == NO_TRANS ? 1 : lda;
     for (int r = 0; r < m; r++) {

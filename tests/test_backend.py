@@ -8,6 +8,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,39 @@ def test_preloaded_for_stock_mlx_it_finds_openblas_itself_and_takes_the_one_row_
     out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LD_PRELOAD": backend.stock_preload()},
                          capture_output=True, text=True, check=True).stdout.split(None, 1)
     assert out[0] == "1" and out[1].strip() == "[[28.0, 28.0, 28.0]] 144.0"
+
+
+@needs_kernel
+def test_preloaded_for_stock_mlx_the_few_row_products_take_the_kernel():
+    probe = ("import ctypes, os, mlx.core as mx; "
+             "lib = ctypes.CDLL(os.environ['LD_PRELOAD'].split()[0]); lib.skinny_count.restype = ctypes.c_ulonglong; "
+             "before = lib.skinny_count(); x = mx.ones((8, 64)) @ mx.ones((32, 64)).T; mx.eval(x); "
+             "print(lib.skinny_count() - before, x.sum().item())")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LD_PRELOAD": backend.stock_preload()},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "16384.0"]
+
+
+def test_built_for_a_cpu_without_the_kernel_it_still_takes_the_one_row_products(tmp_path):
+    # what an ARM Linux install builds: the kernel compiled out, the sgemv forward in
+    import shutil
+
+    source = Path(backend.__file__).with_name("_gemv_forward.c")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not (cc and source.exists()):
+        pytest.skip("no C compiler or no source here")
+    lib = tmp_path / "forward_without_kernel.so"
+    subprocess.run([cc, "-O2", "-DGEMV_FORWARD_NO_KERNEL", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(source),
+                    "-ldl"], check=True)
+    probe = ("import ctypes, os, mlx.core as mx; lib = ctypes.CDLL(os.environ['LD_PRELOAD'].split()[0]); "
+             "lib.skinny_count.restype = lib.gemv_forward_count.restype = ctypes.c_ulonglong; "
+             "print(lib.skinny_set_width(512), lib.skinny_set_rows(24), lib.skinny_threads()); "
+             "before = lib.gemv_forward_count(); a = mx.arange(8.0)[None] @ mx.ones((8, 3)); "
+             "b = mx.ones((8, 64)) @ mx.ones((32, 64)).T; mx.eval(a, b); "
+             "print(lib.gemv_forward_count() - before, lib.skinny_count(), a.tolist(), b.sum().item())")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "LD_PRELOAD": f"{lib} {backend._loaded_blas}"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["0 0 0", "1 0 [[28.0, 28.0, 28.0]] 16384.0"]
 
 
 def test_preloaded_without_a_blas_after_it_says_so_instead_of_crashing_silently():
