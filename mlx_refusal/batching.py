@@ -32,7 +32,7 @@ logits tie to within float32 rounding (different batch shapes round differently)
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -257,17 +257,15 @@ class Steering:
         return (self.base is not None and self.layer in self.base.layers and 0 < self.layer < len(arch.layers(model))
                 and min(map(len, prompt_ids)) >= 2)
 
-    def added(self, model) -> ExitStack:
+    @contextmanager
+    def added(self, model):
+        """During the `with`, every term's vector is added (interventions.adding_at)."""
         from .interventions import adding_at
 
-        stack = ExitStack()
-        try:
+        with ExitStack() as stack:
             for lay, vector in self.terms:
                 stack.enter_context(adding_at(model, lay, vector))
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+            yield model
 
 
 class GreedyHead:
@@ -379,7 +377,7 @@ def generate_batched(model, logits_at: LogitsAt, prompt_ids: Sequence[Sequence[i
         return results, None
     resume = steer is not None and max_tokens > 0 and steer.resumes(model, prompt_ids)
     base = steer.base.rows(model, prompt_ids, pad_id, batch_size) if resume else None  # before any hook
-    with steer.added(model) if steer is not None else ExitStack():
+    with steer.added(model) if steer is not None else nullcontext():
         # BatchGenerator feeds each prompt's last token as its first decode step; with at least two
         # tokens of every prompt past the prefix, every row has a prefill and all start in step.
         prefix = shared_prefix(model, prompt_ids, keep=2)

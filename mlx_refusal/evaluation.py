@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import arch, distributed
-from .batching import BasePass, Steering, Stop, check_nonempty, generate_batched, log_softmax, right_padded
+from .batching import (BasePass, Steering, Stop, check_nonempty, generate_batched, length_sorted_batches,
+                       log_softmax, prefill, right_padded, shared_prefix)
 from .errors import UserError
 from .judge import MARKERS, Judge
 from .progress import Update
@@ -130,8 +131,6 @@ def steered_first_token_logprobs(model, tokenizer, prompts: Sequence[str], vecto
     Only the shared template prefix, a few tokens, is run whole for each L, so that every
     layer's cache holds it steered. The result is the plain steered pass's, to float32 rounding;
     the work is the blocks from L on."""
-    from .batching import length_sorted_batches, prefill, shared_prefix
-
     layers = sorted(vectors)
     kept = base if base is not None else BasePass(lay for lay in layers if lay > 0)
 
