@@ -6,14 +6,14 @@ times, with the kernel off (0 rows: OpenBLAS's sgemm, and sgemv for 1-3 rows) an
     products   each weight shape of Qwen2.5-0.5B (q/o 896x896, gate/up 4864x896, down 896x4864,
                the output projection 151936x896) at M rows, best of several calls
     decode     one greedy decode step of a random Qwen2.5-0.5B-shaped model (KV cache of a
-               ~40-token prompt) at B rows, the median of 8 steps; the kernel on at its default
-               row limit, as every command runs it, at each vector width the CPU has (512-bit
-               AVX-512, 256-bit AVX2: what a CPU without AVX-512 gets)
+               ~40-token prompt) at B rows, the median of 8 steps; the kernel on as every command
+               runs it, at each vector width the CPU has, each with its own row limit (512-bit
+               AVX-512: 2-31 rows; 256-bit AVX2, what a CPU without AVX-512 gets: 2-12 rows)
 
 and prints each ratio (OpenBLAS time / kernel time: above 1, the kernel is faster) with the sgemm
 peak and the load average, since shared machines vary from run to run.
 
-Usage: python bench/skinny.py [--rows 1 2 4 8 16 24 32 48 64] [--batch 1 2 8 16 24 32]
+Usage: python bench/skinny.py [--rows 1 2 4 8 16 24 28 32 48 64] [--batch 1 2 8 16 24 28 31 32]
 """
 from __future__ import annotations
 
@@ -47,21 +47,23 @@ def products(rows: list[int], default: int) -> None:
                 t = best_ms(lambda: mx.eval(x @ w.T), 3 if n > 100_000 else 15)
                 times[setting] = min(t, times.get(setting, t))
             ours = times[max(m, 2)]
-            note = "" if 2 <= m <= default else "  (outside the default rows: runs on OpenBLAS)"
+            note = ("" if 2 <= m <= default else "  (one row: sgemv by default)" if m == 1
+                    else "  (outside the default rows: runs on OpenBLAS)")
             print(f"  {name:18} M {m:3}: OpenBLAS {times[0]:8.2f} ms  kernel {ours:8.2f} ms "
                   f"({2 * m * n * k / ours / 1e6:5.0f} GFLOP/s)  ratio {times[0] / ours:5.2f}{note}")
     backend.skinny_rows(default)
 
 
-def decode_steps(model, batch: list[int], default: int, widths: list[int]) -> None:
+def decode_steps(model, batch: list[int], widths: list[int]) -> None:
     rng = np.random.default_rng(0)
-    paths = [("OpenBLAS", 0, widths[0])] + [(f"{w}-bit kernel", default, w) for w in widths]
+    paths = [("OpenBLAS", 0, widths[0])] + [(f"{w}-bit kernel", None, w) for w in widths]  # None: the width's own rows
     for b in batch:
         tokens = mx.array(rng.integers(100, 5000, (b, 40)), dtype=mx.int32)
         step: dict[str, float] = {}
         for name, rows, width in paths * 2:  # twice each, interleaved: the machine drifts
-            backend.skinny_rows(rows)
             backend.skinny_width(width)
+            if rows is not None:
+                backend.skinny_rows(rows)
             cache = make_prompt_cache(model)
             y = model(tokens, cache=cache)[:, -1].argmax(-1)
             mx.eval(y)
@@ -75,14 +77,13 @@ def decode_steps(model, batch: list[int], default: int, widths: list[int]) -> No
         off = step["OpenBLAS"]
         print(f"  batch {b:3}: step with OpenBLAS {off:7.1f} ms" + "".join(
             f", {name} {step[name]:7.1f} ms (ratio {off / step[name]:4.2f})" for name, _, _ in paths[1:]))
-    backend.skinny_rows(default)
     backend.skinny_width(widths[0])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 8, 16, 24, 32])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 28, 32, 48, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 2, 8, 16, 24, 28, 31, 32])
     args = ap.parse_args()
     default = backend.skinny_rows()
     if default < 2:
@@ -98,7 +99,7 @@ def main():
     products(args.rows, default)
     model, _ = random_model(24, 896, 151936)
     print("decode steps (random Qwen2.5-0.5B shape):")
-    decode_steps(model, args.batch, default, widths)
+    decode_steps(model, args.batch, widths)
 
 
 if __name__ == "__main__":

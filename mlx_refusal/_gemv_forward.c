@@ -5,7 +5,7 @@
    stored [N, K]. Debian bookworm's OpenBLAS 0.3.21 packs W into a buffer on every such call, so
    at M = 1-32 it reads and writes the weights before it multiplies, and runs sgemm with M = 1 at
    about a third of the memory bandwidth that its own sgemv reaches on the same matrix. Here:
-     - x[2 <= M <= SKINNY_ROWS, K] @ W.T on a CPU with AVX-512 (or AVX2 with FMA) goes to `skinny`,
+     - x[2 <= M <= SKINNY_ROWS (31), K] @ W.T on a CPU with AVX-512 (or AVX2 with FMA) goes to `skinny`,
        which reads W once, straight from where it lies, and takes dot products of 4 of its rows
        with 4 rows of x at a time (2 with AVX2), the work split by rows of W over OpenBLAS's
        thread count;
@@ -70,10 +70,12 @@ static void clear_if_overwritten(float beta, float *y, int n, int inc) {
 
 /* From 2 to SKINNY_ROWS rows skinny beats OpenBLAS's sgemm: measured on Qwen2.5-0.5B's weights on
    2 AVX-512 cores (bench/skinny.py), a whole decode step runs 1.4x faster at 2 rows (where sgemv
-   read the weights once per row), 1.5x at 8, 1.25x at 16, 1.15-1.3x at 24 and the same at 32,
-   where OpenBLAS's packed kernels reuse each weight across more rows than 4 x 4 tiles do. One row
-   stays on sgemv, which reads the weights as fast (the same at 1 row, 20% slower through here). */
-#define SKINNY_ROWS 24
+   read the weights once per row), 1.5x at 8, 1.25x at 16, 1.3x at 24-28 and 1.15x at 30.
+   OpenBLAS's SkylakeX sgemm runs whole panels of 16 rows best: at 32 rows it is 1.08x faster than
+   skinny, even from 34 to 44, and 1.2-1.35x faster at 48-64, where its packed kernels reuse each
+   weight across more rows than 4 x 4 tiles do. One row stays on sgemv, which reads the weights as
+   fast (the same at 1 row, 20% slower through here). */
+#define SKINNY_ROWS 31
 /* The 2 x 4 tiles of AVX2 reuse each load less. Timed on the same machine against OpenBLAS's
    AVX-512 kernels (a CPU with only AVX2 runs OpenBLAS's slower Haswell ones): a step 1.4x faster
    at 2 rows, 1.1-1.4x at 8, even at 16, 0.9x at 24. */
@@ -99,7 +101,10 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 #define SHUF __builtin_shufflevector
 
 /* Unaligned loads: a memcpy for the 16-lane tiles, an intrinsic for the 8-lane ones (GCC 12 sent
-   their memcpy through the stack, 2-4x slower). */
+   their memcpy through the stack, 2-4x slower). MLX's arrays start 8-56 bytes into a cache line, so
+   most 64-byte loads straddle two. Aligning them (x copied to W's offset, a masked first vector)
+   made the tiles 1.3-1.4x faster on one core with the weights in cache, but decoding streams the
+   weights from memory on every core, and there it measured the same, so the loads stay plain. */
 static inline __attribute__((always_inline, target("avx512f"))) v16 load16(const float *p) {
   v16 v;
   memcpy(&v, p, sizeof v);
@@ -315,13 +320,18 @@ int skinny_set_rows(int rows) {
 }
 
 /* The tiles' vector width: 512 (AVX-512), 256 (AVX2 with FMA), or 0 (none: the kernel is off);
-   the widest the CPU has unless set. A width the CPU lacks, or < 0, changes nothing. Returns the
-   width in force. Tests run both widths where the CPU has both. */
+   the widest the CPU has unless set. Setting one also sets the rows to that width's default, what
+   a CPU with no wider one gets. A width the CPU lacks, or < 0, changes nothing. Returns the width
+   in force. Tests and benchmarks run both widths where the CPU has both. */
 int skinny_set_width(int bits) {
   __builtin_cpu_init();
-  if (bits == 512 && __builtin_cpu_supports("avx512f")) kernels = &AVX512;
-  if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) kernels = &AVX2;
-  if (bits == 0) kernels = NULL;
+  const kernel_set *set = kernels;
+  if (bits == 512 && __builtin_cpu_supports("avx512f")) set = &AVX512;
+  else if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) set = &AVX2;
+  else if (bits == 0) set = NULL;
+  else return kernels ? kernels->bits : 0;
+  kernels = set;
+  skinny_rows = set ? set->best_rows : 0;
   return kernels ? kernels->bits : 0;
 }
 
@@ -330,7 +340,6 @@ int skinny_threads(void) { return threads ? 1 + workers : 0; }
 
 __attribute__((constructor)) static void skinny_setup(void) {
   if (skinny_set_width(512) != 512) skinny_set_width(256);
-  skinny_set_rows(kernels ? kernels->best_rows : 0);
   pthread_atfork(NULL, NULL, pool_forget);
 }
 #else

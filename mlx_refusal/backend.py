@@ -8,7 +8,7 @@ This module must therefore stay importable without importing `mlx.core` first.
 Decoding is all products of a few rows (one per sequence) by the weights, where OpenBLAS 0.3.21's
 sgemm packs the weights before it multiplies them: at one row it reads them at about a third of
 the bandwidth its sgemv reaches. `_gemv_forward.c` (built by setup.py) is a `cblas_sgemm` that
-takes products of 2-24 rows by transposed weights (x @ W.T, every Linear) on CPUs with AVX-512
+takes products of 2-31 rows by transposed weights (x @ W.T, every Linear) on CPUs with AVX-512
 or AVX2 to its own kernel, which reads the weights once where they lie, and hands other products
 of 1-3 rows or one column to sgemv; it is loaded globally ahead of OpenBLAS, so it wins the
 lookup, and gets OpenBLAS's own sgemm and sgemv to call.
@@ -265,7 +265,8 @@ def skinny_rows(rows: int | None = None) -> int:
 
 def skinny_width(bits: int | None = None) -> int:
     """The vector width of the forward's own kernel: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (none
-    here). `bits` picks one the CPU has first (tests run both where it has both)."""
+    here). `bits` picks one the CPU has first, with that width's default rows (`skinny_rows`), as a
+    CPU with no wider one runs it (tests and benchmarks run both where it has both)."""
     if _gemv_forward is None:
         return 0
     return int(_gemv_forward.skinny_set_width(-1 if bits is None else int(bits)))

@@ -1,4 +1,4 @@
-"""The sgemv forward (`mlx_refusal/_gemv_forward.c`): every product it takes over from sgemm (2-24
+"""The sgemv forward (`mlx_refusal/_gemv_forward.c`): every product it takes over from sgemm (2-31
 rows by transposed weights on its own kernel, other products of 1-3 rows or of one column on sgemv)
 gives sgemm's answer, through MLX and through the C entry point's every layout, from several
 threads at once and in a forked child."""
@@ -62,20 +62,20 @@ backend.skinny_width(WIDEST)
 
 @pytest.fixture(params=WIDTHS, ids=lambda w: f"{w}-bit")
 def width(request):
-    """Each vector width the CPU has, taking up to 24 rows."""
+    """Each vector width the CPU has, taking up to 31 rows."""
     if request.param == 0:
         pytest.skip("the own kernel needs AVX-512 or AVX2")
     rows = backend.skinny_rows()
     backend.skinny_width(request.param)
-    backend.skinny_rows(24)
+    backend.skinny_rows(31)
     yield request.param
     backend.skinny_width(WIDEST)
     backend.skinny_rows(rows)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # set per test
-@given(m=st.integers(2, 24), n=st.integers(2, 300), k=st.integers(1, 2200), seed=st.integers(0, 2**31 - 1))
-def test_mlx_products_of_2_to_24_rows_by_transposed_weights_take_the_kernel_and_match_float64(width, m, n, k, seed):
+@given(m=st.integers(2, 31), n=st.integers(2, 300), k=st.integers(1, 2200), seed=st.integers(0, 2**31 - 1))
+def test_mlx_products_of_2_to_31_rows_by_transposed_weights_take_the_kernel_and_match_float64(width, m, n, k, seed):
     # k past 1024 crosses a depth chunk; n and m off multiples of 4 take the narrow tiles (MLX
     # computes one column by one depth without BLAS)
     rng = np.random.default_rng(seed)
@@ -87,10 +87,27 @@ def test_mlx_products_of_2_to_24_rows_by_transposed_weights_take_the_kernel_and_
 
 
 @needs_kernel
-def test_one_row_and_more_than_24_rows_stay_off_the_kernel():
+def test_each_width_brings_its_own_row_limit():
+    # what a CPU with no wider vectors runs: AVX2's narrower tiles pay off up to fewer rows
+    limits = {}
+    for bits in (512, 256):
+        if backend.skinny_width(bits) == bits:
+            backend.skinny_rows(5)
+            backend.skinny_width(bits)
+            limits[bits] = backend.skinny_rows()
+    backend.skinny_width(WIDEST)
+    assert backend.skinny_rows() == limits[WIDEST] > 5
+    assert all(rows > 5 for rows in limits.values())
+    if len(limits) == 2:
+        assert limits[512] > limits[256]
+    assert backend.skinny_width(128) == WIDEST and backend.skinny_rows() == limits[WIDEST]  # no such width
+
+
+@needs_kernel
+def test_one_row_and_32_rows_or_more_stay_off_the_kernel():
     w = mx.random.normal((64, 96))
     before = backend.skinny_count()
-    for m in (1, 25, 40):
+    for m in (1, 32, 40):
         x = mx.random.normal((m, 96))
         _close(np.asarray(x @ w.T), np.asarray(x, np.float64) @ np.asarray(w, np.float64).T, 96)
     assert backend.skinny_count() == before
@@ -196,7 +213,7 @@ def test_the_kernel_gives_the_right_products_to_several_threads_at_once(width):
     # ctypes lets go of the GIL: the calls overlap, and all but one run outside the thread pool
     from concurrent.futures import ThreadPoolExecutor
 
-    shapes = [(2 + i % 23, 64 + 37 * i, 96 + 53 * i, i) for i in range(24)]
+    shapes = [(2 + i % 30, 64 + 37 * i, 96 + 53 * i, i) for i in range(30)]
     with ThreadPoolExecutor(4) as pool:
         for got, want in pool.map(lambda s: _product(*s), shapes):
             _close(got, want, want.shape[1])
