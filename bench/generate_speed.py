@@ -24,7 +24,7 @@ import mlx_refusal  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_refusal import activations, batching, evaluation as evaluate
+from mlx_refusal import activations, attention, batching, evaluation as evaluate
 from mlx_refusal.template import encode_chat
 
 QWEN05_SHAPE = dict(
@@ -44,6 +44,7 @@ def random_model(layers: int, hidden: int, vocab: int):
     model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
     mx.eval(model.parameters())
     activations.install(model)  # as loading.load does on the CPU
+    attention.install(model)
     return model, cfg
 
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from . import arch
 
-ENV_STOCK = "MLX_REFUSAL_STOCK_ACTIVATIONS"  # set to 1 to keep MLX's own activations
+ENV_STOCK = "MLX_REFUSAL_STOCK_ACTIVATIONS"  # set to 1 to keep MLX's own activations (and attention.py's, its attention)
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _TAYLOR = (362880, 40320, 5040, 720, 120, 24, 6, 2, 1, 1)  # k! for k = 9 ... 0

@@ -496,9 +496,10 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)
     cast_for_compute(model, dtype)
-    from . import activations
+    from . import activations, attention
 
     activations.install(model)
+    attention.install(model)
     info = ModelInfo(
         spec=str(spec),
         path=Path(path),
