@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx_lm
 from mlx.utils import tree_flatten
 
-from mlx_refusal import activations, arch
+from mlx_refusal import activations, arch, attention
 from mlx_refusal.interventions import adding_at, projecting_out
 from mlx_refusal.loading import load
 
@@ -58,22 +58,30 @@ def test_activation_keeps_the_dtype_and_propagates_nan():
     assert np.isnan(np.array(out.astype(mx.float32))[2])
 
 
+CPU_SWAPS = [activations, attention]  # the CPU's own MLP and attention forwards, installed alike
+SWAP_IDS = {"ids": lambda m: m.__name__.rsplit(".", 1)[-1]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_installed_model_computes_what_stock_mlx_lm_computes(family, request):
+@pytest.mark.parametrize("swap", CPU_SWAPS, **SWAP_IDS)
+def test_installed_model_computes_what_stock_mlx_lm_computes(swap, family, request):
     path = request.getfixturevalue(family)
-    model, _ = mlx_lm.load(str(path))
+    model, tokenizer = mlx_lm.load(str(path))
     tokens = mx.array([[5, 17, 33, 2, 40, 11, 9, 60, 23]])
     stock = model(tokens)
+    stock_text = mlx_lm.generate(model, tokenizer, [5, 17, 33, 2], max_tokens=12)
     names = [k for k, _ in tree_flatten(model.parameters())]
-    assert activations.install(model, device="CPU")
-    assert activations.installed(model)
+    assert swap.install(model, device="CPU")
+    assert swap.installed(model)
     fast = model(tokens)
     assert [k for k, _ in tree_flatten(model.parameters())] == names  # paths (and so saving) unchanged
     np.testing.assert_allclose(np.array(fast), np.array(stock), atol=1e-4 * float(mx.abs(stock).max()))
     assert np.array_equal(np.array(fast.argmax(-1)), np.array(stock.argmax(-1)))
-    activations.uninstall(model)
-    assert not activations.installed(model)
-    assert type(arch.layers(model)[0].mlp).__module__.startswith("mlx_lm.models.")
+    assert mlx_lm.generate(model, tokenizer, [5, 17, 33, 2], max_tokens=12) == stock_text  # KV-cache decoding too
+    swap.uninstall(model)
+    assert not swap.installed(model)
+    layer = arch.layers(model)[0]
+    assert all(type(m).__module__.startswith("mlx_lm.models.") for m in (layer.mlp, layer.self_attn))
 
 
 def test_interventions_still_act_on_an_installed_model(tiny_qwen2):
@@ -95,14 +103,16 @@ def test_interventions_still_act_on_an_installed_model(tiny_qwen2):
     assert activations.installed(model)  # the hooks put the fast MLPs back as they found them
 
 
-def test_install_only_on_the_cpu_and_not_when_told(tiny_qwen2, monkeypatch):
+@pytest.mark.parametrize("swap", CPU_SWAPS, **SWAP_IDS)
+def test_install_only_on_the_cpu_and_not_when_told(swap, tiny_qwen2, monkeypatch):
     model, _ = mlx_lm.load(str(tiny_qwen2))
-    assert not activations.install(model, device="gpu")
+    assert not swap.install(model, device="gpu")
     monkeypatch.setenv(activations.ENV_STOCK, "1")
-    assert not activations.install(model, device="CPU")
-    assert not activations.installed(model)
+    assert not swap.install(model, device="CPU")
+    assert not swap.installed(model)
 
 
-def test_load_installs_them_on_the_cpu(tiny_qwen2):
+@pytest.mark.parametrize("swap", CPU_SWAPS, **SWAP_IDS)
+def test_load_installs_them_on_the_cpu(swap, tiny_qwen2):
     model, _, info = load(str(tiny_qwen2))
-    assert activations.installed(model) == (info.device == "CPU")
+    assert swap.installed(model) == (info.device == "CPU")

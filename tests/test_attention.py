@@ -1,5 +1,7 @@
 """The CPU attention (`mlx_refusal/attention.py`): grouped query products and a multiply-add
-softmax, against a float64 reference, MLX's own attention and stock mlx_lm models."""
+softmax, against a float64 reference and MLX's own attention. Installed in a model, it is tested
+beside the activations (tests/test_activations.py): the same logits and greedy text as stock mlx_lm
+on every family."""
 import mlx_refusal  # noqa: F401  (fast BLAS before mlx)
 
 import numpy as np
@@ -8,13 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlx.core as mx
-import mlx_lm
-from mlx.utils import tree_flatten
 
-from mlx_refusal import arch, attention
-from mlx_refusal.loading import load
-
-FAMILIES = ["tiny_qwen2", "tiny_llama", "tiny_qwen3", "tiny_phi3", "tiny_gemma3"]
+from mlx_refusal import attention
 
 
 def _reference(q, k, v, scale, allowed):
@@ -72,27 +69,6 @@ def test_softmax_sums_to_one_and_gives_masked_scores_nothing():
     np.testing.assert_allclose(w[0, :3], e / e.sum(), rtol=2e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_installed_model_computes_what_stock_mlx_lm_computes(family, request):
-    path = request.getfixturevalue(family)
-    model, tokenizer = mlx_lm.load(str(path))
-    tokens = mx.array([[5, 17, 33, 2, 40, 11, 9, 60, 23]])
-    stock = model(tokens)
-    prompt = [5, 17, 33, 2]
-    stock_text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12)
-    names = [k for k, _ in tree_flatten(model.parameters())]
-    assert attention.install(model, device="CPU")
-    assert attention.installed(model)
-    fast = model(tokens)
-    assert [k for k, _ in tree_flatten(model.parameters())] == names  # paths (and so saving) unchanged
-    np.testing.assert_allclose(np.array(fast), np.array(stock), atol=1e-4 * float(mx.abs(stock).max()))
-    assert np.array_equal(np.array(fast.argmax(-1)), np.array(stock.argmax(-1)))
-    assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=12) == stock_text  # KV-cache decoding too
-    attention.uninstall(model)
-    assert not attention.installed(model)
-    assert type(arch.layers(model)[0].self_attn).__module__.startswith("mlx_lm.models.")
-
-
 def test_quantized_caches_and_sinks_keep_mlx_lm_attention(monkeypatch):
     calls = []
     monkeypatch.setattr(attention.base, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or "stock")
@@ -106,15 +82,3 @@ def test_quantized_caches_and_sinks_keep_mlx_lm_attention(monkeypatch):
     assert len(calls) == 2
     assert attention.scaled_dot_product_attention(q, k, v, None, scale=1.0, mask=None).shape == (1, 2, 3, 8)
 
-
-def test_install_only_on_the_cpu_and_not_when_told(tiny_qwen2, monkeypatch):
-    model, _ = mlx_lm.load(str(tiny_qwen2))
-    assert not attention.install(model, device="gpu")
-    monkeypatch.setenv(attention.ENV_STOCK, "1")
-    assert not attention.install(model, device="CPU")
-    assert not attention.installed(model)
-
-
-def test_load_installs_it_on_the_cpu(tiny_qwen2):
-    model, _, info = load(str(tiny_qwen2))
-    assert attention.installed(model) == (info.device == "CPU")
