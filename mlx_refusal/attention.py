@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx_lm.models import base
 
 from . import arch
-from .activations import ENV_STOCK, _exp
+from .activations import ENV_STOCK, mul_add_exp
 
 SDPA = "scaled_dot_product_attention"  # the global name every mlx_lm family calls attention by
 
@@ -34,7 +34,7 @@ SDPA = "scaled_dot_product_attention"  # the global name every mlx_lm family cal
 def softmax(scores: mx.array) -> mx.array:
     """Softmax over the last axis. Masked scores (float32's minimum) come out as e^-44 against the
     row's largest, ~1e-19: nothing, as in MLX's own."""
-    e = _exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    e = mul_add_exp(scores - mx.max(scores, axis=-1, keepdims=True))
     return e / mx.sum(e, axis=-1, keepdims=True)
 
 
