@@ -7,10 +7,10 @@ products: ~75 ms of a ~600 ms decode step at batch 32, and ~2.7 ms a token in a 
 
 Here the sigmoid's exp is computed from multiply-adds alone (`mul_add_exp`, which attention.py's
 softmax uses too). Under `mx.compile` the whole activation fuses into one kernel, about 4 ns an
-element, and stays within 2e-6 of the float64
-activation relative to |gate x up| (tests/test_activations.py). (A polynomial times 2^n built from
-its float32 bits is more exact, but a compiled graph cannot reinterpret bits, and the two kernels
-it then takes cost what they save.)
+element, and stays within 2e-6 of the float64 activation relative to |gate x up|
+(tests/test_activations.py). (A polynomial times 2^n built from its float32 bits is more exact,
+but a compiled graph cannot reinterpret bits, and the two kernels it then takes cost what they
+save.)
 
 `install` gives every block's MLP this forward, on the CPU only (Metal's exp is fast). It swaps
 the class of each MLP instance for a subclass whose `__call__` is the same gated product with the
