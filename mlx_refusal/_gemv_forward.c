@@ -325,7 +325,7 @@ int skinny_set_rows(int rows) {
    in force. Tests and benchmarks run both widths where the CPU has both. */
 int skinny_set_width(int bits) {
   __builtin_cpu_init();
-  const kernel_set *set = kernels;
+  const kernel_set *set;
   if (bits == 512 && __builtin_cpu_supports("avx512f")) set = &AVX512;
   else if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) set = &AVX2;
   else if (bits == 0) set = NULL;

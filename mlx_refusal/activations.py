@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from . import arch
 
-ENV_STOCK = "MLX_REFUSAL_STOCK_ACTIVATIONS"  # set to 1 to keep MLX's own activations (and attention.py's, its attention)
+ENV_STOCK = "MLX_REFUSAL_STOCK_ACTIVATIONS"  # set to 1 to keep MLX's own activations and attention
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _TAYLOR = (362880, 40320, 5040, 720, 120, 24, 6, 2, 1, 1)  # k! for k = 9 ... 0
@@ -89,12 +89,30 @@ def _gated_mlp(mlp) -> bool:
     return names == {"gate_proj", "up_proj", "down_proj"} or names == {"gate_up_proj", "down_proj"}
 
 
-def install(model, device: str | None = None) -> bool:
-    """Give every block's gated MLP the fast activation, when the model computes on the CPU
-    (`device`, default backend.device_name()) and ENV_STOCK is not set. Returns whether it did."""
+def swaps_wanted(device: str | None = None) -> bool:
+    """Whether the CPU's own forwards (these activations, attention.py's attention) go in: the
+    model computes on the CPU (`device`, default backend.device_name()) and ENV_STOCK is not set."""
     from . import backend
 
-    if os.environ.get(ENV_STOCK) == "1" or (device or backend.device_name()) != "CPU":
+    return os.environ.get(ENV_STOCK) != "1" and (device or backend.device_name()) == "CPU"
+
+
+def swapped(model, child: str) -> list:
+    """The blocks' `child` modules ("mlp", "self_attn") whose class a swap replaced; each subclass
+    keeps the stock one as `stock_class`."""
+    return [getattr(layer, child) for layer in arch.layers(model)
+            if hasattr(type(getattr(layer, child, None)), "stock_class")]
+
+
+def unswap(model, child: str) -> None:
+    for module in swapped(model, child):
+        module.__class__ = type(module).stock_class
+
+
+def install(model, device: str | None = None) -> bool:
+    """Give every block's gated MLP the fast activation, when `swaps_wanted(device)`. Returns
+    whether it did."""
+    if not swaps_wanted(device):
         return False
     activation = arch.check_supported(model).graph.activation
     mlps = [getattr(layer, "mlp", None) for layer in arch.layers(model)]
@@ -106,15 +124,10 @@ def install(model, device: str | None = None) -> bool:
     return True
 
 
-def _installed_mlps(model) -> list:
-    return [layer.mlp for layer in arch.layers(model) if hasattr(type(getattr(layer, "mlp", None)), "stock_class")]
-
-
 def installed(model) -> bool:
-    return bool(_installed_mlps(model))
+    return bool(swapped(model, "mlp"))
 
 
 def uninstall(model) -> None:
     """Put MLX's own activations back (benchmarks compare both in one process)."""
-    for mlp in _installed_mlps(model):
-        mlp.__class__ = type(mlp).stock_class
+    unswap(model, "mlp")

@@ -17,14 +17,13 @@ attention sinks keep mlx_lm's function.
 """
 from __future__ import annotations
 
-import os
 import types
 
 import mlx.core as mx
 from mlx_lm.models import base
 
 from . import arch
-from .activations import ENV_STOCK, mul_add_exp
+from .activations import mul_add_exp, swaps_wanted, swapped, unswap
 
 SDPA = "scaled_dot_product_attention"  # the global name every mlx_lm family calls attention by
 
@@ -94,12 +93,9 @@ def _calls_sdpa(module) -> bool:
 
 
 def install(model, device: str | None = None) -> bool:
-    """Give every block's attention the grouped forward, when the model computes on the CPU
-    (`device`, default backend.device_name()) and activations.ENV_STOCK is not set. Returns
-    whether it did."""
-    from . import backend
-
-    if os.environ.get(ENV_STOCK) == "1" or (device or backend.device_name()) != "CPU":
+    """Give every block's attention the grouped forward, when `activations.swaps_wanted(device)`.
+    Returns whether it did."""
+    if not swaps_wanted(device):
         return False
     attns = [getattr(layer, "self_attn", None) for layer in arch.layers(model)]
     if not attns or not all(a is not None and _calls_sdpa(a) for a in attns):
@@ -110,16 +106,10 @@ def install(model, device: str | None = None) -> bool:
     return True
 
 
-def _installed(model) -> list:
-    return [layer.self_attn for layer in arch.layers(model)
-            if hasattr(type(getattr(layer, "self_attn", None)), "stock_class")]
-
-
 def installed(model) -> bool:
-    return bool(_installed(model))
+    return bool(swapped(model, "self_attn"))
 
 
 def uninstall(model) -> None:
     """Put mlx_lm's attention back (benchmarks compare both in one process)."""
-    for attn in _installed(model):
-        attn.__class__ = type(attn).stock_class
+    unswap(model, "self_attn")
