@@ -108,6 +108,9 @@ def build_tokenizer(meta: dict):
     if kind not in TOKENIZER_MODELS:
         raise UserError(f"unsupported GGUF tokenizer '{kind}'; supported: gpt2 (byte-level BPE: Qwen2, Llama 3, "
                         "SmolLM ...) and llama (SentencePiece: Llama 2, Mistral, Gemma)")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise UserError("GGUF has no tokenizer.ggml.tokens (the vocabulary); the file is damaged or was written "
+                        "without its tokenizer")
     tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
     types = [int(t) for t in (meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))]
     if len(types) != len(tokens):

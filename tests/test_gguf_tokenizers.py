@@ -148,6 +148,17 @@ def test_unknown_pre_tokenizer_and_model_name_the_supported_ones():
         build_tokenizer(dict(meta, **{"tokenizer.ggml.model": "bert"}))
 
 
+@pytest.mark.parametrize("tokens", [None, []])
+def test_a_missing_vocabulary_is_one_line_naming_the_key(tokens):
+    # a damaged key name (found by test_gguf_fuzz) used to end in a KeyError traceback
+    meta = {k: v for k, v in _byte_level_meta(_train_byte_level("gpt-2", vocab_size=300), "gpt-2").items()
+            if k != "tokenizer.ggml.tokens"}
+    if tokens is not None:
+        meta["tokenizer.ggml.tokens"] = tokens
+    with pytest.raises(UserError, match=r"^GGUF has no tokenizer\.ggml\.tokens \(the vocabulary\)[^\n]*$"):
+        build_tokenizer(meta)
+
+
 # --- SentencePiece ----------------------------------------------------------------------------
 
 # the last text has characters the training text lacks, so they must go through byte fallback
