@@ -1,7 +1,7 @@
 """Wall time of each stage of `cli.py steer` with defaults, cold cache then warm cache.
 
-"Cold": a fresh cache folder that holds only the fetched and converted model (linked from the
-real cache, so nothing is downloaded): activations, layer scores, trials and generations are all
+"Cold": a fresh cache folder that holds only the fetched and converted model and the BLAS kernel
+verdict (linked from the real cache, so nothing is downloaded): activations, layer scores, trials and generations are all
 computed. "Warm": the same command again on that folder. Stages are read off the command's own
 progress output (each stage's first line), so the bench times exactly what a user runs:
 
@@ -43,10 +43,12 @@ def real_cache() -> Path:
 
 
 def cold_cache(into: Path) -> Path:
-    """A cache folder with only the fetched and converted models (symlinked) and their hashes."""
+    """A cache folder with only the fetched and converted models (symlinked) and their hashes,
+    and the machine's BLAS kernel verdict (backend.py), which the first import on a machine
+    makes once: this bench's own process has made it before it starts the command."""
     src = real_cache()
     into.mkdir(parents=True, exist_ok=True)
-    for name in ("models", "downloads"):
+    for name in ("models", "downloads", "blas"):
         if (src / name).exists():
             os.symlink(src / name, into / name)
     if (src / "hashes.json").exists():

@@ -38,7 +38,6 @@ from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import BatchGenerator, generation_stream
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from . import arch
@@ -303,6 +302,9 @@ def decode_greedy(model, batch: Sequence[Sequence[int]], prefix: SharedPrefix, m
     log-softmax of each row's first-token distribution) from the generator's own prefill step.
     `caches` (per row, per block: every token but the last, as `BasePass.resumed` gives) replace
     the prefill: the generator starts from each row's last token."""
+    # here, not at the top: mlx_lm.generate imports transformers (1.2 s), which capture never needs
+    from mlx_lm.generate import BatchGenerator, generation_stream
+
     rows = list(range(len(batch))) if rows is None else list(rows)
     # One prefill step for the whole batch, so every row starts decoding at the same step.
     head = GreedyHead(model, full=first_logprobs)

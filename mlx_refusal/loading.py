@@ -403,6 +403,61 @@ def stored_dtype(path) -> str:
     return names.get(best, str(best).lower())
 
 
+# config entries that make a checkpoint quantized, in one of the formats mlx_lm.utils.load_model reads
+_QUANTIZED_KEYS = ("quantization", "quantization_config", "quantize_activations")
+
+
+def build_model(path: Path, lazy: bool = False):
+    """mlx_lm's model of the folder `path`, with its weights (strictly: every parameter, no
+    stranger). A float checkpoint (what `import-gguf` writes, and what this toolkit saves) is
+    built here in mlx_lm.utils.load_model's own steps: the Model and ModelArgs of
+    mlx_lm.models.<model_type>, its `sanitize`, a strict load. Importing mlx_lm.utils imports
+    transformers (1.2 s, see mlx_lm_package.py), so only quantized checkpoints, whose many
+    formats it knows, and model types mlx_lm remaps to another module go to load_model itself.
+    Never runs code from the folder (a config's `model_file` is refused before this)."""
+    import importlib
+    import importlib.util
+
+    import mlx.core as mx
+
+    path = Path(path)
+    config = _read_config(path)
+    module_name = f"mlx_lm.models.{config.get('model_type', '')}"
+    quantized = any(k in config or k in (config.get("text_config") or {}) for k in _QUANTIZED_KEYS)
+    if quantized or (path / "hf_quant_config.json").exists() or importlib.util.find_spec(module_name) is None:
+        from mlx_lm.utils import load_model
+
+        return load_model(path, lazy=lazy)[0]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors found in {path}")
+    family = importlib.import_module(module_name)
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    model = family.Model(family.ModelArgs.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def parameter_count(model) -> int:
+    """Parameters as mlx_lm counts them: a quantized weight by its unpacked size."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    def count(m) -> int:
+        if hasattr(m, "bits"):
+            return (m.bias.size if "bias" in m else 0) + m.weight.size * 32 // m.bits
+        return sum(v.size for _, v in tree_flatten(m.parameters()))
+
+    return int(sum(count(m) for _, m in tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))))
+
+
 def cast_for_compute(model, stored: str | None = None, evaluate: bool = True) -> None:
     """Cast floating parameters to the compute dtype (float32 on the CPU), leaving quantized
     layers (packed weights, scales, biases) as they are. evaluate=False leaves the casts lazy
@@ -470,8 +525,6 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
 
     tensor_parallel: under `mlx.launch`, load only this rank's slice of every block with
     mlx_lm's `sharded_load` (see distributed.py)."""
-    from mlx_lm.utils import get_total_parameters, load_model
-
     path = resolve(spec, progress)
     config = _read_config(path)
     model_type = config.get("model_type", "")
@@ -491,7 +544,7 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
 
             model, _ = sharded_load(path)  # the tokenizer kept is the one checked above
         else:
-            model, _ = load_model(path)
+            model = build_model(path)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # RuntimeError: MLX's, a damaged file
         raise UserError(f"could not load {path} with mlx_lm: {str(exc).splitlines()[0][:200]}") from None
     dtype = stored_dtype(path)
@@ -506,7 +559,7 @@ def load(spec: str = DEFAULT_PRESET, progress: Progress | None = None, tensor_pa
         model_type=arch.model_type_of(model),
         num_layers=arch.num_layers(model),
         hidden_size=arch.hidden_size(model),
-        num_params=int(get_total_parameters(model)),
+        num_params=parameter_count(model),
         dtype=dtype,
         quantization=config.get("quantization") or None,
         fingerprint=weight_fingerprint(path, progress),

@@ -35,7 +35,7 @@ import mlx.core as mx
 from . import arch
 from .edit import ablate, add_steering_bias, site_directions, untie_embeddings
 from .errors import UserError
-from .loading import cast_for_compute, stored_dtype
+from .loading import build_model, cast_for_compute, stored_dtype
 from .progress import Update
 from .save import _DTYPES, check_target, stock_weights_and_config, write_index, write_model_folder
 
@@ -172,9 +172,7 @@ def plan(model_spec: str, directions_file: Path | None, max_memory: int | None, 
 
 
 def _lazy_model(folder: Path, dtype: str):
-    from mlx_lm.utils import load_model
-
-    model, _ = load_model(folder, lazy=True)
+    model = build_model(folder, lazy=True)
     cast_for_compute(model, dtype, evaluate=False)
     return model
 

@@ -79,6 +79,35 @@ def test_quantized_folder_keeps_quantized_layers(tiny_qwen2, tmp_path):
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # 8-bit: close, not equal
 
 
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen2_tied", "tiny_llama", "tiny_qwen3", "tiny_phi3", "tiny_gemma3"])
+def test_build_model_builds_what_mlx_lm_load_model_builds(fixture, request):
+    from mlx_lm.utils import get_total_parameters, load_model
+
+    folder = request.getfixturevalue(fixture)
+    ours, stock = loading.build_model(folder), load_model(folder)[0]
+    assert type(ours) is type(stock) and not ours.training
+    a, b = dict(tree_flatten(ours.parameters())), dict(tree_flatten(stock.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert loading.parameter_count(ours) == get_total_parameters(stock)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_build_model_loads_strictly(tiny_qwen2, tmp_path, change):
+    folder = tmp_path / change
+    shutil.copytree(tiny_qwen2, folder)
+    weights = dict(mx.load(str(folder / "model.safetensors")))
+    if change == "missing":
+        weights.pop("model.layers.1.mlp.down_proj.weight")
+    else:
+        weights["model.layers.1.mlp.stray.weight"] = mx.zeros((2, 2))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    with pytest.raises(ValueError, match="down_proj" if change == "missing" else "stray"):
+        loading.build_model(folder)
+    with pytest.raises(UserError, match=f"could not load {re.escape(str(folder))}") as err:
+        loading.load(str(folder))
+    assert "\n" not in str(err.value)
+
+
 def test_a_damaged_weights_file_is_one_error_line(tiny_qwen2, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_qwen2, broken)
