@@ -2,10 +2,11 @@
 package itself is asked for: building a model and capturing need none (mlx_lm_package.py)."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str) -> str:
