@@ -1,9 +1,10 @@
 """Wall time of each stage of `cli.py steer` with defaults, cold cache then warm cache.
 
 "Cold": a fresh cache folder that holds only the fetched and converted model and the BLAS kernel
-verdict (linked from the real cache, so nothing is downloaded): activations, layer scores, trials and generations are all
-computed. "Warm": the same command again on that folder. Stages are read off the command's own
-progress output (each stage's first line), so the bench times exactly what a user runs:
+verdict (linked from the real cache, so nothing is downloaded): activations, layer scores, trials
+and generations are all computed. "Warm": the same command again on that folder. Stages are read
+off the command's own progress output (each stage's first line), so the bench times exactly what
+a user runs:
 
     load        process start -> first capture line (imports, model load, fingerprint)
     capture     -> "score layers"          scoring     -> first calibration trial line
